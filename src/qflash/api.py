@@ -1,0 +1,140 @@
+"""Public entry point: ``qflash.attention`` — checks its inputs, then dispatches.
+
+Dispatch: on CUDA with Triton available, the fused Triton kernels (``qflash.kernels``); anywhere
+else, the fake-quant reference (``qflash.reference``), which computes the same numbers in plain
+PyTorch on CPU, CUDA or MPS.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .config import QuantConfig, resolve_quant
+
+__all__ = ["attention", "SUPPORTED_DTYPES", "validate_inputs"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _shape(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}"
+
+
+def validate_inputs(q, k, v, *, causal, attn_mask, scale, layout, quant) -> QuantConfig:
+    """Check everything ``attention`` accepts; raise a ValueError/TypeError naming the argument.
+
+    Returns the resolved ``QuantConfig``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({'B, H, S, D' if layout == 'HND' else 'B, S, H, D'}), got {_shape(t)}")
+    if layout not in ("HND", "NHD"):
+        raise ValueError(f"layout must be 'HND' (B, H, S, D) or 'NHD' (B, S, H, D), got {layout!r}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    h_ax, s_ax = (1, 2) if layout == "HND" else (2, 1)
+    B, Hq, Sq, D = q.shape[0], q.shape[h_ax], q.shape[s_ax], q.shape[3]
+    Hk, Sk = k.shape[h_ax], k.shape[s_ax]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if k.shape[3] != D:
+        raise ValueError(f"k head dim must equal q's ({D}), got k {_shape(k)}")
+    if v.shape[3] != D:
+        raise ValueError(f"v head dim must equal q's ({D}), got v {_shape(v)}")
+    if v.shape[h_ax] != Hk or v.shape[s_ax] != Sk:
+        raise ValueError(f"k and v must have the same heads and sequence length, got k {_shape(k)}, v {_shape(v)}")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hk}) for GQA/MQA")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {D}")
+    cfg = resolve_quant(quant)
+    if cfg.q.precision.value == "int4" and D % 2:
+        raise ValueError(f"int4 packs channel pairs: head dim must be even, got {D}")
+    for op in (cfg.q, cfg.k):
+        if op.granularity.kind.value == "group" and D % op.granularity.size:
+            raise ValueError(f"group size {op.granularity.size} must divide the head dim {D}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None:
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = attend) or floating point (additive), got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask must be on {q.device}, got {attn_mask.device}")
+        target = (B, Hq, Sq, Sk)
+        if attn_mask.dim() > 4 or any(
+            m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))
+        ):
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Sq, Sk) = {target}"
+            )
+    return cfg
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    quant: str | QuantConfig = "int8",
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    layout: str = "HND",
+    return_lse: bool = False,
+):
+    """Quantised flash attention: ``softmax(q·kᵀ·scale + mask)·v`` with low-bit operands.
+
+    Args:
+        q: queries, (B, Hq, Sq, D) for layout "HND" or (B, Sq, Hq, D) for "NHD"; fp16/bf16/fp32.
+        k: keys, (B, Hkv, Sk, D) / (B, Sk, Hkv, D); Hq must be a multiple of Hkv (GQA/MQA).
+        v: values, same shape as k.
+        quant: a preset name or a ``QuantConfig``:
+
+            =========  ==================================================  ===============
+            preset     operands                                            rel. L2 (N(0,1))
+            =========  ==================================================  ===============
+            none       all in the input dtype (fp32 softmax)               see README
+            int8       Q, K int8 per token, K smoothed; P·V in input dtype  see README
+            int8-fp8   as int8, with P and V in fp8 e4m3 (fast)             see README
+            int4       Q, K packed int4 per token, K and Q smoothed         see README
+            fp8        Q, K, P, V fp8 e4m3, K smoothed                      see README
+            =========  ==================================================  ===============
+
+        causal: mask keys after each query, aligned to the bottom-right corner when Sq != Sk
+            (query i sees key j iff ``j <= i + Sk - Sq``).
+        attn_mask: bool (True = attend) or float (additive) tensor broadcastable to
+            (B, Hq, Sq, Sk), whatever the layout. Combined with ``causal`` when both are given.
+        scale: softmax scale; default ``1 / sqrt(D)``.
+        layout: "HND" or "NHD" (read by strides; no copy of the inputs).
+        return_lse: also return the log-sum-exp (natural log) of each row, fp32 (B, Hq, Sq).
+
+    Returns:
+        ``out`` in q's dtype and layout, or ``(out, lse)``. Rows with every key masked are zero
+        (and their lse is -inf).
+    """
+    cfg = validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
+    from .backend import attention_forward
+
+    if layout == "NHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = attention_forward(
+        q, k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse, out_layout=layout
+    )
+    if layout == "NHD":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,187 @@
+"""Reference attention in pure PyTorch, on any device.
+
+Two functions, both on the "HND" layout: q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv),
+Hq a multiple of Hkv (GQA/MQA: query head h reads key/value head ``h // (Hq // Hkv)``).
+
+- ``exact_attention``: softmax(q·kᵀ·scale + mask)·v in fp64 (or fp32), the ground truth.
+- ``fake_quant_attention``: the same attention computed the way the Triton kernels compute it
+  for a ``QuantConfig`` — same smoothing, same codes and scales, same bias restoration, same
+  tile-by-tile online softmax with P rounded to its precision per key tile of ``block_n``. A
+  kernel is tested tightly against it; it is tested against the exact one within the preset's
+  error budget. That separates quantisation error from kernel bugs.
+
+Conventions shared with the kernels:
+
+- ``causal`` is aligned to the bottom-right corner: query i sees key j iff ``j <= i + Sk - Sq``
+  (FlashAttention's convention; ``qflash.sdpa`` converts PyTorch's top-left one).
+- ``attn_mask`` is boolean (True = attend) or float (added to the scaled scores), broadcastable
+  to (B, Hq, Sq, Sk).
+- A row whose keys are all masked returns zeros, and its log-sum-exp is -inf.
+- ``lse`` is the natural-log log-sum-exp of the scaled, masked scores, shape (B, Hq, Sq), fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import Precision, QuantConfig, resolve_quant
+from .quant.core import block_mean, dequantize, quantize, token_mean
+
+__all__ = ["exact_attention", "fake_quant_attention", "keep_mask", "expand_kv"]
+
+
+def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """Repeat key/value heads (B, Hkv, S, D) so there are ``hq`` of them (GQA/MQA)."""
+    hkv = x.shape[1]
+    return x if hkv == hq else x.repeat_interleave(hq // hkv, dim=1)
+
+
+def keep_mask(sq: int, sk: int, causal: bool, attn_mask: torch.Tensor | None, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split masking into (keep, additive): keep is bool broadcastable to (B,H,Sq,Sk) or None."""
+    keep = None
+    additive = None
+    if causal:
+        i = torch.arange(sq, device=device)[:, None]
+        j = torch.arange(sk, device=device)[None, :]
+        keep = j <= i + (sk - sq)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask if keep is None else keep & attn_mask
+        else:
+            additive = attn_mask
+    return keep, additive
+
+
+def _masked_scores(t: torch.Tensor, keep, additive) -> torch.Tensor:
+    if additive is not None:
+        t = t + additive.to(t.dtype)
+    if keep is not None:
+        t = t.masked_fill(~keep, float("-inf"))
+    return t
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype = torch.float64,
+):
+    """Exact attention in ``compute_dtype`` (fp64 by default); returns out in q's dtype.
+
+    Returns ``out`` (B, Hq, Sq, Dv), or ``(out, lse)`` with ``lse`` fp32 (B, Hq, Sq) when
+    ``return_lse``.
+    """
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qf = q.to(compute_dtype)
+    kf = expand_kv(k, Hq).to(compute_dtype)
+    vf = expand_kv(v, Hq).to(compute_dtype)
+    keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device)
+    t = _masked_scores(qf @ kf.transpose(-1, -2) * scale, keep, additive)
+    lse = torch.logsumexp(t, dim=-1) if Sk else torch.full((B, Hq, Sq), float("-inf"), dtype=compute_dtype, device=q.device)
+    finite = torch.isfinite(lse)
+    p = torch.exp(t - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    p = torch.where(finite[..., None], p, torch.zeros_like(p))
+    out = (p @ vf).to(q.dtype)
+    return (out, lse.float()) if return_lse else out
+
+
+def fake_quant_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    quant: str | QuantConfig = "int8",
+    *,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    block_n: int = 64,
+):
+    """Attention computed the way the qflash kernels compute it for ``quant``.
+
+    Args:
+        q, k, v: HND tensors (fp16, bf16 or fp32).
+        quant: preset name or ``QuantConfig``.
+        block_n: key-tile width of the online softmax; P is rounded to its precision per tile
+            relative to the running row maximum, exactly as a kernel with ``BLOCK_N = block_n``.
+
+    Returns ``out`` in q's dtype, or ``(out, lse)``.
+    """
+    cfg = resolve_quant(quant)
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qf, kf, vf = q.float(), k.float(), v.float()
+
+    # --- scores: smoothing, quantisation of Q and K, bias restoration -------------------------
+    k_mean = token_mean(kf) if cfg.smooth_k and Sk else None
+    ks = kf - k_mean if k_mean is not None else kf
+    q_mean = block_mean(qf, cfg.q_mean_block) if cfg.smooth_q and Sq else None
+    qs = qf - q_mean.repeat_interleave(cfg.q_mean_block, dim=-2)[..., :Sq, :] if q_mean is not None else qf
+    if cfg.quantizes_qk:
+        q_hat = dequantize(quantize(qs, cfg.q), torch.float64)
+        k_hat = dequantize(quantize(ks, cfg.k), torch.float64)
+        scores = (q_hat @ expand_kv(k_hat, Hq).transpose(-1, -2)).float()
+    else:
+        # full precision: the kernel feeds the input dtype to the MMA and accumulates in fp32
+        scores = q.float() @ expand_kv(k, Hq).float().transpose(-1, -2)
+    if q_mean is not None:
+        bias = q_mean @ expand_kv(ks, Hq).transpose(-1, -2)  # (B, Hq, nQblocks, Sk), fp32
+        scores = scores + bias.repeat_interleave(cfg.q_mean_block, dim=-2)[..., :Sq, :]
+    keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device)
+    t = _masked_scores(scores * scale, keep, additive)
+    t = t.expand(B, Hq, Sq, Sk)
+
+    # --- P·V: V quantisation, tile-wise online softmax ----------------------------------------
+    v_mean = token_mean(vf) if cfg.smooth_v and Sk else None
+    vs = vf - v_mean if v_mean is not None else vf
+    if cfg.quantizes_pv:
+        v_q = quantize(vs, cfg.v)
+        v_codes = expand_kv(v_q.data.float(), Hq)  # fp8 values as fp32, exact
+        from .quant.core import expand_scales
+
+        v_scale = expand_kv(expand_scales(v_q.scale, v_q.granularity, v_q.shape), Hq)
+    else:
+        v_lp = expand_kv(v if q.dtype != torch.float32 else vf, Hq)
+
+    Dv = v.shape[-1]
+    m = torch.full((B, Hq, Sq), float("-inf"), device=q.device)
+    l = torch.zeros((B, Hq, Sq), device=q.device)
+    acc = torch.zeros((B, Hq, Sq, Dv), device=q.device)
+    for n0 in range(0, Sk, block_n):
+        tt = t[..., n0:n0 + block_n]
+        m_new = torch.maximum(m, tt.amax(dim=-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(tt - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(dim=-1)
+        if cfg.quantizes_pv:
+            p8 = (p * Precision.FP8_E4M3.qmax).to(torch.float8_e4m3fn).float()
+            # one partial product per tile in fp32, scaled per channel: the kernel's two-level sum
+            # (the V scale is constant within a tile because the V block is a multiple of block_n)
+            vsc = v_scale[..., n0, :] / Precision.FP8_E4M3.qmax  # (B, Hq, Dv)
+            pv = (p8 @ v_codes[..., n0:n0 + block_n, :]) * vsc[..., None, :]
+        else:
+            pv = p.to(v_lp.dtype).float() @ v_lp[..., n0:n0 + block_n, :].float()
+        acc = acc * alpha[..., None] + pv
+        m = m_new
+    has_keys = l > 0
+    out = torch.where(has_keys[..., None], acc / torch.where(has_keys, l, torch.ones_like(l))[..., None], torch.zeros_like(acc))
+    if v_mean is not None:
+        out = torch.where(has_keys[..., None], out + expand_kv(v_mean, Hq), out)
+    out = out.to(q.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(has_keys, m + torch.log(torch.where(has_keys, l, torch.ones_like(l))), torch.full_like(l, float("-inf")))
+    if k_mean is not None:
+        lse = lse + scale * (qf @ expand_kv(k_mean, Hq).transpose(-1, -2)).squeeze(-1)
+    return out, lse
