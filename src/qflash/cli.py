@@ -1,9 +1,14 @@
-"""The ``qflash`` command line: ``qflash info`` (and the harness commands)."""
+"""The ``qflash`` command line: ``info``, ``bench``, ``accuracy``, ``tune`` and ``report``.
+
+Bad arguments are argparse usage errors (exit code 2); each command's work lives in
+``qflash.bench`` and is imported only when that command runs, so ``qflash info`` stays light.
+"""
 
 from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 
 
@@ -36,17 +41,125 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- argument types: each raises ArgumentTypeError, which argparse turns into a usage error ----
+
+def _shapes(text: str):
+    from .bench.shapes import parse_shapes
+
+    try:
+        return parse_shapes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _presets(text: str) -> list[str]:
+    from .config import PRESETS
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRESETS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown preset(s) {bad or text!r}; choose from {', '.join(PRESETS)}")
+    return names
+
+
+def _positive(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return x
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        x = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return x
+
+
+def _device(text: str) -> str:
+    if text != "cpu" and not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
+    return text
+
+
+def _common(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--quick", action="store_true", help=f"fewer/smaller shapes and shorter timing: a {what} in seconds")
+    p.add_argument("--presets", type=_presets, default=None, metavar="P1,P2",
+                   help="comma-separated qflash presets (default: all of them)")
+    p.add_argument("--out", default="results", metavar="DIR", help="output directory (default: ./results)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if a GPU is visible, else cpu)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="input dtype (default bf16)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed of the inputs (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qflash", description="Quantised flash attention for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, devices and available backends")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="time every preset and baseline; JSON, CSV, Markdown and a PNG plot",
+                       description="Time every qflash preset and every full-precision baseline present "
+                                   "(SDPA default, each SDPA backend, SageAttention) and measure their error "
+                                   "vs an exact reference. Without a GPU: the reference path at small shapes.")
+    _common(p, "smoke run")
+    p.add_argument("--shapes", type=_shapes, default=None, metavar="BxHxSxD[c],...",
+                   help="comma-separated shapes, 'c' suffix = causal, e.g. 1x24x4608x128,1x32x8192x128c")
+    p.add_argument("--warmup", type=_positive, default=None, metavar="MS", help="warm-up time per row in ms")
+    p.add_argument("--rep", type=_positive, default=None, metavar="MS", help="timed repetition time per row in ms")
+    p.add_argument("--ref-heads", type=_nonneg_int, default=0, metavar="N",
+                   help="compare errors on the first N heads only (0 = all, the default)")
+    p.set_defaults(func=_run("bench", "cmd_bench"))
+
+    p = sub.add_parser("accuracy", help="error of each preset on named workloads, plus the quantiser table",
+                       description="Measure each preset's error vs exact attention on named workloads (N(0,1), "
+                                   "outlier K, long sequence, MiniLM attention inputs and embeddings) and the "
+                                   "quantiser round-trip RMSE table.")
+    _common(p, "check")
+    p.set_defaults(func=_run("accuracy", "cmd_accuracy"))
+
+    p = sub.add_parser("tune", help="sweep kernel configurations on this GPU and write a tuning table",
+                       description="Sweep the Triton kernels' configurations per shape on the current GPU and "
+                                   "write the tuning table they pick up. Needs a CUDA GPU and "
+                                   "qflash.kernels.configs with a tuning API.")
+    p.add_argument("--shapes", type=_shapes, default=None, metavar="BxHxSxD[c],...", help="shapes to tune")
+    p.add_argument("--presets", type=_presets, default=None, metavar="P1,P2", help="presets to tune")
+    p.add_argument("--out", default=None, metavar="FILE", help="tuning table to write (default: the kernels' own)")
+    p.set_defaults(func=_run("tune", "cmd_tune"))
+
+    p = sub.add_parser("report", help="write docs/PERFORMANCE.md from harness JSON",
+                       description="Generate the performance snapshot (docs/PERFORMANCE.md) from a "
+                                   "`qflash bench` JSON and optionally a `qflash accuracy` JSON.")
+    p.add_argument("--from", dest="bench_json", required=True, metavar="BENCH_JSON", help="qflash bench JSON")
+    p.add_argument("--accuracy", default=None, metavar="ACC_JSON", help="qflash accuracy JSON")
+    p.add_argument("--out", default="docs/PERFORMANCE.md", metavar="FILE", help="Markdown file to write")
+    p.set_defaults(func=_run("report", "cmd_report"))
     return parser
 
 
+def _run(module: str, func: str):
+    """A lazy command: imports ``qflash.bench.<module>`` only when the command runs."""
+    def call(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"qflash.bench.{module}"), func)(args)
+    return call
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.parser = parser
+    args.command_line = "qflash " + shlex.join(argv)
     return args.func(args)
 
 

@@ -1,0 +1,71 @@
+"""The rows of a benchmark: each qflash preset and each full-precision baseline present.
+
+An ``Impl`` builds a zero-argument callable for given inputs and names the context it must
+run in (an SDPA backend restriction). A baseline that cannot run here (a backend without a
+kernel for this device/shape, SageAttention without a GPU) is reported as skipped, with why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One row: ``name`` (e.g. "qflash int8", "sdpa", "sdpa FLASH_ATTENTION"), its ``kind``
+    ("qflash" or "baseline"), ``preset`` (qflash only) and what it runs on (``backend``)."""
+
+    name: str
+    kind: str
+    preset: str | None
+    backend: str
+    build: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], Callable[[], torch.Tensor]]
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def _qflash(preset: str, device: torch.device) -> Impl:
+    from .. import attention
+    from ..backend import kernels_usable
+
+    backend = "triton" if device.type == "cuda" and kernels_usable(device)[0] else "reference"
+    return Impl(f"qflash {preset}", "qflash", preset, backend,
+                lambda q, k, v, c: (lambda: attention(q, k, v, quant=preset, causal=c)))
+
+
+def _sdpa(backend: str | None) -> Impl:
+    build = lambda q, k, v, c: (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c))  # noqa: E731
+    if backend is None:
+        return Impl("sdpa", "baseline", None, "torch default", build)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return Impl(f"sdpa {backend}", "baseline", None, f"torch {backend}", build,
+                lambda: sdpa_kernel(getattr(SDPBackend, backend)))
+
+
+def _sage(device: torch.device) -> list[Impl]:
+    if device.type != "cuda":
+        return []
+    try:
+        import sageattention as sa
+    except Exception:
+        return []
+    out = []
+    for fname in ("sageattn", "sageattn_qk_int8_pv_fp8_cuda"):
+        f = getattr(sa, fname, None)
+        if f is not None:
+            out.append(Impl(f"sageattention {fname}", "baseline", None, "sageattention",
+                            lambda q, k, v, c, f=f: (lambda: f(q, k, v, tensor_layout="HND", is_causal=c))))
+    return out
+
+
+def build_impls(presets: list[str], device: torch.device) -> list[Impl]:
+    """qflash presets first, then SDPA default (the speed-up baseline), its backends, SageAttention."""
+    return ([_qflash(p, device) for p in presets] + [_sdpa(None)] + [_sdpa(b) for b in SDPA_BACKENDS]
+            + _sage(device))

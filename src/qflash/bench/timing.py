@@ -1,0 +1,58 @@
+"""Timing: ``triton.testing.do_bench`` on the GPU, a wall-clock loop on the CPU.
+
+GPU: ``do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")`` — Triton's own loop
+(L2 cache flushed before every call, CUDA events around each) — and we take
+``statistics.median`` and ``statistics.mean`` of its per-call times: the median is exactly what
+``return_mode="median"`` returns, with the mean from the same samples at no extra cost.
+
+CPU: ``time.perf_counter`` around each call after a warm-up, for ``rep_ms`` of calls (at least
+``MIN_CALLS``, at most ``MAX_CALLS``). These time the reference path, not a kernel.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+MIN_CALLS = 3
+MAX_CALLS = 200
+
+
+def time_gpu(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> tuple[float, float, int]:
+    """(median_ms, mean_ms, calls) of ``fn`` on the current CUDA device."""
+    from triton.testing import do_bench
+
+    times = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+    return statistics.median(times), statistics.mean(times), len(times)
+
+
+def time_cpu(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> tuple[float, float, int]:
+    """(median_ms, mean_ms, calls) of ``fn`` by wall clock (one warm-up call at least)."""
+    t_end = time.perf_counter() + warmup_ms / 1e3
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+    times: list[float] = []
+    t_end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < MIN_CALLS or (time.perf_counter() < t_end and len(times) < MAX_CALLS):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), statistics.mean(times), len(times)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float):
+    """Dispatch to ``time_gpu`` or ``time_cpu`` by device."""
+    if device.type == "cuda":
+        return time_gpu(fn, warmup_ms, rep_ms)
+    return time_cpu(fn, warmup_ms, rep_ms)
+
+
+def describe_timer(device: torch.device, warmup_ms: float, rep_ms: float) -> str:
+    if device.type == "cuda":
+        return (f"triton.testing.do_bench(warmup={warmup_ms:g}, rep={rep_ms:g}, return_mode='all'); "
+                "median and mean of its per-call times")
+    return f"wall clock (time.perf_counter) per call, {warmup_ms:g} ms warm-up, {rep_ms:g} ms of calls"
