@@ -1,0 +1,225 @@
+"""Flash-attention forward over quantised operands: one kernel family, variants are constexprs.
+
+Per program: one block of BLOCK_M query rows of one (batch, query head). Scores are computed
+in the log2 domain: ``s = (q_codes · k_codesᵀ) * q_scale * k_scale * sm_scale * log2(e)`` — the
+softmax scale, log2(e) and the Q dequant scale are folded into one per-row multiplier — then an
+online softmax with ``exp2``. P·V runs in the input dtype, or in FP8 e4m3 with P scaled by 448
+and each tile's product flushed into the fp32 accumulator with its per-channel V scale (Hopper's
+FP8 MMA accumulator keeps ~22 bits; one tile's partial sum stays well inside that).
+
+Key tiles are visited in two passes: tiles that need no masking (inside Sk and below the causal
+diagonal) run without any compare/select; the remaining tiles apply bounds, causal and mask.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_ADD = 2
+
+
+@triton.jit
+def _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDED: tl.constexpr):
+    """K tile as MMA operand [BLOCK_N, HEAD_DIM_PAD]; packed INT4 is unpacked to int8 here."""
+    rows = offs_n[:, None].to(tl.int64) * stride_kn
+    if KIND == 2:
+        offs_p = tl.arange(0, HEAD_DIM_PAD // 2)
+        mask = (offs_p < HEAD_DIM // 2)[None, :]
+        if BOUNDED:
+            mask = mask & (offs_n < Sk)[:, None]
+        packed = tl.load(k_base + rows + offs_p[None, :], mask=mask, other=0).to(tl.int8, bitcast=True)
+        lo = (packed << 4) >> 4  # arithmetic shifts sign-extend each nibble
+        hi = packed >> 4
+        return tl.reshape(tl.join(lo, hi), [BLOCK_N, HEAD_DIM_PAD])
+    if HEAD_DIM == HEAD_DIM_PAD and not BOUNDED:
+        return tl.load(k_base + rows + offs_d[None, :])
+    mask = (offs_d < HEAD_DIM)[None, :]
+    if BOUNDED:
+        mask = mask & (offs_n < Sk)[:, None]
+    return tl.load(k_base + rows + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _attn_tiles(
+    acc, l_i, m_i, q, q_mult,
+    k_base, stride_kn, ks_base, stride_ks,
+    v_base, stride_vn, stride_vd, vs_base, stride_vsb,
+    mask_base, stride_mm, stride_mn,
+    bias_base,
+    offs_m, offs_d, lo, hi, Sq, Sk, causal_off,
+    KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks."""
+    dmask = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
+        qk = tl.dot(q, tl.trans(k))
+        if KIND == 0:
+            s = qk * q_mult[:, None]
+        else:
+            if MASKED:
+                k_scale = tl.load(ks_base + (offs_n // K_SCALE_BLOCK) * stride_ks, mask=offs_n < Sk, other=0.0)
+            else:
+                k_scale = tl.load(ks_base + (offs_n // K_SCALE_BLOCK) * stride_ks)
+            s = qk.to(tl.float32) * (q_mult[:, None] * k_scale[None, :])
+        if HAS_BIAS:
+            if MASKED:
+                s += tl.load(bias_base + offs_n, mask=offs_n < Sk, other=0.0)[None, :]
+            else:
+                s += tl.load(bias_base + offs_n)[None, :]
+        if MASK_KIND != 0:
+            mptr = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+            mmask = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
+            if MASK_KIND == 1:
+                keep = tl.load(mptr, mask=mmask, other=0) != 0
+                s = tl.where(keep, s, float("-inf"))
+            else:
+                s += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        if MASKED:
+            valid = (offs_n < Sk)[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if MASKED or MASK_KIND != 0:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :].to(tl.int64) * stride_vd
+        if PV_FP8:
+            # V is stored transposed and zero-padded to whole V blocks: no bounds needed
+            if HEAD_DIM == HEAD_DIM_PAD:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
+            v_scale = tl.load(vs_base + (start_n // V_SCALE_BLOCK) * stride_vsb + offs_d, mask=dmask, other=0.0)
+            p8 = (p * 448.0).to(tl.float8e4nv)
+            acc += tl.dot(p8, v) * (v_scale * (1.0 / 448.0))[None, :]
+        else:
+            if MASKED or HEAD_DIM != HEAD_DIM_PAD:
+                vmask = dmask[None, :]
+                if MASKED:
+                    vmask = vmask & (offs_n < Sk)[:, None]
+                v = tl.load(v_ptrs, mask=vmask, other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, QS, KS, VS, Mask, Bias, VMean, LseCorr, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_qsb, stride_qsh, stride_qss,
+    stride_ksb, stride_ksh, stride_kss,
+    stride_vsb, stride_vsh, stride_vss,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bblk,
+    stride_vmb, stride_vmh,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, GQA_GROUP, Sq, Sk, causal_off, qk_mult,
+    KIND: tl.constexpr, Q_SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
+    PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BLOCK: tl.constexpr,
+    SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_LSE_CORR: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GQA_GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mrow = offs_m < Sq
+    dmask = offs_d < HEAD_DIM
+
+    # Q tile [BLOCK_M, HEAD_DIM_PAD] and the per-row score multiplier (scales folded together)
+    q_base = Q + b * stride_qb + h * stride_qh
+    q_rows = offs_m[:, None].to(tl.int64) * stride_qm
+    if KIND == 2:
+        offs_p = tl.arange(0, HEAD_DIM_PAD // 2)
+        packed = tl.load(q_base + q_rows + offs_p[None, :],
+                         mask=mrow[:, None] & (offs_p < HEAD_DIM // 2)[None, :], other=0).to(tl.int8, bitcast=True)
+        q = tl.reshape(tl.join((packed << 4) >> 4, packed >> 4), [BLOCK_M, HEAD_DIM_PAD])
+    else:
+        q = tl.load(q_base + q_rows + offs_d[None, :] * stride_qd, mask=mrow[:, None] & dmask[None, :], other=0.0)
+    if KIND == 0:
+        q_mult = tl.full([BLOCK_M], qk_mult, tl.float32)
+    else:
+        q_scale = tl.load(QS + b * stride_qsb + h * stride_qsh + (offs_m // Q_SCALE_BLOCK) * stride_qss,
+                          mask=mrow, other=0.0)
+        q_mult = q_scale * qk_mult
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    ks_base = KS + b * stride_ksb + hk * stride_ksh
+    v_base = V + b * stride_vb + hk * stride_vh
+    vs_base = VS + b * stride_vsb + hk * stride_vsh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    bias_base = Bias + b * stride_bb + h * stride_bh + (start_m // BIAS_BLOCK) * stride_bblk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    # key range: [0, hi), of which [0, full_end) needs no bounds or causal masking
+    if IS_CAUSAL:
+        hi = tl.minimum(Sk, start_m + BLOCK_M + causal_off)
+        hi = tl.maximum(hi, 0)
+        full_end = tl.minimum((tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N) * BLOCK_N, (Sk // BLOCK_N) * BLOCK_N)
+    else:
+        hi = Sk
+        full_end = (Sk // BLOCK_N) * BLOCK_N
+    full_end = tl.minimum(full_end, hi)
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, q_mult,
+        k_base, stride_kn, ks_base, stride_kss,
+        v_base, stride_vn, stride_vd, vs_base, stride_vss,
+        mask_base, stride_mm, stride_mn, bias_base,
+        offs_m, offs_d, 0, full_end, Sq, Sk, causal_off,
+        KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
+    )
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, q_mult,
+        k_base, stride_kn, ks_base, stride_kss,
+        v_base, stride_vn, stride_vd, vs_base, stride_vss,
+        mask_base, stride_mm, stride_mn, bias_base,
+        offs_m, offs_d, full_end, hi, Sq, Sk, causal_off,
+        KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
+    )
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if SMOOTH_V:
+        v_mean = tl.load(VMean + b * stride_vmb + hk * stride_vmh + offs_d, mask=dmask, other=0.0)
+        out = tl.where(has_keys[:, None], out + v_mean[None, :], 0.0)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
+    if RETURN_LSE:
+        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        if HAS_LSE_CORR:
+            lse += tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0)
+        tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=mrow)

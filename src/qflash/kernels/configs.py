@@ -1,0 +1,109 @@
+"""Tuning tables: which tile sizes, warps and stages the attention kernel uses.
+
+Data, not logic: ``TABLES`` maps a GPU family to rows keyed on (head-dim bucket, P·V kind,
+sequence bucket). ``pick_config`` looks up the current GPU, falls back to ``DEFAULT`` for GPUs
+not in the table, and launchers accept an explicit ``KernelConfig`` so tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["KernelConfig", "pick_config", "gpu_key", "TABLES", "DEFAULT", "user_table_path", "load_user_table"]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of the attention forward kernel."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if val < 16 or val & (val - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {val}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+DEFAULT = KernelConfig(64, 64, 4, 2)
+
+# (gpu family) -> {(head-dim bucket, "fp8" | "float", seq bucket): KernelConfig}
+# seq bucket: "short" (Sq * Sk <= 1024 * 1024, a handful of tiles) or "long".
+TABLES: dict[str, dict[tuple[int, str, str], KernelConfig]] = {
+    "sm90": {
+        (64, "float", "short"): KernelConfig(64, 64, 4, 2),
+        (64, "float", "long"): KernelConfig(128, 64, 4, 3),
+        (64, "fp8", "short"): KernelConfig(64, 64, 4, 2),
+        (64, "fp8", "long"): KernelConfig(128, 128, 8, 3),
+        (128, "float", "short"): KernelConfig(64, 64, 4, 2),
+        (128, "float", "long"): KernelConfig(128, 64, 4, 3),
+        (128, "fp8", "short"): KernelConfig(64, 64, 4, 2),
+        (128, "fp8", "long"): KernelConfig(128, 128, 8, 3),
+        (256, "float", "short"): KernelConfig(64, 32, 4, 2),
+        (256, "float", "long"): KernelConfig(64, 64, 8, 2),
+        (256, "fp8", "short"): KernelConfig(64, 64, 4, 2),
+        (256, "fp8", "long"): KernelConfig(64, 64, 8, 2),
+    },
+}
+
+
+def gpu_key(device: torch.device | None = None) -> str:
+    """"sm90" style key of the current CUDA device ("cpu" without one)."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def user_table_path(device: torch.device) -> Path:
+    """Where ``qflash tune`` writes the table for this GPU model (override: QFLASH_TUNE_DIR)."""
+    root = Path(os.environ.get("QFLASH_TUNE_DIR", Path.home() / ".cache" / "qflash" / "tuning"))
+    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
+    return root / f"{name}.json"
+
+
+@functools.lru_cache(maxsize=8)
+def load_user_table(path: str) -> dict[tuple[int, str, str], KernelConfig]:
+    """Rows written by ``qflash tune``: {"128|fp8|long": {"block_m": .., ...}, ...}."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    raw = json.loads(p.read_text())
+    rows = {}
+    for key, val in raw.get("configs", {}).items():
+        d, pv, bucket = key.split("|")
+        rows[(int(d), pv, bucket)] = KernelConfig(**val)
+    return rows
+
+
+def config_key(head_dim: int, pv_fp8: bool, sq: int, sk: int) -> tuple[int, str, str]:
+    d = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    bucket = "short" if sq * sk <= 1024 * 1024 else "long"
+    return d, "fp8" if pv_fp8 else "float", bucket
+
+
+def pick_config(device: torch.device, head_dim: int, pv_fp8: bool, sq: int, sk: int) -> KernelConfig:
+    """The tuned config for this GPU and problem, or ``DEFAULT``."""
+    key = config_key(head_dim, pv_fp8, sq, sk)
+    if device.type == "cuda":
+        user = load_user_table(str(user_table_path(device)))
+        if key in user:
+            return user[key]
+    return TABLES.get(gpu_key(device), {}).get(key, DEFAULT)
+
+
+def config_to_json(rows: dict[tuple[int, str, str], KernelConfig]) -> dict:
+    return {"configs": {f"{d}|{pv}|{b}": asdict(c) for (d, pv, b), c in rows.items()}}

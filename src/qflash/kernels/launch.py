@@ -1,0 +1,260 @@
+"""Launchers: allocate outputs, pick a config, compute the grid, call the Triton kernels.
+
+``attention_fwd`` runs at most two Triton launches — the fused quantiser and the attention
+kernel — plus, only when a preset asks for them, small PyTorch reductions that need every token
+(the K and V token means for smoothing) and the Q-bias GEMM of block bias restoration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..config import GranularityKind, Precision, QuantConfig
+from . import attn_fwd, quantize
+from .configs import KernelConfig, pick_config
+
+__all__ = ["attention_fwd", "quantize_qkv", "QKVCodes", "kernel_support"]
+
+_KIND = {Precision.INT8: quantize.QK_INT8, Precision.INT4: quantize.QK_INT4, Precision.FP8_E4M3: quantize.QK_FP8}
+_TORCH_CODE_DTYPE = {Precision.INT8: torch.int8, Precision.INT4: torch.uint8, Precision.FP8_E4M3: torch.float8_e4m3fn}
+_DEFAULT_ROWS = 128  # rows per quantiser program when the granularity does not fix it
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
+def kernel_support(cfg: QuantConfig, head_dim: int) -> tuple[bool, str]:
+    """Whether the Triton kernels implement ``cfg`` at this head dim; the reason when not.
+
+    Unsupported configs run on the reference path (correct, slower), never approximately.
+    """
+    if head_dim > 256:
+        return False, f"head dim {head_dim} > 256"
+    if cfg.quantizes_qk:
+        for name, op in (("q", cfg.q), ("k", cfg.k)):
+            if op.strategy.value != "symmetric":
+                return False, f"{name}: the kernels implement the symmetric strategy only"
+            g = op.granularity
+            if g.kind not in (GranularityKind.TOKEN, GranularityKind.BLOCK):
+                return False, f"{name}: granularity {g} (kernels: token or block of 2^n tokens)"
+            if g.kind is GranularityKind.BLOCK and not (_pow2(g.size) and 16 <= g.size <= 256):
+                return False, f"{name}: block size {g.size} (kernels: a power of two in 16..256)"
+        if cfg.smooth_q:
+            if not (_pow2(cfg.q_mean_block) and 16 <= cfg.q_mean_block <= 256):
+                return False, f"q_mean_block {cfg.q_mean_block} (kernels: a power of two in 16..256)"
+            g = cfg.q.granularity
+            if g.kind is GranularityKind.BLOCK and g.size != cfg.q_mean_block:
+                return False, "smooth_q with block scales needs q block size == q_mean_block"
+    if cfg.quantizes_pv:
+        g = cfg.v.granularity
+        if g.kind is not GranularityKind.CHANNEL or not (_pow2(g.size) and 16 <= g.size <= 256):
+            return False, f"v: granularity {g} (kernels: channel(N), N a power of two in 16..256)"
+    return True, ""
+
+
+@dataclass
+class QKVCodes:
+    """Output of the fused quantiser (shapes in ``qflash.kernels.quantize``'s docstring)."""
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    q_mean: torch.Tensor | None
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    k_mean: torch.Tensor | None
+    v_t: torch.Tensor | None
+    v_scale: torch.Tensor | None
+    v_mean: torch.Tensor | None
+    q_rows: int
+    k_rows: int
+    v_rows: int
+
+
+def _rows(g, default: int) -> int:
+    return g.size if g.kind is GranularityKind.BLOCK else default
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig) -> QKVCodes:
+    """Quantise HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) in one Triton launch (plus token means)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dev = q.device
+    kind = _KIND[cfg.q.precision]
+    d_codes = D // 2 if kind == quantize.QK_INT4 else D
+    code_dtype = _TORCH_CODE_DTYPE[cfg.q.precision]
+    q_rows = cfg.q_mean_block if cfg.smooth_q else _rows(cfg.q.granularity, _DEFAULT_ROWS)
+    k_rows = _rows(cfg.k.granularity, _DEFAULT_ROWS)
+    q_per_token = cfg.q.granularity.kind is GranularityKind.TOKEN
+    k_per_token = cfg.k.granularity.kind is GranularityKind.TOKEN
+    qc = torch.empty((B, Hq, Sq, d_codes), dtype=code_dtype, device=dev)
+    kc = torch.empty((B, Hkv, Sk, d_codes), dtype=code_dtype, device=dev)
+    qs = torch.empty((B, Hq, Sq if q_per_token else triton.cdiv(Sq, q_rows)), dtype=torch.float32, device=dev)
+    ks = torch.empty((B, Hkv, Sk if k_per_token else triton.cdiv(Sk, k_rows)), dtype=torch.float32, device=dev)
+    qm = torch.empty((B, Hq, triton.cdiv(Sq, q_rows), D), dtype=torch.float32, device=dev) if cfg.smooth_q else None
+    km = torch.mean(k, dim=2, dtype=torch.float32) if cfg.smooth_k else None  # (B, Hkv, D)
+    v_rows = cfg.v.granularity.size if cfg.quantizes_pv else _DEFAULT_ROWS
+    if cfg.quantizes_pv:
+        sk_pad = triton.cdiv(Sk, v_rows) * v_rows
+        vt = torch.empty((B, Hkv, D, sk_pad), dtype=torch.float8_e4m3fn, device=dev)
+        vs = torch.empty((B, Hkv, sk_pad // v_rows, D), dtype=torch.float32, device=dev)
+        vm = torch.mean(v, dim=2, dtype=torch.float32) if cfg.smooth_v else None
+    else:
+        vt = vs = vm = None
+    dummy = qs  # stands in for absent tensors; never dereferenced (guarded by constexprs)
+    qm_, km_, vt_, vs_, vm_ = (t if t is not None else dummy for t in (qm, km, vt, vs, vm))
+    nblocks = max(triton.cdiv(Sq, q_rows), triton.cdiv(Sk, k_rows), triton.cdiv(Sk, v_rows) if cfg.quantizes_pv else 0)
+    grid = (max(nblocks, 1), B * Hq)
+    if Sq or Sk:
+        quantize.quantize_qkv_kernel[grid](
+            q, k, v, qc, qs, qm_, kc, ks, km_, vt_, vs_, vm_,
+            *q.stride(), *k.stride(), *v.stride(),
+            *qc.stride()[:3], *qs.stride(),
+            *(qm.stride()[:3] if qm is not None else (0, 0, 0)),
+            *kc.stride()[:3], *ks.stride(),
+            *(km.stride()[:2] if km is not None else (0, 0)),
+            *(vt.stride()[:3] if vt is not None else (0, 0, 0)),
+            *(vs.stride()[:3] if vs is not None else (0, 0, 0)),
+            *(vm.stride()[:2] if vm is not None else (0, 0)),
+            Hq, Hkv, Sq, Sk,
+            KIND=kind, Q_PER_TOKEN=q_per_token, K_PER_TOKEN=k_per_token,
+            Q_ROWS=q_rows, K_ROWS=k_rows, V_ROWS=v_rows,
+            SMOOTH_Q=cfg.smooth_q, SMOOTH_K=cfg.smooth_k, QUANT_V=cfg.quantizes_pv, SMOOTH_V=cfg.smooth_v,
+            HEAD_DIM=D, HEAD_DIM_PAD=max(triton.next_power_of_2(D), 32),
+            num_warps=4,
+        )
+    return QKVCodes(qc, qs, qm, kc, ks, km, vt, vs, vm, q_rows, k_rows, v_rows)
+
+
+def _strides4(t: torch.Tensor | None) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: QuantConfig,
+    *,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    out_layout: str = "HND",
+    kernel_config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+):
+    """Quantised attention forward on HND views; returns (out HND view, lse (B, Hq, Sq) fp32 | None).
+
+    ``kernel_config`` fixes tile sizes/warps/stages (tests); default: ``configs.pick_config``.
+    ``out`` / ``lse``: optional preallocated outputs (HND view of q's shape and dtype; fp32
+    (B, Hq, Sq) contiguous), e.g. NaN-poisoned in tests or static buffers for CUDA graphs.
+    Raises ``NotImplementedError`` for configs ``kernel_support`` rejects.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    ok, why = kernel_support(cfg, D)
+    if not ok:
+        raise NotImplementedError(f"qflash kernels do not implement this config: {why}")
+    # the kernels read the channel dim contiguously; other strides are free
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qk_mult = scale * attn_fwd.LOG2E
+    dev = q.device
+
+    if out is None:
+        if out_layout == "NHD":
+            out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=dev).transpose(1, 2)
+        else:
+            out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=dev)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must have shape {tuple(q.shape)}, dtype {q.dtype} and a contiguous last dim")
+    if return_lse and lse is None:
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
+    elif lse is not None and (lse.shape != (B, Hq, Sq) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"lse must be a contiguous fp32 tensor of shape {(B, Hq, Sq)}")
+    if Sq == 0:
+        return out, lse
+
+    kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, Sk)
+    block_m, block_n = kc.block_m, kc.block_n
+    head_dim_pad = max(triton.next_power_of_2(D), 32)
+
+    bias = lse_corr = None
+    if cfg.quantizes_qk:
+        codes = quantize_qkv(q, k, v, cfg)
+        qa, ka = codes.q, codes.k
+        qs, ks = codes.q_scale, codes.k_scale
+        q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else codes.q_rows
+        k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else codes.k_rows
+        kind = _KIND[cfg.q.precision]
+        if cfg.smooth_q:
+            block_m = min(block_m, codes.q_rows)  # one Q-mean block per program
+            k_sm = k.float() - codes.k_mean[:, :, None, :] if codes.k_mean is not None else k.float()
+            if Hkv != Hq:
+                k_sm = k_sm.repeat_interleave(Hq // Hkv, dim=1)
+            bias = (codes.q_mean @ k_sm.transpose(-1, -2)) * qk_mult  # (B, Hq, nQblocks, Sk) fp32
+        if return_lse and codes.k_mean is not None and Sk > 0:
+            km = codes.k_mean if Hkv == Hq else codes.k_mean.repeat_interleave(Hq // Hkv, dim=1)
+            lse_corr = torch.matmul(q.float(), km[..., None]).squeeze(-1) * scale  # (B, Hq, Sq)
+    else:
+        codes = None
+        qa, ka, qs, ks = q, k, q, k  # scales unused for float operands
+        q_scale_block = k_scale_block = 1
+        kind = quantize.QK_FLOAT
+
+    if cfg.quantizes_pv:
+        va = codes.v_t
+        stride_vn, stride_vd = 1, va.stride(2)
+        v_bh = (va.stride(0), va.stride(1))
+        vs = codes.v_scale
+        v_scale_block = codes.v_rows
+        block_n = min(block_n, v_scale_block)
+        vs_strides = vs.stride()[:3]
+    else:
+        va = v
+        stride_vn, stride_vd = v.stride(2), v.stride(3)
+        v_bh = (v.stride(0), v.stride(1))
+        vs = qs
+        v_scale_block = 1
+        vs_strides = (0, 0, 0)
+
+    if attn_mask is not None:
+        m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(B, Hq, Sq, Sk)
+        mask_kind = attn_fwd.MASK_BOOL if attn_mask.dtype == torch.bool else attn_fwd.MASK_ADD
+        mask_strides = m4.stride()
+    else:
+        m4, mask_kind, mask_strides = q, attn_fwd.MASK_NONE, (0, 0, 0, 0)
+
+    dummy = qs
+    grid = (triton.cdiv(Sq, block_m), B * Hq)
+    attn_fwd.attn_fwd_kernel[grid](
+        qa, ka, va, qs, ks, vs, m4,
+        bias if bias is not None else dummy,
+        codes.v_mean if codes is not None and codes.v_mean is not None else dummy,
+        lse_corr if lse_corr is not None else dummy,
+        out, lse if lse is not None else dummy,
+        *qa.stride(), *ka.stride()[:3],
+        *v_bh, stride_vn, stride_vd,
+        *(qs.stride()[:3] if cfg.quantizes_qk else (0, 0, 0)),
+        *(ks.stride()[:3] if cfg.quantizes_qk else (0, 0, 0)),
+        *vs_strides,
+        *mask_strides,
+        *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
+        *(codes.v_mean.stride()[:2] if codes is not None and codes.v_mean is not None else (0, 0)),
+        *out.stride(),
+        Hq, Hq // Hkv, Sq, Sk, Sk - Sq, qk_mult,
+        KIND=kind, Q_SCALE_BLOCK=q_scale_block, K_SCALE_BLOCK=k_scale_block,
+        PV_FP8=cfg.quantizes_pv, V_SCALE_BLOCK=v_scale_block,
+        IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_BIAS=bias is not None,
+        BIAS_BLOCK=codes.q_rows if bias is not None else 1,
+        SMOOTH_V=cfg.smooth_v, RETURN_LSE=lse is not None, HAS_LSE_CORR=lse_corr is not None,
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=kc.num_warps, num_stages=kc.num_stages,
+    )
+    return out, lse

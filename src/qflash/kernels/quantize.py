@@ -1,0 +1,189 @@
+"""Fused runtime quantiser: one Triton launch quantises Q, K and (for FP8 P·V) V.
+
+Reads fp16/bf16/fp32 inputs through their strides (HND or NHD views, no copies) and writes:
+
+==========  ===================================  =========  ==============================
+tensor      shape                                dtype      notes
+==========  ===================================  =========  ==============================
+q codes     (B, Hq, Sq, D)  [int4: D // 2]       int8/u8/f8  (q - mean_q(block)) / scale
+q scale     (B, Hq, ceil(Sq / Q_BLOCK))          fp32       Q_BLOCK = 1 for per-token
+q mean      (B, Hq, ceil(Sq / QM_BLOCK), D)      fp32       smooth_q only
+k codes     (B, Hkv, Sk, D) [int4: D // 2]       int8/u8/f8  (k - mean_k) / scale
+k scale     (B, Hkv, ceil(Sk / K_BLOCK))         fp32
+v codesᵀ    (B, Hkv, D, Sk_pad)                  fp8 e4m3   transposed: keys contiguous
+v scale     (B, Hkv, Sk_pad / V_BLOCK, D)        fp32       per key block and channel
+==========  ===================================  =========  ==============================
+
+The arithmetic is exactly ``qflash.quant.core``'s (fp32, ``inv = qmax / amax``, round half to
+even), so the fake-quant reference reproduces these codes. ``mean_k`` (and ``mean_v``) are
+token means computed beforehand (they need every token, so they cannot come from one block).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Kinds of score operand, shared with the attention kernel.
+QK_FLOAT = 0
+QK_INT8 = 1
+QK_INT4 = 2
+QK_FP8 = 3
+
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (x + M) - M rounds fp32 |x| < 2**22 half-to-even
+
+
+@triton.jit
+def _round_half_even(x):
+    return (x + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+@triton.jit
+def _quantize_rows(
+    x_base, stride_xs, stride_xd,
+    out_base, stride_os,
+    scale_base, stride_ss,
+    mean_base,
+    row0, S,
+    KIND: tl.constexpr,  # QK_INT8 / QK_INT4 / QK_FP8
+    PER_TOKEN: tl.constexpr,  # True: one scale per row; False: one scale for the ROWS rows
+    SUBTRACT_MEAN: tl.constexpr,  # 0: no, 1: load a (D,) mean from mean_base, 2: compute the block mean and store it
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """Quantise rows [row0, row0 + ROWS) of one (batch, head) slice; write codes and scales."""
+    offs_r = row0 + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    rmask = offs_r < S
+    dmask = offs_d < HEAD_DIM
+    m2 = rmask[:, None] & dmask[None, :]
+    x = tl.load(x_base + offs_r[:, None].to(tl.int64) * stride_xs + offs_d[None, :] * stride_xd, mask=m2, other=0.0)
+    x = x.to(tl.float32)
+    if SUBTRACT_MEAN == 1:
+        mean = tl.load(mean_base + offs_d, mask=dmask, other=0.0)
+        x = tl.where(m2, x - mean[None, :], 0.0)
+    elif SUBTRACT_MEAN == 2:
+        n_valid = tl.minimum(S - row0, ROWS).to(tl.float32)
+        mean = tl.sum(x, axis=0) / n_valid
+        tl.store(mean_base + offs_d, mean, mask=dmask)
+        x = tl.where(m2, x - mean[None, :], 0.0)
+    if KIND == 2:
+        QMAX: tl.constexpr = 7.0
+    elif KIND == 3:
+        QMAX: tl.constexpr = 448.0
+    else:
+        QMAX: tl.constexpr = 127.0
+    if PER_TOKEN:
+        amax = tl.max(tl.abs(x), axis=1)
+        amax = tl.where(amax > 1e-30, amax, 1.0)
+        inv = tl.math.div_rn(tl.full(amax.shape, QMAX, tl.float32), amax)
+        tl.store(scale_base + offs_r * stride_ss, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), mask=rmask)
+        y = x * inv[:, None]
+    else:
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        amax = tl.where(amax > 1e-30, amax, 1.0)
+        inv = tl.math.div_rn(QMAX, amax)
+        tl.store(scale_base + (row0 // ROWS) * stride_ss, tl.math.div_rn(amax, QMAX))
+        y = x * inv
+    if KIND == 3:
+        codes = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(out_base + offs_r[:, None].to(tl.int64) * stride_os + offs_d[None, :], codes, mask=m2)
+    else:
+        codes = tl.clamp(_round_half_even(y), -QMAX, QMAX).to(tl.int8)
+        if KIND == 2:
+            lo, hi = tl.split(tl.reshape(codes, [ROWS, HEAD_DIM_PAD // 2, 2]))
+            packed = (lo & 0xF) | (hi << 4)
+            offs_p = tl.arange(0, HEAD_DIM_PAD // 2)
+            pmask = rmask[:, None] & (offs_p < HEAD_DIM // 2)[None, :]
+            tl.store(out_base + offs_r[:, None].to(tl.int64) * stride_os + offs_p[None, :],
+                     packed.to(tl.uint8, bitcast=True), mask=pmask)
+        else:
+            tl.store(out_base + offs_r[:, None].to(tl.int64) * stride_os + offs_d[None, :], codes, mask=m2)
+
+
+@triton.jit
+def _quantize_v_block(
+    v_base, stride_vs, stride_vd,
+    vt_base, stride_vtd,
+    scale_base,
+    mean_base,
+    row0, S,
+    SUBTRACT_MEAN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """FP8 e4m3 codes of V rows [row0, row0 + ROWS), one scale per channel, stored transposed."""
+    offs_r = row0 + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    rmask = offs_r < S
+    dmask = offs_d < HEAD_DIM
+    m2 = rmask[:, None] & dmask[None, :]
+    x = tl.load(v_base + offs_r[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd, mask=m2, other=0.0)
+    x = x.to(tl.float32)
+    if SUBTRACT_MEAN:
+        mean = tl.load(mean_base + offs_d, mask=dmask, other=0.0)
+        x = tl.where(m2, x - mean[None, :], 0.0)
+    amax = tl.max(tl.abs(x), axis=0)
+    amax = tl.where(amax > 1e-30, amax, 1.0)
+    inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+    tl.store(scale_base + offs_d, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=dmask)
+    codes = tl.clamp(x * inv[None, :], -448.0, 448.0).to(tl.float8e4nv)
+    # padded rows (>= S) are written as zeros so the attention kernel can read whole tiles
+    tl.store(vt_base + offs_d[None, :].to(tl.int64) * stride_vtd + offs_r[:, None], codes, mask=dmask[None, :])
+
+
+@triton.jit
+def quantize_qkv_kernel(
+    Q, K, V,
+    QC, QS, QM, KC, KS, KM, VT, VS, VM,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_qcb, stride_qch, stride_qcs,
+    stride_qsb, stride_qsh, stride_qss,
+    stride_qmb, stride_qmh, stride_qms,
+    stride_kcb, stride_kch, stride_kcs,
+    stride_ksb, stride_ksh, stride_kss,
+    stride_kmb, stride_kmh,
+    stride_vtb, stride_vth, stride_vtd,
+    stride_vsb, stride_vsh, stride_vss,
+    stride_vmb, stride_vmh,
+    Hq, Hkv, Sq, Sk,
+    KIND: tl.constexpr,
+    Q_PER_TOKEN: tl.constexpr, K_PER_TOKEN: tl.constexpr,
+    Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, V_ROWS: tl.constexpr,
+    SMOOTH_Q: tl.constexpr, SMOOTH_K: tl.constexpr, QUANT_V: tl.constexpr, SMOOTH_V: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """Grid (max row blocks over Q, K, V, B * Hq): each program quantises one block of rows of
+    each tensor it covers (K and V only for programs whose head index is below Hkv)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    if pid * Q_ROWS < Sq:
+        _quantize_rows(
+            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, stride_qs, stride_qd,
+            QC + b.to(tl.int64) * stride_qcb + h.to(tl.int64) * stride_qch, stride_qcs,
+            QS + b.to(tl.int64) * stride_qsb + h.to(tl.int64) * stride_qsh, stride_qss,
+            QM + b.to(tl.int64) * stride_qmb + h.to(tl.int64) * stride_qmh + pid * stride_qms,
+            pid * Q_ROWS, Sq,
+            KIND, Q_PER_TOKEN, 2 if SMOOTH_Q else 0, Q_ROWS, HEAD_DIM, HEAD_DIM_PAD,
+        )
+    if h < Hkv:
+        if pid * K_ROWS < Sk:
+            _quantize_rows(
+                K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_ks, stride_kd,
+                KC + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch, stride_kcs,
+                KS + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh, stride_kss,
+                KM + b.to(tl.int64) * stride_kmb + h.to(tl.int64) * stride_kmh,
+                pid * K_ROWS, Sk,
+                KIND, K_PER_TOKEN, 1 if SMOOTH_K else 0, K_ROWS, HEAD_DIM, HEAD_DIM_PAD,
+            )
+        if QUANT_V:
+            if pid * V_ROWS < Sk:
+                _quantize_v_block(
+                    V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vs, stride_vd,
+                    VT + b.to(tl.int64) * stride_vtb + h.to(tl.int64) * stride_vth, stride_vtd,
+                    VS + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh + pid * stride_vss,
+                    VM + b.to(tl.int64) * stride_vmb + h.to(tl.int64) * stride_vmh,
+                    pid * V_ROWS, Sk,
+                    SMOOTH_V, V_ROWS, HEAD_DIM, HEAD_DIM_PAD,
+                )

@@ -1,0 +1,242 @@
+"""Triton kernels against the reference: fake-quant (tight) and exact (the preset's budget).
+
+Runs on CUDA when there is a GPU and through Triton's CPU interpreter otherwise (small shapes
+there; the interpreter executes every program in Python). Outputs are poisoned with NaN before
+each launch so an unwritten element fails the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qflash.backend import interpreter_enabled, kernels_usable
+from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
+from qflash.reference import exact_attention, fake_quant_attention
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not kernels_usable(torch.device(DEVICE))[0]:
+    pytest.skip("Triton kernels cannot run here (no CUDA, interpreter off)", allow_module_level=True)
+
+if interpreter_enabled():
+    import triton_interpreter_shim
+
+    triton_interpreter_shim.apply()
+
+from qflash.kernels.configs import KernelConfig  # noqa: E402
+from qflash.kernels.launch import attention_fwd, kernel_support, quantize_qkv  # noqa: E402
+from qflash.quant import quantize  # noqa: E402
+
+# Kernel vs fake-quant reference: the same math up to fp32 evaluation order, exp2 vs exp, and a
+# rare rounding tie resolved differently (the interpreter evaluates some fp32 steps in fp64).
+TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 8e-3, "int4": 3e-3, "fp8": 1e-2}
+# Kernel vs exact fp64 attention on N(0,1) inputs: the preset's error budget (issue 2's table).
+BUDGET = {"none": 0.005, "int8": 0.02, "int8-fp8": 0.05, "int4": 0.22, "fp8": 0.07}
+PRESETS = list(TIGHT)
+# lse: fp8 codes of bf16 inputs hit rounding ties the interpreter resolves in fp64 (one fp8 step)
+LSE_TOL = {p: (3e-2 if p == "fp8" and not torch.cuda.is_available() else 5e-3) for p in TIGHT}
+SMALL_CFG = KernelConfig(32, 32, 4, 1)  # interpreter: small tiles keep programs cheap
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, layout, gen, amplitude=1.0):
+    """Fresh N(0,1) inputs in the requested memory layout; returns HND views."""
+    def one(H, S):
+        shape = (B, H, S, D) if layout == "HND" else (B, S, H, D)
+        x = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(amplitude).to(DEVICE, dtype)
+        return x if layout == "HND" else x.transpose(1, 2)
+    return one(Hq, Sq), one(Hkv, Sk), one(Hkv, Sk)
+
+
+def run_kernel(q, k, v, cfg, *, layout="HND", kc=None, **kw):
+    B, Hq, Sq, D = q.shape
+    if layout == "NHD":
+        out = torch.full((B, Sq, Hq, D), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.full((B, Hq, Sq, D), float("nan"), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Sq), float("nan"), device=q.device)
+    o, l = attention_fwd(q, k, v, cfg, out=out, lse=lse, return_lse=True, kernel_config=kc or SMALL_CFG, **kw)
+    assert o.data_ptr() == out.data_ptr()
+    return o, l
+
+
+def check(o, l, q, k, v, preset, *, block_n, **kw):
+    cfg = resolve_quant(preset)
+    assert not torch.isnan(o).any(), "unwritten (NaN-poisoned) or NaN output"
+    ref, ref_lse = fake_quant_attention(q.cpu(), k.cpu(), v.cpu(), cfg, return_lse=True, block_n=block_n,
+                                        **{a: (b.cpu() if torch.is_tensor(b) else b) for a, b in kw.items()})
+    exact = exact_attention(q.cpu(), k.cpu(), v.cpu(), **{a: (b.cpu() if torch.is_tensor(b) else b) for a, b in kw.items()})
+    o, l = o.cpu(), l.cpu()
+    if exact.abs().sum() == 0:
+        assert o.abs().sum() == 0
+        return
+    assert rel_l2(o, ref) <= TIGHT[preset], f"kernel vs fake-quant {rel_l2(o, ref):.2e}"
+    assert rel_l2(o, exact) <= BUDGET[preset], f"kernel vs exact {rel_l2(o, exact):.2e}"
+    assert torch.equal(torch.isinf(l), torch.isinf(ref_lse)), "fully masked rows differ"
+    fin = torch.isfinite(ref_lse)
+    assert not torch.isnan(l).any()
+    if fin.any():
+        err = (l[fin] - ref_lse[fin]).abs().max().item()
+        assert err <= LSE_TOL[preset], f"lse differs by {err:.2e}"
+
+
+# (B, Hq, Hkv, Sq, Sk, D): awkward lengths, Sq != Sk, GQA, MQA, D 64 / 96 / 128
+SHAPES_INTERP = [
+    pytest.param((1, 2, 2, 63, 63, 64), id="S63-D64"),
+    pytest.param((2, 2, 1, 40, 75, 64), id="Sq40-Sk75-MQA"),
+    pytest.param((1, 4, 2, 1, 33, 128), id="Sq1-Sk33-GQA-D128"),
+    pytest.param((1, 2, 2, 50, 20, 96), id="Sq50-Sk20-D96"),
+]
+SHAPES_GPU = [
+    pytest.param((1, 2, 2, 1, 1, 64), id="S1"),
+    pytest.param((2, 4, 4, 1000, 1000, 64), id="S1000-D64"),
+    pytest.param((1, 8, 2, 777, 4097, 128), id="Sq777-Sk4097-GQA"),
+    pytest.param((1, 4, 1, 4097, 333, 128), id="Sq4097-Sk333-MQA"),
+    pytest.param((1, 2, 2, 300, 300, 96), id="S300-D96"),
+    pytest.param((1, 2, 2, 256, 256, 256), id="S256-D256"),
+]
+SHAPES = SHAPES_GPU if CUDA else SHAPES_INTERP
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_kernel_matches_reference(preset, shape, causal, layout):
+    gen = torch.Generator().manual_seed(hash((preset, shape, causal, layout)) % 2**31)
+    B, Hq, Hkv, Sq, Sk, D = shape
+    dtype = torch.bfloat16 if (Sq * Sk) % 2 else torch.float16
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, layout, gen)
+    cfg = resolve_quant(preset)
+    kc = SMALL_CFG if not CUDA else None
+    o, l = run_kernel(q, k, v, cfg, layout=layout, kc=kc, causal=causal)
+    assert o.dtype == q.dtype
+    block_n = (kc or _picked(q, cfg)).block_n
+    if cfg.quantizes_pv:
+        block_n = min(block_n, cfg.v.granularity.size)
+    check(o, l, q, k, v, preset, block_n=block_n, causal=causal)
+
+
+def _picked(q, cfg):
+    from qflash.kernels.configs import pick_config
+    return pick_config(q.device, q.shape[-1], cfg.quantizes_pv, q.shape[2], q.shape[2])
+
+
+@pytest.mark.parametrize("preset", ["none", "int8", "int8-fp8"])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("mask_shape", ["B1QK", "1HQK", "QK", "B11K"])
+def test_kernel_masks(preset, mask_kind, mask_shape):
+    gen = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, Sq, Sk, D = (2, 2, 1, 37, 70, 64)
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, torch.float16, "HND", gen)
+    shape = {"B1QK": (B, 1, Sq, Sk), "1HQK": (1, Hq, Sq, Sk), "QK": (Sq, Sk), "B11K": (B, 1, 1, Sk)}[mask_shape]
+    if mask_kind == "bool":
+        mask = torch.rand(shape, generator=gen) > 0.3
+        if len(shape) == 4 and shape[2] == Sq:
+            mask[..., 3, :] = False  # a fully masked row must give zeros, not NaN
+    else:
+        mask = torch.randn(shape, generator=gen) * 2
+        mask[..., 5] = float("-inf")
+    mask = mask.to(DEVICE)
+    cfg = resolve_quant(preset)
+    o, l = run_kernel(q, k, v, cfg, kc=SMALL_CFG, attn_mask=mask, causal=False)
+    check(o, l, q, k, v, preset, block_n=SMALL_CFG.block_n, attn_mask=mask)
+    if mask_kind == "bool" and len(shape) == 4 and shape[2] == Sq:
+        assert (o[:, :, 3] == 0).all()
+        assert torch.isinf(l[:, :, 3]).all()
+
+
+@pytest.mark.parametrize("preset", ["int8", "int8-fp8"])
+def test_empty_and_fully_masked(preset):
+    gen = torch.Generator().manual_seed(3)
+    cfg = resolve_quant(preset)
+    q, k, v = make_qkv(1, 2, 2, 5, 0, 64, torch.float16, "HND", gen)
+    o, l = run_kernel(q, k, v, cfg)
+    assert (o == 0).all() and torch.isinf(l).all() and (l < 0).all()
+    # causal with Sq > Sk: the first Sq - Sk rows see no key
+    q, k, v = make_qkv(1, 2, 2, 40, 8, 64, torch.float16, "HND", gen)
+    o, l = run_kernel(q, k, v, cfg, causal=True)
+    assert (o[:, :, :32] == 0).all() and not torch.isnan(o).any()
+    check(o, l, q, k, v, preset, block_n=SMALL_CFG.block_n, causal=True)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_large_inputs_stay_finite(preset, dtype):
+    """|x| up to 1e4: no NaN or Inf, and still close to the exact result."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(1, 2, 2, 48, 48, 64, dtype, "HND", gen, amplitude=1e4 / 4)
+    q, k, v = (t.clamp(-1e4, 1e4) for t in (q, k, v))
+    o, l = run_kernel(q, k, v, resolve_quant(preset))
+    assert torch.isfinite(o).all() and torch.isfinite(l).all()
+    exact = exact_attention(q.cpu(), k.cpu(), v.cpu())
+    # scores ~1e7: softmax is nearly one-hot, and quantisation may pick a different near-tie;
+    # int4's 15 levels pick a different winner too often for a bound, so it is checked for finiteness only
+    if preset != "int4":
+        assert torch.nn.functional.cosine_similarity(o.cpu().double().flatten(), exact.double().flatten(), dim=0) > 0.9
+
+
+def test_outlier_k_smoothing():
+    """A strong per-channel offset in K: smoothing keeps int8-fp8 accurate (issue 3 target)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(1, 2, 2, 64, 96, 64, torch.float16, "HND", gen)
+    k = k + 5 * torch.randn(1, 2, 1, 64, generator=gen).to(k)
+    o, _ = run_kernel(q, k, v, resolve_quant("int8-fp8"))
+    exact = exact_attention(q.cpu(), k.cpu(), v.cpu())
+    cos = torch.nn.functional.cosine_similarity(o.cpu().double().flatten(), exact.double().flatten(), dim=0)
+    assert cos >= 0.999
+
+
+@pytest.mark.parametrize("preset", ["int8", "int4", "fp8", "int8-fp8"])
+def test_fused_quantiser_matches_torch(preset):
+    gen = torch.Generator().manual_seed(13)
+    cfg = resolve_quant(preset)
+    q, k, v = make_qkv(2, 4, 2, 70, 130, 64, torch.float16, "NHD", gen)
+    c = quantize_qkv(q, k, v, cfg)
+    qf, kf = q.float().cpu(), k.float().cpu()
+    if cfg.smooth_q:
+        from qflash.quant import block_mean
+        qm = block_mean(qf, cfg.q_mean_block)
+        assert torch.allclose(c.q_mean.cpu(), qm, atol=1e-5)
+        qf = qf - qm.repeat_interleave(cfg.q_mean_block, dim=-2)[..., :qf.shape[2], :]
+    if cfg.smooth_k:
+        kf = kf - kf.mean(dim=2, keepdim=True)
+    for got, x, spec, scale in ((c.q, qf, cfg.q, c.q_scale), (c.k, kf, cfg.k, c.k_scale)):
+        want = quantize(x, spec)
+        assert torch.allclose(scale.cpu(), want.scale, rtol=1e-6)
+        if spec.precision is Precision.INT4:
+            from qflash.quant import unpack_int4
+            g, w = unpack_int4(got.cpu()).float(), unpack_int4(want.data).float()
+        else:
+            g, w = got.cpu().float(), want.data.float()
+        mismatch = (g != w).float().mean().item()
+        assert mismatch <= 2e-3, f"{mismatch:.2%} of codes differ"  # only rounding ties may differ
+        assert (g - w).abs().max().item() <= (1 if spec.precision is not Precision.FP8_E4M3 else 32)
+    if cfg.quantizes_pv:
+        Sk = v.shape[2]
+        want = quantize(v.float().cpu(), cfg.v)
+        got = c.v_t.cpu()[..., :Sk].transpose(-1, -2).float()
+        assert (got != want.data.float()).float().mean().item() <= 2e-3
+        assert torch.allclose(c.v_scale.cpu()[..., : want.scale.shape[2], :], want.scale, rtol=1e-6)
+        assert (c.v_t.cpu()[..., Sk:].float() == 0).all(), "V padding must be zeros"
+
+
+def test_kernel_support_rejects_what_it_cannot_do():
+    cfg = resolve_quant("int8")
+    bad = cfg.with_(q=OperandQuant(Precision.INT8, Granularity.group(32)), k=OperandQuant(Precision.INT8, Granularity.group(32)))
+    ok, why = kernel_support(bad, 64)
+    assert not ok and "granularity" in why
+    with pytest.raises(NotImplementedError, match="granularity"):
+        attention_fwd(*(torch.randn(1, 1, 8, 64, device=DEVICE) for _ in range(3)), bad)
+    ok, why = kernel_support(cfg.with_(q=OperandQuant(Precision.INT8, strategy="asymmetric"),
+                                       k=OperandQuant(Precision.INT8, strategy="asymmetric")), 64)
+    assert not ok and "symmetric" in why
+    assert kernel_support(resolve_quant("int8-fp8"), 128)[0]
+    assert math.isfinite(1.0)
