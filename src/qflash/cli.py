@@ -32,6 +32,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             usable, reason = kernels_usable(torch.device("cuda", i))
             print(f"  cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
                   f"{p.total_memory / 2**30:.0f} GiB): triton kernels {'available' if usable else 'unavailable: ' + reason}")
+            print(f"    tuning table: {_tuning_table(torch.device('cuda', i))}")
     else:
         usable, reason = kernels_usable(torch.device("cpu"))
         print(f"  cuda: no CUDA device visible; triton kernels on cpu: {'available: ' + reason if usable else 'unavailable: ' + reason}")
@@ -39,6 +40,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     if mps is not None and mps.is_available():
         print("  mps: available (reference path)")
     return 0
+
+
+def _tuning_table(device) -> str:
+    """Which kernel tuning table ``pick_config`` uses on ``device`` (``qflash tune`` writes one)."""
+    try:
+        from .kernels import configs
+    except Exception as exc:
+        return f"unknown (qflash.kernels.configs: {type(exc).__name__})"
+    path = configs.user_table_path(device) if hasattr(configs, "user_table_path") else None
+    if path is not None and path.is_file():
+        return f"{path} (from qflash tune)"
+    key = configs.gpu_key(device) if hasattr(configs, "gpu_key") else "?"
+    builtin = key in getattr(configs, "TABLES", {})
+    return f"built-in {key} table" if builtin else f"built-in defaults (no {key} table; run qflash tune)"
 
 
 # ---- argument types: each raises ArgumentTypeError, which argparse turns into a usage error ----
