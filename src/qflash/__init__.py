@@ -2,6 +2,14 @@
 an exact pure-PyTorch path everywhere else)."""
 
 from .api import attention
+from .sage_compat import sageattn
+from .dropin import (
+    QFlashFallbackWarning,
+    disable_sdpa_patch,
+    enable_sdpa_patch,
+    patch_sdpa,
+    sdpa,
+)
 from .config import (
     PRESETS,
     Granularity,
@@ -18,6 +26,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "sdpa",
+    "patch_sdpa",
+    "enable_sdpa_patch",
+    "disable_sdpa_patch",
+    "QFlashFallbackWarning",
+    "sageattn",
     "PRESETS",
     "Granularity",
     "GranularityKind",

@@ -128,11 +128,11 @@ def attention(
         (and their lse is -inf).
     """
     cfg = validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
-    from .backend import attention_forward
+    from .ops import call_attention_fwd  # torch.ops.qflash.attention_fwd: compile / CUDA-graph safe
 
     if layout == "NHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out, lse = attention_forward(
+    out, lse = call_attention_fwd(
         q, k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse, out_layout=layout
     )
     if layout == "NHD":

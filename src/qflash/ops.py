@@ -1,0 +1,321 @@
+"""``torch.library`` custom ops: the layer between the public API and the launchers.
+
+One op is registered here, ``torch.ops.qflash.attention_fwd``::
+
+    qflash::attention_fwd(Tensor q, Tensor k, Tensor v, str quant, bool causal, Tensor? attn_mask,
+                          float? scale, bool return_lse, str out_layout, str backend) -> (Tensor, Tensor)
+
+It wraps ``qflash.backend.attention_forward`` (Triton kernels on CUDA, the fake-quant reference
+elsewhere) and gives it what ``torch.compile`` / ``torch.export`` / CUDA graphs need:
+
+- a **fake (meta) implementation** with the exact output shapes, dtypes and strides, so the op
+  traces under ``torch.compile(fullgraph=True)`` without running;
+- an **autograd formula** (see "Backward" below);
+- op-friendly arguments only: the ``QuantConfig`` dataclass travels as a string (``config_key``),
+  a preset name such as ``"int8"`` or a JSON serialisation of a custom config, and is turned back
+  into the frozen dataclass by ``config_from_key`` (cached).
+
+Shapes (all "HND", possibly strided views of "NHD" tensors; nothing is copied on the way in):
+
+    q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); fp16 / bf16 / fp32, one dtype.
+    attn_mask: None, or bool (True = attend) / float (additive), broadcastable to (B, Hq, Sq, Sk).
+    returns out (B, Hq, Sq, Dv) in q's dtype, and lse:
+        - return_lse=True:  fp32 (B, Hq, Sq), contiguous, natural-log log-sum-exp of the scaled,
+          masked scores (-inf for rows with every key masked);
+        - return_lse=False: an empty fp32 tensor of shape (0,) (custom ops cannot return None).
+    out_layout="HND": ``out`` is contiguous (B, Hq, Sq, Dv).
+    out_layout="NHD": ``out`` is the (B, Hq, Sq, Dv) view of a contiguous (B, Sq, Hq, Dv) buffer,
+        so ``out.transpose(1, 2)`` is contiguous with no copy.
+
+``causal`` is bottom-right aligned (query i sees key j iff j <= i + Sk - Sq), as everywhere in
+qflash; ``qflash.sdpa`` converts PyTorch's top-left convention before calling the op.
+
+Backward (straight-through estimator)
+-------------------------------------
+The forward is quantised; its true derivative is zero almost everywhere (rounding), which is
+useless. The registered backward instead returns the gradients of *exact* attention
+``softmax(q·kᵀ·scale + mask)·v`` evaluated at the unquantised q, k, v — the straight-through
+estimator used for quantisation-aware training. It is computed in plain PyTorch in fp32
+(``reference_backward``), materialising the (B, Hq, Sq, Sk) probability matrix: correct on every
+device and traceable by ``torch.compile``, but O(Sq·Sk) memory. Gradients flow to q, k, v and to
+a floating-point ``attn_mask`` (bool masks get none). With ``quant="none"`` this is simply the
+gradient of attention. A later fused Triton backward replaces ``_backward`` through
+``torch.library.register_autograd`` without changing any caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+
+import torch
+
+from .config import PRESETS, Granularity, OperandQuant, QuantConfig, resolve_quant
+
+__all__ = [
+    "attention_fwd",
+    "call_attention_fwd",
+    "config_key",
+    "config_from_key",
+    "reference_backward",
+    "OUT_LAYOUTS",
+    "BACKENDS",
+]
+
+OUT_LAYOUTS = ("HND", "NHD")
+BACKENDS = ("auto", "triton", "reference")
+
+_JSON_PREFIX = "json:"
+
+
+# --------------------------------------------------------------------------------------------
+# QuantConfig <-> op-friendly string
+# --------------------------------------------------------------------------------------------
+
+
+def config_key(quant: str | QuantConfig) -> str:
+    """The string that stands for ``quant`` in op calls.
+
+    A preset (by name, or a config equal to the preset) becomes its name (``"int8"``); any other
+    ``QuantConfig`` becomes ``"json:{...}"``, a lossless serialisation that ``config_from_key``
+    parses back — in this process or another one (e.g. a cached compiled graph).
+    """
+    cfg = resolve_quant(quant)
+    if PRESETS.get(cfg.name) == cfg:
+        return cfg.name
+    key = _JSON_PREFIX + json.dumps(dataclasses.asdict(cfg), sort_keys=True, separators=(",", ":"))
+    _KEY_CACHE[key] = cfg  # the very object, so config_from_key(config_key(c)) is c
+    return key
+
+
+_KEY_CACHE: dict[str, QuantConfig] = {}
+
+
+def _operand_from_dict(d: dict) -> OperandQuant:
+    g = d["granularity"]
+    return OperandQuant(precision=d["precision"], granularity=Granularity(g["kind"], g["size"]), strategy=d["strategy"])
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_json_key(key: str) -> QuantConfig:
+    try:
+        raw = json.loads(key[len(_JSON_PREFIX):])
+        fields = {f.name for f in dataclasses.fields(QuantConfig)}
+        kw = {}
+        for name, value in raw.items():
+            if name not in fields:
+                raise ValueError(f"unknown QuantConfig field {name!r}")
+            kw[name] = _operand_from_dict(value) if isinstance(value, dict) else value
+        return QuantConfig(**kw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"quant key {key[:80]!r}... is not a valid serialised QuantConfig: {exc}") from exc
+
+
+def config_from_key(key: str) -> QuantConfig:
+    """Inverse of ``config_key``: a preset name or a ``"json:..."`` serialisation -> QuantConfig."""
+    if not isinstance(key, str):
+        raise TypeError(f"quant key must be a str, got {type(key).__name__}")
+    cfg = _KEY_CACHE.get(key)
+    if cfg is not None:
+        return cfg
+    if key.startswith(_JSON_PREFIX):
+        return _parse_json_key(key)
+    return resolve_quant(key)  # preset name, or a ValueError listing the presets
+
+
+# --------------------------------------------------------------------------------------------
+# the op
+# --------------------------------------------------------------------------------------------
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(strides))
+
+
+def _empty_out(q: torch.Tensor, v: torch.Tensor, out_layout: str) -> torch.Tensor:
+    """Uninitialised output (B, Hq, Sq, Dv) in q's dtype, with ``out_layout``'s memory order."""
+    B, H, Sq, _ = q.shape
+    Dv = v.shape[-1]
+    if out_layout == "NHD":
+        return q.new_empty((B, Sq, H, Dv)).transpose(1, 2)
+    return q.new_empty((B, H, Sq, Dv))
+
+
+def _check_op_args(q, out_layout: str, backend: str) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"qflash::attention_fwd takes HND tensors (B, H, S, D); got q of shape {tuple(q.shape)}")
+    if out_layout not in OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+@torch.library.custom_op("qflash::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    quant: str,
+    causal: bool,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    return_lse: bool,
+    out_layout: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantised attention forward on validated HND tensors; see the module docstring.
+
+    ``quant`` is a ``config_key`` string. Inputs are expected to have passed
+    ``qflash.api.validate_inputs`` (the public functions do that); the op itself only checks
+    what it needs to pick a code path.
+    """
+    _check_op_args(q, out_layout, backend)
+    from .backend import attention_forward
+
+    cfg = config_from_key(quant)
+    out, lse = attention_forward(
+        q, k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse,
+        out_layout=out_layout, backend=backend,
+    )
+    # Pin the output metadata the fake implementation promises, whatever the backend returned.
+    want = _empty_out(q, v, out_layout)
+    if out.dtype != q.dtype or out.shape != want.shape or out.stride() != want.stride():
+        want.copy_(out)
+        out = want
+    if return_lse:
+        lse = lse.to(torch.float32).contiguous()
+    else:
+        lse = q.new_empty((0,), dtype=torch.float32)
+    return out, lse
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, quant, causal, attn_mask, scale, return_lse, out_layout, backend):
+    _check_op_args(q, out_layout, backend)
+    out = _empty_out(q, v, out_layout)
+    B, H, Sq, _ = q.shape
+    lse = q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# autograd: straight-through estimator through exact attention (plain PyTorch)
+# --------------------------------------------------------------------------------------------
+
+
+def reference_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+):
+    """Gradients of exact attention at (q, k, v), in fp32, returned in the inputs' dtypes.
+
+    Args:
+        q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv): HND, Hq a multiple of Hkv.
+        grad_out (B, Hq, Sq, Dv): gradient of the output.
+        grad_lse (B, Hq, Sq) or None: gradient of the log-sum-exp output (d lse / d s = p).
+        causal: bottom-right aligned. attn_mask: bool (keep) or float (additive).
+
+    Returns ``(dq, dk, dv, dmask)``; ``dmask`` is None unless ``attn_mask`` is floating point,
+    in which case it has ``attn_mask``'s shape (summed over broadcast dimensions) and dtype.
+    Rows with every key masked contribute nothing.
+    """
+    from .reference import expand_kv, keep_mask
+
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qf = q.float()
+    kf = expand_kv(k, Hq).float()
+    vf = expand_kv(v, Hq).float()
+    keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if additive is not None:
+        s = s + additive.float()
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)))
+    p = torch.where(finite, p, torch.zeros_like(p))  # (B, Hq, Sq, Sk); rows with no key: 0
+
+    do = grad_out.float()
+    dv = torch.matmul(p.transpose(-1, -2), do)  # (B, Hq, Sk, Dv)
+    dp = torch.matmul(do, vf.transpose(-1, -2))  # (B, Hq, Sq, Sk)
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    if grad_lse is not None and grad_lse.numel():
+        ds = ds + p * grad_lse.float()[..., None]
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale  # (B, Hq, Sk, D)
+    if group > 1:  # GQA: sum the query heads that share a key/value head
+        dk = dk.view(B, Hkv, group, Sk, D).sum(dim=2)
+        dv = dv.view(B, Hkv, group, Sk, dv.shape[-1]).sum(dim=2)
+    dmask = None
+    if attn_mask is not None and attn_mask.is_floating_point():
+        dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, quant, causal, attn_mask, scale, return_lse, out_layout, backend = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.causal = causal
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # The place for a fused backward kernel: replace this function via
+    # torch.library.register_autograd("qflash::attention_fwd", ...).
+    q, k, v, attn_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+    dq, dk, dv, dmask = reference_backward(
+        q, k, v, grad_out, grad_lse, causal=ctx.causal, attn_mask=attn_mask, scale=ctx.scale
+    )
+    return dq, dk, dv, None, None, dmask, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Python-side convenience
+# --------------------------------------------------------------------------------------------
+
+
+def call_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    quant: str | QuantConfig,
+    *,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    out_layout: str = "HND",
+    backend: str = "auto",
+):
+    """Call ``torch.ops.qflash.attention_fwd`` with Python-friendly arguments.
+
+    Same contract as ``qflash.backend.attention_forward`` (HND inputs, validated): returns
+    ``(out, lse)`` with ``lse`` None unless ``return_lse``.
+    """
+    out, lse = torch.ops.qflash.attention_fwd(
+        q, k, v, config_key(quant), bool(causal), attn_mask, None if scale is None else float(scale),
+        bool(return_lse), out_layout, backend,
+    )
+    return out, (lse if return_lse else None)
