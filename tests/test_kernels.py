@@ -239,3 +239,19 @@ def test_kernel_support_rejects_what_it_cannot_do():
     assert not ok and "symmetric" in why
     assert kernel_support(resolve_quant("int8-fp8"), 128)[0]
     assert math.isfinite(1.0)
+
+
+@pytest.mark.parametrize("k_block", [32, 64, 128], ids=lambda b: f"kblock{b}")
+@pytest.mark.parametrize("base", ["int8", "int8-fp8", "fp8"])
+def test_block_scales(base, k_block):
+    """Q and K scaled per block of tokens (the per-tile scalar path when the block covers a tile)."""
+    gen = torch.Generator().manual_seed(17)
+    cfg0 = resolve_quant(base)
+    cfg = cfg0.with_(q=OperandQuant(cfg0.q.precision, Granularity.block(64)),
+                     k=OperandQuant(cfg0.k.precision, Granularity.block(k_block)))
+    q, k, v = make_qkv(1, 2, 2, 70, 150, 64, torch.float16, "HND", gen)
+    o, l = run_kernel(q, k, v, cfg, kc=SMALL_CFG, causal=True)
+    ref, ref_lse = fake_quant_attention(q, k, v, cfg, return_lse=True, block_n=SMALL_CFG.block_n, causal=True)
+    assert not torch.isnan(o).any()
+    assert rel_l2(o, ref) <= TIGHT[base]
+    assert rel_l2(o, exact_attention(q, k, v, causal=True)) <= BUDGET[base]

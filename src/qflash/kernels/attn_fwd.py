@@ -58,57 +58,92 @@ def _attn_tiles(
     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks."""
+    """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks.
+
+    Scores stay in "raw" units x (the int32 dot reinterpreted as fp32 plus 1.5*2**23, or the
+    float dot) with ``s = (x - OFF) * c`` in log2 units; ``c`` is the row multiplier times the
+    tile's K scale. Without bias or additive mask, ``exp2(x * c - (OFF * c + m))`` is one FMA.
+    """
     dmask = offs_d < HEAD_DIM
+    if KIND == 1 or KIND == 2:
+        OFF: tl.constexpr = 12582912.0  # int32 + 0x4B400000 reinterpreted = value + 1.5 * 2**23, exact below 2**22
+    else:
+        OFF: tl.constexpr = 0.0
+    if PV_FP8:
+        P_LOG2_SCALE: tl.constexpr = 8.807354922057604  # log2(448): P lands in [0, 448], the e4m3 range
+    else:
+        P_LOG2_SCALE: tl.constexpr = 0.0
+    K_SCALAR: tl.constexpr = (K_SCALE_BLOCK % BLOCK_N) == 0
+    if K_SCALAR:
+        X_OFF: tl.constexpr = OFF
+    else:
+        X_OFF: tl.constexpr = 0.0  # per-key scales are applied (and OFF removed) before the row math
+    FMA_FORM: tl.constexpr = (not HAS_BIAS) and MASK_KIND != 2
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
         qk = tl.dot(q, tl.trans(k))
+        if KIND == 1 or KIND == 2:
+            x = (qk + 0x4B400000).to(tl.float32, bitcast=True)  # int -> float on the full-rate ALUs
+        else:
+            x = qk
         if KIND == 0:
-            s = qk * q_mult[:, None]
+            c = q_mult
+        elif K_SCALAR:
+            c = q_mult * tl.load(ks_base + (start_n // K_SCALE_BLOCK) * stride_ks)
         else:
             if MASKED:
-                k_scale = tl.load(ks_base + (offs_n // K_SCALE_BLOCK) * stride_ks, mask=offs_n < Sk, other=0.0)
+                k_scale = tl.load(ks_base + offs_n * stride_ks, mask=offs_n < Sk, other=0.0)
             else:
-                k_scale = tl.load(ks_base + (offs_n // K_SCALE_BLOCK) * stride_ks)
-            s = qk.to(tl.float32) * (q_mult[:, None] * k_scale[None, :])
-        if HAS_BIAS:
-            if MASKED:
-                s += tl.load(bias_base + offs_n, mask=offs_n < Sk, other=0.0)[None, :]
-            else:
-                s += tl.load(bias_base + offs_n)[None, :]
-        if MASK_KIND != 0:
+                k_scale = tl.load(ks_base + offs_n * stride_ks)
+            x = (x - OFF) * k_scale[None, :]
+            c = q_mult
+        if not FMA_FORM:
+            x = (x - X_OFF) * c[:, None]  # from here on x is s, in log2 units
+            if HAS_BIAS:
+                if MASKED:
+                    x += tl.load(bias_base + offs_n, mask=offs_n < Sk, other=0.0)[None, :]
+                else:
+                    x += tl.load(bias_base + offs_n)[None, :]
+            if MASK_KIND == 2:
+                mptr = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+                mmask = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
+                x += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        if MASK_KIND == 1:
             mptr = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
             mmask = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
-            if MASK_KIND == 1:
-                keep = tl.load(mptr, mask=mmask, other=0) != 0
-                s = tl.where(keep, s, float("-inf"))
-            else:
-                s += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634
+            keep = tl.load(mptr, mask=mmask, other=0) != 0
+            x = tl.where(keep, x, float("-inf"))
         if MASKED:
             valid = (offs_n < Sk)[None, :]
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
-            s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            x = tl.where(valid, x, float("-inf"))
+        if FMA_FORM:
+            m_new = tl.maximum(m_i, (tl.max(x, axis=1) - X_OFF) * c)
+        else:
+            m_new = tl.maximum(m_i, tl.max(x, axis=1))
         if MASKED or MASK_KIND != 0:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
         else:
             m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
+        if FMA_FORM:
+            p = tl.math.exp2(x * c[:, None] - (X_OFF * c + m_use - P_LOG2_SCALE)[:, None])
+        else:
+            p = tl.math.exp2(x - (m_use - P_LOG2_SCALE)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
         v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :].to(tl.int64) * stride_vd
         if PV_FP8:
-            # V is stored transposed and zero-padded to whole V blocks: no bounds needed
+            # V is stored transposed and zero-padded to whole V blocks: no bounds needed.
+            # Each tile's product starts from zero (fresh FP8 accumulator) and is flushed into the
+            # fp32 accumulator with the tile's per-channel V scale.
             if HEAD_DIM == HEAD_DIM_PAD:
                 v = tl.load(v_ptrs)
             else:
                 v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
             v_scale = tl.load(vs_base + (start_n // V_SCALE_BLOCK) * stride_vsb + offs_d, mask=dmask, other=0.0)
-            p8 = (p * 448.0).to(tl.float8e4nv)
-            acc += tl.dot(p8, v) * (v_scale * (1.0 / 448.0))[None, :]
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
         else:
             if MASKED or HEAD_DIM != HEAD_DIM_PAD:
                 vmask = dmask[None, :]
@@ -117,7 +152,7 @@ def _attn_tiles(
                 v = tl.load(v_ptrs, mask=vmask, other=0.0)
             else:
                 v = tl.load(v_ptrs)
-            acc = tl.dot(p.to(v.dtype), v, acc)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -218,8 +253,10 @@ def attn_fwd_kernel(
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
     if RETURN_LSE:
-        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
+        log2_l = tl.math.log2(tl.where(has_keys, l_i, 1.0))
+        if PV_FP8:
+            log2_l -= 8.807354922057604  # l summed P scaled by 448
+        lse = tl.where(has_keys, (m_i + log2_l) * 0.6931471805599453, float("-inf"))
         if HAS_LSE_CORR:
             lse += tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0)
         tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=mrow)

@@ -96,8 +96,14 @@ def config_key(head_dim: int, pv_fp8: bool, sq: int, sk: int) -> tuple[int, str,
 
 
 def pick_config(device: torch.device, head_dim: int, pv_fp8: bool, sq: int, sk: int) -> KernelConfig:
-    """The tuned config for this GPU and problem, or ``DEFAULT``."""
-    key = config_key(head_dim, pv_fp8, sq, sk)
+    """The tuned config for this GPU and problem: ``qflash tune``'s table, the built-in one, or ``DEFAULT``."""
+    return _pick(device.type, device.index, *config_key(head_dim, pv_fp8, sq, sk))
+
+
+@functools.lru_cache(maxsize=256)
+def _pick(dev_type: str, dev_index: int | None, d: int, pv: str, bucket: str) -> KernelConfig:
+    device = torch.device(dev_type, dev_index) if dev_index is not None else torch.device(dev_type)
+    key = (d, pv, bucket)
     if device.type == "cuda":
         user = load_user_table(str(user_table_path(device)))
         if key in user:

@@ -30,12 +30,10 @@ QK_INT8 = 1
 QK_INT4 = 2
 QK_FP8 = 3
 
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (x + M) - M rounds fp32 |x| < 2**22 half-to-even
-
-
 @triton.jit
 def _round_half_even(x):
-    return (x + _ROUND_MAGIC) - _ROUND_MAGIC
+    # 1.5 * 2**23: (x + M) - M rounds fp32 |x| < 2**22 to the nearest integer, ties to even
+    return (x + 12582912.0) - 12582912.0
 
 
 @triton.jit

@@ -1,0 +1,35 @@
+"""CPU cost of one qflash call at a tiny shape (where launches, not math, set the time)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import qflash  # noqa: E402
+from qflash.kernels.launch import attention_fwd, quantize_qkv  # noqa: E402
+
+
+def per_call_us(fn, n=300):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+print(f"sdpa: {per_call_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)):.1f} us/call")
+for p in ("none", "int8", "int8-fp8"):
+    cfg = qflash.resolve_quant(p)
+    print(f"{p}: attention_fwd {per_call_us(lambda: attention_fwd(q, k, v, cfg)):.1f} us/call; "
+          f"qflash.attention {per_call_us(lambda: qflash.attention(q, k, v, quant=cfg)):.1f} us/call"
+          + (f"; quantize_qkv {per_call_us(lambda: quantize_qkv(q, k, v, cfg)):.1f} us" if cfg.quantizes_qk else ""))
+print(f"torch.mean: {per_call_us(lambda: torch.mean(k, dim=2, dtype=torch.float32)):.1f} us; "
+      f"torch.empty: {per_call_us(lambda: torch.empty(1, 1, 64, 64, device='cuda')):.1f} us")
