@@ -22,7 +22,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"qflash {__version__}")
     print(f"python {platform.python_version()} ({platform.machine()}, {platform.system()})")
     print(f"torch {torch.__version__}")
-    ok, why = triton_status()
+    _, why = triton_status()
     print(f"triton: {why}")
     print("backends:")
     print("  reference (pure PyTorch): available on every device")

@@ -12,10 +12,11 @@ def attention_table(doc: dict) -> str:
             rows.append([r["workload"], r["preset"], f"{r['status']}: {r['note']}"] + ["–"] * 6)
             continue
         w = "yes" if r["weights_in_unit_interval"] else "**no**"
-        rows.append([r["workload"], r["preset"], fmt(r["rel_l2"], "pct"), fmt(r["rel_l1"], "pct"), fmt(r["cosine"], "cos"),
-                     fmt(r["max_abs"], "sci"), str(r["nonfinite"]),
-                     f"{w} (max {r['p_max']:.6f}, Σ−1 ≤ {r['row_sum_max_err']:.1e})" if r["p_max"] is not None else w])
-    return md_table(["workload", "preset", "rel L2", "rel L1", "cosine", "max abs", "NaN/Inf", "weights in [0,1]"], rows)
+        detail = f" (max {r['p_max']:.6f}, Σ−1 ≤ {r['row_sum_max_err']:.1e})" if r["p_max"] is not None else ""
+        rows.append([r["workload"], r["preset"], fmt(r["rel_l2"], "pct"), fmt(r["rel_l1"], "pct"),
+                     fmt(r["cosine"], "cos"), fmt(r["max_abs"], "sci"), str(r["nonfinite"]), w + detail])
+    header = ["workload", "preset", "rel L2", "rel L1", "cosine", "max abs", "NaN/Inf", "weights in [0,1]"]
+    return md_table(header, rows)
 
 
 def model_table(doc: dict) -> str:
@@ -31,8 +32,8 @@ def model_table(doc: dict) -> str:
 
 
 def quantizer_table(doc: dict) -> str:
-    rows = [[r["input"], r["precision"], r["granularity"], r["strategy"], fmt(r["rmse"], "sci"), fmt(r["rel_rmse"], "pct")]
-            for r in doc["quantizer"]]
+    rows = [[r["input"], r["precision"], r["granularity"], r["strategy"], fmt(r["rmse"], "sci"),
+             fmt(r["rel_rmse"], "pct")] for r in doc["quantizer"]]
     return md_table(["input", "precision", "granularity", "strategy", "RMSE", "RMSE / RMS"], rows)
 
 

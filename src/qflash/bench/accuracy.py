@@ -53,7 +53,8 @@ class Workload:
         q, k, v = make_inputs(self.shape, device, dtype, seed)
         if self.outlier_k:
             g = torch.Generator(device=device).manual_seed(seed + 1000)
-            off = 5 * torch.randn((self.shape.batch, self.shape.heads, 1, self.shape.head_dim), generator=g, device=device)
+            s = self.shape
+            off = 5 * torch.randn((s.batch, s.heads, 1, s.head_dim), generator=g, device=device)
             k = (k.float() + off).to(dtype)
         return q, k, v
 

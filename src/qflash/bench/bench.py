@@ -20,6 +20,7 @@ from .shapes import Shape
 from .timing import describe_timer, time_fn
 
 CPU_NOTICE = "no CUDA GPU — CPU reference run at small shapes; timings are not kernel timings"
+CPU_ASKED = "--device cpu — CPU reference run; timings are not kernel timings"
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int):
@@ -130,7 +131,7 @@ def cmd_bench(args) -> int:
     cpu = device.type != "cuda"
     notice = None
     if cpu:
-        notice = CPU_NOTICE if not torch.cuda.is_available() else "--device cpu — CPU reference run; timings are not kernel timings"
+        notice = CPU_NOTICE if not torch.cuda.is_available() else CPU_ASKED
     shapes = args.shapes or default_shapes(device.type, args.quick)
     presets = args.presets or list(PRESETS)
     first = notice or f"{torch.cuda.get_device_name(device)}, {len(shapes)} shape(s), presets {', '.join(presets)}"
@@ -154,7 +155,8 @@ def cmd_bench(args) -> int:
     return 1 if failed else 0
 
 
-_CSV_KEYS = ("shape_spec", "batch", "heads", "seq_q", "seq_k", "head_dim", "causal", "reference") + schema.BENCH_ROW_KEYS
+_CSV_KEYS = ("shape_spec", "batch", "heads", "seq_q", "seq_k", "head_dim", "causal", "reference",
+             *schema.BENCH_ROW_KEYS)
 
 
 def _flat_rows(doc: dict) -> list[dict]:
@@ -164,6 +166,6 @@ def _flat_rows(doc: dict) -> list[dict]:
     for r in doc["rows"]:
         s = shapes[r["shape"]]
         flat.append({**{k: s[k] for k in ("batch", "heads", "seq_q", "seq_k", "head_dim", "causal")},
-                     "shape_spec": f"{s['batch']}x{s['heads']}x{s['seq_q']}x{s['head_dim']}" + ("c" if s["causal"] else ""),
+                     "shape_spec": f"{s['batch']}x{s['heads']}x{s['seq_q']}x{s['head_dim']}{'c' * s['causal']}",
                      "reference": s["reference"]["method"], **r})
     return flat

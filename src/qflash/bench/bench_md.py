@@ -31,7 +31,8 @@ def shape_table(doc: dict, shape: dict) -> str:
                      fmt(r["tops"], "tops"), fmt(r["speedup_vs_sdpa"], "x"), fmt(r["peak_mem_mib"], "mib"),
                      fmt(r["rel_l2"], "pct"), fmt(r["cosine"], "cos")])
     ref = shape["reference"]
-    head = (f"### {shape['name']}\n\n{shape['ops']:.3g} ops (4·B·H·Sq·Sk·D{', halved: causal' if shape['causal'] else ''}); "
+    halved = ", halved: causal" if shape["causal"] else ""
+    head = (f"### {shape['name']}\n\n{shape['ops']:.3g} ops (4·B·H·Sq·Sk·D{halved}); "
             f"errors vs the exact reference ({ref['method']}, {ref['heads']} of {shape['heads']} heads).\n")
     table = md_table(["implementation", "runs on", "median ms", "mean ms", "TOPS", "vs SDPA", "peak MiB",
                       "rel L2", "cosine"], rows)

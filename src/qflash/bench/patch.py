@@ -39,8 +39,9 @@ def sdpa_to_qflash(quant):
 
     def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         gqa = kw.pop("enable_gqa", False)
-        if kw or dropout_p or (is_causal and query.shape[-2] != key.shape[-2]) or (gqa and query.shape[-3] != key.shape[-3]) \
-                or query.dim() != 4:
+        unsupported = (kw or dropout_p or query.dim() != 4 or (is_causal and query.shape[-2] != key.shape[-2])
+                       or (gqa and query.shape[-3] != key.shape[-3]))
+        if unsupported:
             stats.passed += 1
             if gqa:
                 kw["enable_gqa"] = gqa

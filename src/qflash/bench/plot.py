@@ -20,7 +20,7 @@ def _series(doc: dict):
         if r["status"] == "ok" and r["impl"] not in impls:
             impls.append(r["impl"])
     cell = {(r["shape"], r["impl"]): r for r in doc["rows"] if r["status"] == "ok"}
-    get = lambda key: [[(cell.get((s, i)) or {}).get(key) for s in shapes] for i in impls]  # noqa: E731
+    get = lambda key: [[(cell.get((s, i)) or {}).get(key) for s in shapes] for i in impls]
     return shapes, impls, get("median_ms"), get("speedup_vs_sdpa")
 
 

@@ -24,7 +24,8 @@ def load(path: str, kind: str) -> dict:
     if doc.get("kind") != kind:
         raise ValueError(f"{path}: expected a `qflash {kind}` JSON (kind={kind!r}), got kind={doc.get('kind')!r}")
     if doc.get("schema_version") != schema.SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {doc.get('schema_version')!r}, this qflash reads {schema.SCHEMA_VERSION}")
+        raise ValueError(f"{path}: schema_version {doc.get('schema_version')!r}, "
+                         f"this qflash reads {schema.SCHEMA_VERSION}")
     return doc
 
 
@@ -115,17 +116,17 @@ def quantizer_pivot(acc: dict, source: str = "N(0,1)") -> str:
 def open_items(bench: dict, acc: dict | None) -> str:
     items = []
     if bench["settings"]["cpu_reference_run"]:
-        items.append(["H100 numbers", "This snapshot is a CPU reference run; rerun `qflash bench` and "
-                                      "`qflash accuracy` on an H100 and regenerate this file."])
+        items.append(["H100 numbers", ("This snapshot is a CPU reference run; rerun `qflash bench` and "
+                                       "`qflash accuracy` on an H100 and regenerate this file.")])
     items.append(["Flux end to end", "Not yet measured (examples/flux harness pending)."])
-    items.append(["Tuning tables per GPU", "`qflash tune` sweeps kernel configs; tables for GPUs other than H100 "
-                                           "still to be measured (the seed's \"wider hardware matrix\")."])
+    items.append(["Tuning tables per GPU", ("`qflash tune` sweeps kernel configs; tables for GPUs other than "
+                                            "H100 still to be measured (the seed's \"wider hardware matrix\").")])
     if acc is not None:
         for p in acc["settings"]["presets"]:
             r = _by(acc, "normal", p)
             if r.get("rel_l2") is not None and r["rel_l2"] > 0.05:
-                items.append([f"{p} accuracy", f"rel L2 {fmt(r['rel_l2'], 'pct')} on N(0,1) (seed INT4: ~2 %); "
-                                               "finer scale granularity or smoothing needed."])
+                items.append([f"{p} accuracy", (f"rel L2 {fmt(r['rel_l2'], 'pct')} on N(0,1) (seed INT4: ~2 %); "
+                                                "finer scale granularity or smoothing needed.")])
     bad = [r["impl"] + " @ " + r["shape"] for r in bench["rows"] if r["status"] == "error"]
     if bad:
         items.append(["Failing rows", "; ".join(bad)])
@@ -142,8 +143,8 @@ def render(bench: dict, acc: dict | None, report_command: str) -> str:
         parts += ["> " + NOT_KERNEL, ""]
     parts += ["## Test Environment", "", environment(bench, acc), "",
               "## End-to-End Flux Benchmarks (1024×1024 Image Synthesis)", "",
-              "Not yet measured: the Flux end-to-end harness has not landed. The design anchors (H100, default SDPA) "
-              "are 185.7 ms per transformer forward at 1024px and 892 ms at 2048px.", "",
+              ("Not yet measured: the Flux end-to-end harness has not landed. The design anchors (H100, default "
+               "SDPA) are 185.7 ms per transformer forward at 1024px and 892 ms at 2048px."), "",
               md_table(["Precision", "Speed-up vs SDPA", "Notes"],
                        [[p, "not yet measured", ""] for p in ("int8", "int8-fp8", "int4", "fp8")]), "",
               "## Micro-benchmarks (`qflash bench`)", "", micro(bench), "",
@@ -153,7 +154,7 @@ def render(bench: dict, acc: dict | None, report_command: str) -> str:
               "```", bench["command"], *( [acc["command"]] if acc is not None else []), report_command, "```", "",
               "- Shapes: `--shapes 1x24x4608x128,1x32x8192x128c` (`c` = causal); presets: `--presets int8,fp8`.",
               "- Every run writes JSON (schema in `qflash.bench.schema`), CSV, Markdown and a PNG plot under `--out`.",
-              "- Compare timings only within one run: the speed-up column divides by SDPA measured in the same run.", "",
+              "- Compare timings only within one run: speed-ups divide by SDPA measured in the same run.", "",
               "## Open Items", "", open_items(bench, acc), ""]
     return "\n".join(parts)
 

@@ -84,12 +84,13 @@ def cmd_tune(args) -> int:
             key = configs.config_key(shape.head_dim, cfg.quantizes_pv, shape.seq, shape.seq)
             ref, _ = attention_fwd(q, k, v, cfg, causal=shape.causal)
             for kc in space:
-                fn = lambda kc=kc: attention_fwd(q, k, v, cfg, causal=shape.causal, kernel_config=kc)  # noqa: E731
+                def fn(kc=kc, q=q, k=k, v=v, cfg=cfg, causal=shape.causal):
+                    return attention_fwd(q, k, v, cfg, causal=causal, kernel_config=kc)
                 try:
                     if compare(fn()[0], ref)["rel_l2"] > MAX_DIFF:
                         continue
                     med, _, _ = time_gpu(fn, 10, 50)
-                except Exception:
+                except Exception:  # a config the kernel cannot compile or launch here: not a candidate
                     continue
                 slot = totals.setdefault(key, {}).setdefault(kc, [0.0, 0])
                 slot[0] += med

@@ -40,7 +40,8 @@ def _operands(q, k, cfg: QuantConfig):
         q_rows = block_mean(qf, cfg.q_mean_block).repeat_interleave(cfg.q_mean_block, dim=-2)[..., :Sq, :]
     qs = qf - q_rows if q_rows is not None else qf
     if cfg.quantizes_qk:
-        return dequantize(quantize(qs, cfg.q), torch.float32), dequantize(quantize(ks, cfg.k), torch.float32), q_rows, ks, k_mean
+        q_hat = dequantize(quantize(qs, cfg.q), torch.float32)
+        return q_hat, dequantize(quantize(ks, cfg.k), torch.float32), q_rows, ks, k_mean
     return qf, kf, None, ks, None
 
 

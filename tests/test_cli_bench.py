@@ -1,0 +1,248 @@
+"""`qflash bench`, `report`, `tune` and the CLI's argument handling (CPU, fast).
+
+One `qflash bench --quick` run in-process (module fixture) is checked for every output format,
+the documented JSON schema, every preset and values that can fail; one more runs through a
+subprocess (`python -m qflash.cli`). Bad arguments must be usage errors (exit 2), not tracebacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from qflash.bench import schema
+from qflash.bench.shapes import parse_shape
+from qflash.cli import main
+from qflash.config import PRESETS
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def run_main(argv):
+    """main(argv) with stdout captured: (exit code, stdout)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
+    return rc, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc, text = run_main(["bench", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"])
+    return rc, text, out, json.loads((out / "bench.json").read_text())
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG after checking its signature, IHDR and that IDAT inflates."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", data[16:24])
+    pos, idat = 8, b""
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        tag = data[pos + 4:pos + 8]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert zlib.crc32(data[pos + 4:pos + 8 + n]) & 0xFFFFFFFF == crc
+        if tag == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    assert zlib.decompress(idat), "empty image data"
+    return w, h
+
+
+def test_bench_exit_code_and_first_line(bench_run):
+    rc, text, _, _ = bench_run
+    assert rc == 0, text
+    first = text.splitlines()[0]
+    assert first.startswith("qflash bench:")
+    assert "CPU reference run" in first and "not kernel timings" in first
+
+
+def test_bench_writes_every_format(bench_run):
+    _, _, out, doc = bench_run
+    for name in ("bench.json", "bench.csv", "bench.md", "bench.png"):
+        assert (out / name).stat().st_size > 0, name
+    w, h = png_size((out / "bench.png").read_bytes())
+    assert w >= 200 and h >= 200
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    assert len(rows) == len(doc["rows"])
+    assert set(schema.BENCH_ROW_KEYS) <= set(rows[0])
+    md = (out / "bench.md").read_text()
+    assert "| implementation |" in md and "not kernel timings" in md
+
+
+def test_bench_json_schema(bench_run):
+    _, _, _, doc = bench_run
+    assert doc["schema_version"] == schema.SCHEMA_VERSION == 1
+    assert doc["kind"] == "bench"
+    assert tuple(doc) == schema.BENCH_KEYS
+    assert tuple(doc["env"]) == schema.ENV_KEYS
+    assert tuple(doc["settings"]) == schema.BENCH_SETTINGS_KEYS
+    assert doc["command"].startswith("qflash bench --quick")
+    for s in doc["shapes"]:
+        assert tuple(s) == schema.BENCH_SHAPE_KEYS
+        assert set(s["reference"]) == {"method", "heads", "device"}
+    for r in doc["rows"]:
+        assert tuple(r) == schema.BENCH_ROW_KEYS
+    assert doc["settings"]["cpu_reference_run"] is True
+    assert doc["env"]["torch"] == torch.__version__
+
+
+def test_bench_every_preset_and_baseline_appears(bench_run):
+    _, _, _, doc = bench_run
+    shapes = [s["name"] for s in doc["shapes"]]
+    assert len(shapes) >= 2 and any(s["causal"] for s in doc["shapes"])
+    for shape in shapes:
+        got = {r["impl"]: r for r in doc["rows"] if r["shape"] == shape}
+        for p in PRESETS:
+            assert got[f"qflash {p}"]["status"] == "ok", got[f"qflash {p}"]["note"]
+            assert got[f"qflash {p}"]["preset"] == p
+        assert got["sdpa"]["status"] == "ok"
+        assert got["sdpa"]["speedup_vs_sdpa"] == pytest.approx(1.0)
+        for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+            assert f"sdpa {b}" in got  # measured, or skipped with a reason
+            assert got[f"sdpa {b}"]["status"] == "ok" or got[f"sdpa {b}"]["note"]
+        assert got["sdpa MATH"]["status"] == "ok"
+
+
+def test_bench_values(bench_run):
+    _, _, _, doc = bench_run
+    budget = {"none": 0.01, "int8": 0.02, "int8-fp8": 0.06, "fp8": 0.08, "int4": 0.25}
+    by = {(r["shape"], r["impl"]): r for r in doc["rows"]}
+    for s in doc["shapes"]:
+        assert s["ops"] == pytest.approx(4 * s["batch"] * s["heads"] * s["seq_q"] * s["seq_k"] * s["head_dim"]
+                                         / (2 if s["causal"] else 1))
+        for p, tol in budget.items():
+            r = by[(s["name"], f"qflash {p}")]
+            assert 0 <= r["rel_l2"] < tol, (p, r["rel_l2"])
+            assert r["cosine"] > 1 - tol
+            assert r["median_ms"] > 0 and r["mean_ms"] > 0
+            assert r["tops"] == pytest.approx(s["ops"] / (r["median_ms"] * 1e-3) / 1e12)
+        # SDPA in bf16 and qflash "none" see the same exact reference: same error class
+        assert by[(s["name"], "sdpa")]["rel_l2"] < 0.01
+    assert all(r["speedup_vs_sdpa"] > 0 for r in doc["rows"] if r["status"] == "ok")
+
+
+def test_bench_subprocess_and_shapes_flag(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "qflash.cli", "bench", "--quick", "--shapes", "1x2x96x32c",
+                          "--presets", "none,int8", "--out", str(tmp_path), "--no-progress", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].startswith("qflash bench:")
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert [s["name"] for s in doc["shapes"]] == ["1x2x96x32c"] and doc["shapes"][0]["causal"]
+    assert {r["preset"] for r in doc["rows"] if r["kind"] == "qflash"} == {"none", "int8"}
+    png_size((tmp_path / "bench.png").read_bytes())
+
+
+BAD_ARGS = [
+    pytest.param(["bench", "--shapes", "1x2x3"], id="shape-3-dims"),
+    pytest.param(["bench", "--shapes", "1x0x64x64"], id="shape-zero"),
+    pytest.param(["bench", "--shapes", ","], id="shape-empty"),
+    pytest.param(["bench", "--presets", "int9"], id="preset-unknown"),
+    pytest.param(["bench", "--warmup", "-1"], id="warmup-negative"),
+    pytest.param(["bench", "--device", "tpu"], id="device-unknown"),
+    pytest.param(["bench", "--ref-heads", "x"], id="ref-heads-nan"),
+    pytest.param(["bench", "--bogus"], id="unknown-flag"),
+    pytest.param(["accuracy", "--presets", ""], id="accuracy-empty-presets"),
+    pytest.param(["report"], id="report-missing-from"),
+    pytest.param(["frobnicate"], id="unknown-command"),
+    pytest.param([], id="no-command"),
+]
+
+
+@pytest.mark.parametrize("argv", BAD_ARGS)
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_bad_out_and_missing_json_are_usage_errors(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--quick", "--out", str(f), "--device", "cpu"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--from", str(tmp_path / "missing.json")])
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU message")
+def test_device_cuda_without_gpu_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_bad_arguments_subprocess_no_traceback():
+    res = subprocess.run([sys.executable, "-m", "qflash.cli", "bench", "--shapes", "banana"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "usage:" in res.stderr and "Traceback" not in res.stderr
+    assert "BxHxSxD" in res.stderr
+
+
+def test_parse_shape():
+    s = parse_shape("1x24x4608x128c")
+    assert (s.batch, s.heads, s.seq, s.head_dim, s.causal) == (1, 24, 4608, 128, True)
+    assert s.spec == "1x24x4608x128c"
+    assert s.ops == 2 * 24 * 4608 * 4608 * 128
+
+
+def test_report_from_bench(bench_run, tmp_path):
+    _, _, out, _ = bench_run
+    target = tmp_path / "docs" / "PERFORMANCE.md"
+    rc, _ = run_main(["report", "--from", str(out / "bench.json"), "--out", str(target)])
+    assert rc == 0 and target.is_file()
+    md = target.read_text()
+    for heading in ("## Test Environment", "## Micro-benchmarks", "## Accuracy & Stability",
+                    "End-to-End Flux", "## Open Items", "CPU reference timings", "qflash bench --quick"):
+        assert heading in md
+    assert "not yet measured" in md.lower()
+    for p in PRESETS:
+        assert f"qflash {p}" in md
+
+
+def test_report_rejects_wrong_kind(bench_run, tmp_path):
+    _, _, out, _ = bench_run
+    with pytest.raises(SystemExit) as exc:
+        main(["report", "--from", str(out / "bench.json"), "--accuracy", str(out / "bench.json"),
+              "--out", str(tmp_path / "x.md")])
+    assert exc.value.code == 2
+
+
+def test_fallback_png_is_valid(bench_run, tmp_path):
+    from qflash.bench.plot import _fallback_png
+
+    _, _, _, doc = bench_run
+    assert png_size(_fallback_png(doc, tmp_path / "f.png").read_bytes()) == (800, 500)
+
+
+def test_tune_help_and_no_gpu(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--help"])
+    assert exc.value.code == 0
+    assert "tuning table" in capsys.readouterr().out
+    if not HAS_CUDA:
+        assert main(["tune"]) == 1
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_info_still_works():
+    rc, text = run_main(["info"])
+    assert rc == 0 and text.startswith("qflash ")
