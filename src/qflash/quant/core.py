@@ -94,14 +94,17 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2).to(torch.int8)
 
 
-def _grouped(x: torch.Tensor, g: Granularity) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _grouped(x: torch.Tensor, g: Granularity, fill: float = 0.0) -> tuple[torch.Tensor, tuple[int, ...]]:
     """View x (..., S, D) as groups: returns (xg, reduce_dims) with scales = reduce(xg, dims).
 
-    xg has shape (..., nb, bs, D) for token/block/tensor (padding rows with zeros would bias a
-    mean, but amax ignores zeros, so padding is safe here), or (..., S, D/G, G) for group.
+    xg has shape (..., nb, bs, D) for token/block/tensor, or (..., S, D/G, G) for group. A short
+    last block is padded with ``fill`` rows: 0 is neutral for amax of |x|; the asymmetric min/max
+    pass -inf/+inf so padding never widens the range.
     """
     *lead, S, D = x.shape
     if g.kind is GranularityKind.TENSOR:
+        if x.numel() == 0:  # empty: a neutral all-zero group, so the scale is defined (1 / qmax)
+            return x.new_zeros(*[1] * len(lead), 1, 1), (-1,)
         return x.reshape(*[1] * len(lead), 1, -1), (-1,)
     if g.kind is GranularityKind.GROUP:
         if D % g.size:
@@ -110,7 +113,7 @@ def _grouped(x: torch.Tensor, g: Granularity) -> tuple[torch.Tensor, tuple[int, 
     bs = g.token_block if g.kind is not GranularityKind.CHANNEL else (g.size or max(S, 1))
     nb = max(math.ceil(S / bs), 1) if S else 0
     pad = nb * bs - S
-    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad), value=fill) if pad else x
     xb = xp.reshape(*lead, nb, bs, D)
     if g.kind is GranularityKind.CHANNEL:
         return xb, (-2,)
@@ -197,8 +200,8 @@ def quantize(
         return QuantizedTensor(data, scale.contiguous(), None, precision, g, strategy, x.shape, x.dtype)
 
     lo, hi = precision.code_range
-    xmax = _reduce(xg, dims, "max")
-    xmin = _reduce(xg, dims, "min")
+    xmax = _reduce(_grouped(xf, g, float("-inf"))[0], dims, "max")
+    xmin = _reduce(_grouped(xf, g, float("inf"))[0], dims, "min")
     rng = xmax - xmin
     rng = torch.where(rng > _TINY, rng, torch.ones_like(rng))
     scale_g = rng / (hi - lo)

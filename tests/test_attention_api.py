@@ -1,0 +1,303 @@
+"""qflash.attention: matches the fake-quant reference to float rounding and the exact reference
+within each preset's budget, for every preset x shape x layout; validation of every bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import PRESET_NAMES, make_qkv, randn, rel_l2, to_hnd
+
+import qflash
+from qflash.config import Granularity, OperandQuant, QuantConfig
+from qflash.reference import exact_attention, fake_quant_attention
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, dtype)
+SHAPES = [
+    pytest.param(1, 2, 2, 1, 1, 64, False, torch.bfloat16, id="S1-D64-bf16"),
+    pytest.param(1, 2, 2, 63, 63, 128, True, torch.float16, id="S63-D128-causal-fp16"),
+    pytest.param(1, 2, 2, 1000, 1000, 64, False, torch.bfloat16, id="S1000-D64-bf16"),
+    pytest.param(1, 2, 2, 17, 300, 128, True, torch.float32, id="Sq17-Sk300-causal-fp32"),
+    pytest.param(1, 2, 2, 300, 17, 64, True, torch.bfloat16, id="Sq300-Sk17-causal-bf16"),
+    pytest.param(2, 4, 2, 100, 129, 64, False, torch.float16, id="gqa4-2-B2-fp16"),
+    pytest.param(1, 4, 1, 63, 200, 128, True, torch.bfloat16, id="mqa4-1-causal-bf16"),
+]
+LAYOUTS = ["HND", "NHD"]
+
+# rel. L2 vs exact for these (small) shapes; the S=1024 budgets are in test_reference.py.
+# "none" depends on the input dtype's rounding.
+SMALL_BUDGET = {"none": 6e-3, "int8": 0.02, "int8-fp8": 0.07, "int4": 0.25, "fp8": 0.08}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Sk, D, causal, dtype", SHAPES)
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_matches_references(gen, preset, B, Hq, Hkv, Sq, Sk, D, causal, dtype, layout):
+    q, k, v = make_qkv(gen, B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, dtype=dtype, layout=layout)
+    inputs = [t.clone() for t in (q, k, v)]
+    out, lse = qflash.attention(q, k, v, quant=preset, causal=causal, layout=layout, return_lse=True)
+
+    # dtype and layout preserved, inputs untouched
+    assert out.dtype == dtype
+    assert out.shape == ((B, Hq, Sq, D) if layout == "HND" else (B, Sq, Hq, D))
+    assert out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (q, k, v)))
+
+    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
+    fq, fq_lse = fake_quant_attention(qh, kh, vh, preset, causal=causal, return_lse=True)
+    out_h = to_hnd(out, layout)
+    assert rel_l2(out_h, fq) < 1e-5
+    fin = torch.isfinite(fq_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse[fin], fq_lse[fin], rtol=1e-5, atol=1e-5)
+
+    ref = exact_attention(qh.double(), kh.double(), vh.double(), causal=causal)
+    budget = 1e-5 if (preset == "none" and dtype == torch.float32) else SMALL_BUDGET[preset]
+    assert rel_l2(out_h, ref) < budget
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_layouts_agree(gen, preset):
+    q, k, v = make_qkv(gen, B=2, Hq=4, Hkv=2, Sq=70, Sk=90, D=64, dtype=torch.bfloat16)
+    mask = torch.rand(2, 1, 70, 90, generator=gen) < 0.8
+    a, la = qflash.attention(q, k, v, quant=preset, attn_mask=mask, return_lse=True)
+    qn, kn, vn = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    b, lb = qflash.attention(qn, kn, vn, quant=preset, attn_mask=mask, layout="NHD", return_lse=True)
+    assert rel_l2(b.transpose(1, 2), a) < 1e-5
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+@pytest.mark.parametrize("masking", ["bool", "additive", "causal+bool", "causal+additive"])
+def test_masks_match_fake_quant(gen, preset, masking):
+    q, k, v = make_qkv(gen, B=2, Hq=2, Sq=40, Sk=130, D=64)
+    if "bool" in masking:
+        mask = torch.rand(2, 1, 1, 130, generator=gen) < 0.7
+    else:
+        mask = randn(gen, 1, 2, 40, 130, dtype=torch.float16)
+    causal = masking.startswith("causal")
+    out = qflash.attention(q, k, v, quant=preset, attn_mask=mask, causal=causal)
+    fq = fake_quant_attention(q, k, v, preset, attn_mask=mask, causal=causal)
+    assert rel_l2(out, fq) < 1e-5
+    ref = exact_attention(q.double(), k.double(), v.double(), attn_mask=mask, causal=causal)
+    assert rel_l2(out, ref) < (1e-5 if preset == "none" else SMALL_BUDGET[preset])
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_scale_argument(gen, preset):
+    q, k, v = make_qkv(gen, Hq=2, Sq=33, Sk=65, D=64)
+    for scale in (0.05, 0.3, 1, -0.1):
+        out = qflash.attention(q, k, v, quant=preset, scale=scale)
+        assert rel_l2(out, fake_quant_attention(q, k, v, preset, scale=scale)) < 1e-5
+        exact = exact_attention(q.double(), k.double(), v.double(), scale=scale)
+        if abs(scale) <= 1 / math.sqrt(64):  # sharper softmaxes amplify score errors past the budget
+            assert rel_l2(out, exact) < (1e-5 if preset == "none" else SMALL_BUDGET[preset])
+        else:
+            assert rel_l2(out, exact) < (1e-5 if preset == "none" else 5 * SMALL_BUDGET[preset])
+    assert torch.equal(qflash.attention(q, k, v, quant=preset), qflash.attention(q, k, v, quant=preset,
+                                                                               scale=1 / math.sqrt(64)))
+
+
+def test_default_preset_is_int8(gen):
+    q, k, v = make_qkv(gen, Hq=2, Sq=20, Sk=30, D=64)
+    assert torch.equal(qflash.attention(q, k, v), qflash.attention(q, k, v, quant="int8"))
+    assert not torch.equal(qflash.attention(q, k, v), qflash.attention(q, k, v, quant="none"))
+
+
+def test_custom_config(gen):
+    cfg = QuantConfig(
+        q=OperandQuant("int8", Granularity.block(64), "asymmetric"),
+        k=OperandQuant("int8", Granularity.group(32)),
+        smooth_k=True,
+    )
+    q, k, v = make_qkv(gen, Hq=2, Sq=100, Sk=150, D=64, dtype=torch.bfloat16)
+    out = qflash.attention(q, k, v, quant=cfg)
+    assert rel_l2(out, fake_quant_attention(q, k, v, cfg)) < 1e-5
+    assert rel_l2(out, exact_attention(q.double(), k.double(), v.double())) < 0.02
+
+
+def test_strided_inputs(gen):
+    """Non-contiguous views (a slice of a bigger buffer) give the same result as contiguous ones."""
+    big = randn(gen, 1, 2, 50, 3 * 64)
+    q, k, v = big[..., :64], big[..., 64:128], big[..., 128:]
+    out = qflash.attention(q, k, v, quant="int8", causal=True)
+    ref = qflash.attention(q.contiguous(), k.contiguous(), v.contiguous(), quant="int8", causal=True)
+    assert rel_l2(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("Sq, Sk", [(0, 5), (5, 0), (0, 0)], ids=["Sq0", "Sk0", "both0"])
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_empty_sequences(gen, preset, Sq, Sk, layout):
+    q, k, v = make_qkv(gen, B=2, Hq=4, Hkv=2, Sq=Sq, Sk=Sk, D=64, dtype=torch.bfloat16, layout=layout)
+    out, lse = qflash.attention(q, k, v, quant=preset, layout=layout, return_lse=True, causal=True)
+    assert out.dtype == torch.bfloat16
+    assert out.shape == ((2, 4, Sq, 64) if layout == "HND" else (2, Sq, 4, 64))
+    assert lse.shape == (2, 4, Sq) and lse.dtype == torch.float32
+    assert (out == 0).all() and torch.isneginf(lse).all()  # no keys: zeros, lse -inf
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_return_lse(gen, layout):
+    q, k, v = make_qkv(gen, B=2, Hq=4, Hkv=2, Sq=31, Sk=77, D=64, layout=layout)
+    res = qflash.attention(q, k, v, quant="none", layout=layout, return_lse=True)
+    assert isinstance(res, tuple) and len(res) == 2
+    out, lse = res
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (2, 4, 31) and lse.dtype == torch.float32
+    _, ref = exact_attention(*(to_hnd(t, layout).double() for t in (q, k, v)), return_lse=True)
+    torch.testing.assert_close(lse, ref, rtol=1e-5, atol=1e-5)
+    assert isinstance(qflash.attention(q, k, v, quant="none", layout=layout), torch.Tensor)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=torch.float32).to(dtype=dtype, device=device)
+
+
+Q = (1, 2, 8, 64)  # HND
+
+
+def _args(**over):
+    """attention() kwargs: valid q, k, v (HND, 1x2x8x64) with some replaced."""
+    kw = dict(q=_t(*Q), k=_t(*Q), v=_t(*Q))
+    kw.update(over)
+    return kw
+
+
+BAD = [
+    # (kwargs, exception, regex the message must match)
+    pytest.param(_args(q=[[1.0]]), TypeError, r"q must be a torch.Tensor, got list", id="q-list"),
+    pytest.param(_args(k=np.ones(Q, np.float32)), TypeError, r"k must be a torch.Tensor, got ndarray", id="k-numpy"),
+    pytest.param(_args(v=None), TypeError, r"v must be a torch.Tensor, got NoneType", id="v-None"),
+    pytest.param(_args(q=torch.ones(Q, dtype=torch.int32)), TypeError, r"q must be float16.*torch.int32", id="q-int"),
+    pytest.param(_args(k=_t(*Q, dtype=torch.float64)), TypeError, r"k must be float16.*torch.float64", id="k-fp64"),
+    pytest.param(_args(v=_t(*Q, dtype=torch.bool)), TypeError, r"v must be float16.*torch.bool", id="v-bool"),
+    pytest.param(_args(k=_t(*Q, dtype=torch.bfloat16)), TypeError,
+                 r"q, k, v must share a dtype.*q=torch.float32, k=torch.bfloat16", id="dtype-mismatch"),
+    pytest.param(_args(q=_t(2, 8, 64)), ValueError, r"q must be 4-D .*shape \(2, 8, 64\)", id="q-3d"),
+    pytest.param(_args(k=_t(1, 1, 2, 8, 64)), ValueError, r"k must be 4-D .*shape \(1, 1, 2, 8, 64\)", id="k-5d"),
+    pytest.param(_args(v=_t(64)), ValueError, r"v must be 4-D", id="v-1d"),
+    pytest.param(_args(layout="BHSD"), ValueError, r"layout must be 'HND'.* or 'NHD'.*got 'BHSD'", id="layout-BHSD"),
+    pytest.param(_args(layout="hnd"), ValueError, r"layout must be.*got 'hnd'", id="layout-lowercase"),
+    pytest.param(_args(layout=None), ValueError, r"layout must be.*got None", id="layout-None"),
+    pytest.param(_args(k=_t(2, 2, 8, 64), v=_t(2, 2, 8, 64)), ValueError,
+                 r"batch sizes differ: q shape \(1, 2, 8, 64\), k shape \(2, 2, 8, 64\)", id="batch-mismatch"),
+    pytest.param(_args(k=_t(1, 2, 8, 32)), ValueError, r"k head dim must equal q's \(64\).*\(1, 2, 8, 32\)",
+                 id="k-head-dim"),
+    pytest.param(_args(v=_t(1, 2, 8, 128)), ValueError, r"v head dim must equal q's \(64\)", id="v-head-dim"),
+    pytest.param(_args(v=_t(1, 2, 9, 64)), ValueError,
+                 r"k and v must have the same heads and sequence length.*v shape \(1, 2, 9, 64\)", id="kv-seq"),
+    pytest.param(_args(k=_t(1, 1, 8, 64)), ValueError, r"k and v must have the same heads", id="kv-heads"),
+    pytest.param(_args(q=_t(1, 8, 2, 64), k=_t(1, 8, 2, 64), v=_t(1, 8, 3, 64), layout="NHD"), ValueError,
+                 r"k and v must have the same heads and sequence length", id="kv-seq-NHD"),
+    pytest.param(_args(q=_t(1, 3, 8, 64)), ValueError,
+                 r"query heads \(3\) must be a multiple of key/value heads \(2\)", id="gqa-3-2"),
+    pytest.param(_args(q=_t(1, 8, 3, 64), k=_t(1, 8, 2, 64), v=_t(1, 8, 2, 64), layout="NHD"), ValueError,
+                 r"query heads \(3\) must be a multiple of key/value heads \(2\)", id="gqa-3-2-NHD"),
+    pytest.param(_args(q=_t(1, 2, 8, 0), k=_t(1, 2, 8, 0), v=_t(1, 2, 8, 0)), ValueError,
+                 r"head dim must be in 1\.\.256, got 0", id="head-dim-0"),
+    pytest.param(_args(q=_t(1, 2, 8, 320), k=_t(1, 2, 8, 320), v=_t(1, 2, 8, 320)), ValueError,
+                 r"head dim must be in 1\.\.256, got 320", id="head-dim-320"),
+    pytest.param(_args(q=_t(1, 2, 8, 63), k=_t(1, 2, 8, 63), v=_t(1, 2, 8, 63), quant="int4"), ValueError,
+                 r"int4 .*head dim must be even, got 63", id="int4-odd-head-dim"),
+    pytest.param(_args(q=_t(1, 2, 8, 48), k=_t(1, 2, 8, 48), v=_t(1, 2, 8, 48),
+                       quant=QuantConfig(q=OperandQuant("int8", Granularity.group(32)),
+                                         k=OperandQuant("int8", Granularity.group(32)))),
+                 ValueError, r"group size 32 must divide the head dim 48", id="group-not-dividing"),
+    pytest.param(_args(attn_mask=torch.ones(3, 8, dtype=torch.bool)), ValueError,
+                 r"attn_mask of shape \(3, 8\) does not broadcast to \(B, H, Sq, Sk\) = \(1, 2, 8, 8\)",
+                 id="mask-not-broadcastable"),
+    pytest.param(_args(attn_mask=torch.ones(1, 3, 8, 8)), ValueError, r"attn_mask of shape \(1, 3, 8, 8\)",
+                 id="mask-wrong-heads"),
+    pytest.param(_args(attn_mask=torch.ones(2, 1, 1, 8)), ValueError, r"attn_mask of shape \(2, 1, 1, 8\)",
+                 id="mask-wrong-batch"),
+    pytest.param(_args(attn_mask=torch.ones(1, 1, 2, 8, 8)), ValueError, r"attn_mask of shape \(1, 1, 2, 8, 8\)",
+                 id="mask-5d"),
+    pytest.param(_args(attn_mask=torch.ones(8, 8, dtype=torch.int64)), TypeError,
+                 r"attn_mask must be bool .*or floating point.*torch.int64", id="mask-int64"),
+    pytest.param(_args(attn_mask=torch.ones(8, 8, dtype=torch.uint8)), TypeError,
+                 r"attn_mask must be bool.*torch.uint8", id="mask-uint8"),
+    pytest.param(_args(attn_mask=[[True]]), TypeError, r"attn_mask must be a torch.Tensor or None, got list",
+                 id="mask-list"),
+    pytest.param(_args(attn_mask=torch.ones(8, 8, device="meta")), ValueError, r"attn_mask must be on cpu, got meta",
+                 id="mask-device"),
+    pytest.param(_args(k=_t(*Q, device="meta")), ValueError, r"q, k, v must be on one device.*k=meta",
+                 id="qkv-device"),
+    pytest.param(_args(scale=float("nan")), ValueError, r"scale must be a finite real number or None, got nan",
+                 id="scale-nan"),
+    pytest.param(_args(scale=float("inf")), ValueError, r"scale must be a finite.*got inf", id="scale-inf"),
+    pytest.param(_args(scale="0.1"), ValueError, r"scale must be a finite.*got '0.1'", id="scale-str"),
+    pytest.param(_args(scale=True), ValueError, r"scale must be a finite.*got True", id="scale-bool"),
+    pytest.param(_args(scale=torch.tensor(0.1)), ValueError, r"scale must be a finite", id="scale-tensor"),
+    pytest.param(_args(causal=1), TypeError, r"causal must be a bool, got int", id="causal-int"),
+    pytest.param(_args(causal="yes"), TypeError, r"causal must be a bool, got str", id="causal-str"),
+    pytest.param(_args(causal=None), TypeError, r"causal must be a bool, got NoneType", id="causal-None"),
+    pytest.param(_args(quant="int3"), ValueError, r"quant='int3' is not a preset; expected one of \[.*'int8'.*\]",
+                 id="unknown-preset"),
+    pytest.param(_args(quant=8), TypeError, r"quant must be a preset name \(str\) or a QuantConfig, got int",
+                 id="quant-int"),
+    pytest.param(_args(quant=None), TypeError, r"quant must be a preset name.*got NoneType", id="quant-None"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", BAD)
+def test_bad_input(kwargs, exc, match):
+    kwargs = dict(kwargs)
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    with pytest.raises(exc, match=match):
+        qflash.attention(q, k, v, **kwargs)
+
+
+def test_good_baseline_of_bad_inputs():
+    """The valid arguments the bad-input cases start from do run (so each failure is the change's)."""
+    kw = _args()
+    out = qflash.attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), attn_mask=torch.ones(8, 8, dtype=torch.bool),
+                           scale=0.1, causal=True)
+    assert out.shape == Q and torch.isfinite(out).all()
+
+
+# --- environment and devices --------------------------------------------------------------------
+
+
+def test_interpreter_enabled_without_gpu():
+    """conftest sets TRITON_INTERPRET=1 before Triton is imported when there is no CUDA GPU."""
+    if torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        return
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    from qflash.backend import interpreter_enabled, kernels_usable, triton_status
+
+    assert interpreter_enabled()
+    if triton_status()[0]:
+        import triton
+
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None and hasattr(knobs, "runtime"):
+            assert knobs.runtime.interpret  # Triton itself saw the variable at import
+        assert kernels_usable(torch.device("cpu"))[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_cuda_dispatch(gen, preset, layout):
+    """On a GPU: device, dtype and layout preserved; within budget of exact; near the fake-quant."""
+    q, k, v = make_qkv(gen, B=1, Hq=4, Hkv=2, Sq=257, Sk=300, D=128, dtype=torch.bfloat16, layout=layout)
+    out, lse = qflash.attention(q.cuda(), k.cuda(), v.cuda(), quant=preset, causal=True, layout=layout,
+                                return_lse=True)
+    assert out.device.type == "cuda" and out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert lse.device.type == "cuda" and lse.shape == (1, 4, 257) and lse.dtype == torch.float32
+    out_h = to_hnd(out.cpu(), layout)
+    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
+    assert torch.isfinite(out_h).all()
+    ref = exact_attention(qh.double(), kh.double(), vh.double(), causal=True)
+    assert rel_l2(out_h, ref) < SMALL_BUDGET[preset]
+    assert rel_l2(out_h, fake_quant_attention(qh, kh, vh, preset, causal=True)) < 1e-2
