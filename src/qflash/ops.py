@@ -75,6 +75,7 @@ _JSON_PREFIX = "json:"
 # --------------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once while tracing, a constant after
 def config_key(quant: str | QuantConfig) -> str:
     """The string that stands for ``quant`` in op calls.
 
