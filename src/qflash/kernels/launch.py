@@ -112,7 +112,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     if Sq or Sk:
         quantize.quantize_qkv_kernel[grid](
             q, k, v, qc, qs, qm_, kc, ks, km_, vt_, vs_, vm_,
-            *q.stride(), *k.stride(), *v.stride(),
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *qc.stride()[:3], *qs.stride(),
             *(qm.stride()[:3] if qm is not None else (0, 0, 0)),
             *kc.stride()[:3], *ks.stride(),
@@ -210,7 +210,7 @@ def attention_fwd(
 
     if cfg.quantizes_pv:
         va = codes.v_t
-        stride_vn, stride_vd = 1, va.stride(2)
+        stride_vn = va.stride(2)  # between channels of Vᵀ
         v_bh = (va.stride(0), va.stride(1))
         vs = codes.v_scale
         v_scale_block = codes.v_rows
@@ -218,7 +218,7 @@ def attention_fwd(
         vs_strides = vs.stride()[:3]
     else:
         va = v
-        stride_vn, stride_vd = v.stride(2), v.stride(3)
+        stride_vn = v.stride(2)
         v_bh = (v.stride(0), v.stride(1))
         vs = qs
         v_scale_block = 1
@@ -239,15 +239,15 @@ def attention_fwd(
         codes.v_mean if codes is not None and codes.v_mean is not None else dummy,
         lse_corr if lse_corr is not None else dummy,
         out, lse if lse is not None else dummy,
-        *qa.stride(), *ka.stride()[:3],
-        *v_bh, stride_vn, stride_vd,
+        *qa.stride()[:3], *ka.stride()[:3],
+        *v_bh, stride_vn,
         *(qs.stride()[:3] if cfg.quantizes_qk else (0, 0, 0)),
         *(ks.stride()[:3] if cfg.quantizes_qk else (0, 0, 0)),
         *vs_strides,
         *mask_strides,
         *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
         *(codes.v_mean.stride()[:2] if codes is not None and codes.v_mean is not None else (0, 0)),
-        *out.stride(),
+        *out.stride()[:3],
         Hq, Hq // Hkv, Sq, Sk, Sk - Sq, qk_mult,
         KIND=kind, Q_SCALE_BLOCK=q_scale_block, K_SCALE_BLOCK=k_scale_block,
         PV_FP8=cfg.quantizes_pv, V_SCALE_BLOCK=v_scale_block,

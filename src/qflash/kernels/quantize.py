@@ -38,7 +38,7 @@ def _round_half_even(x):
 
 @triton.jit
 def _quantize_rows(
-    x_base, stride_xs, stride_xd,
+    x_base, stride_xs,
     out_base, stride_os,
     scale_base, stride_ss,
     mean_base,
@@ -54,7 +54,7 @@ def _quantize_rows(
     rmask = offs_r < S
     dmask = offs_d < HEAD_DIM
     m2 = rmask[:, None] & dmask[None, :]
-    x = tl.load(x_base + offs_r[:, None].to(tl.int64) * stride_xs + offs_d[None, :] * stride_xd, mask=m2, other=0.0)
+    x = tl.load(x_base + offs_r[:, None].to(tl.int64) * stride_xs + offs_d[None, :], mask=m2, other=0.0)
     x = x.to(tl.float32)
     if SUBTRACT_MEAN == 1:
         mean = tl.load(mean_base + offs_d, mask=dmask, other=0.0)
@@ -100,7 +100,7 @@ def _quantize_rows(
 
 @triton.jit
 def _quantize_v_block(
-    v_base, stride_vs, stride_vd,
+    v_base, stride_vs,
     vt_base, stride_vtd,
     scale_base,
     mean_base,
@@ -113,7 +113,7 @@ def _quantize_v_block(
     rmask = offs_r < S
     dmask = offs_d < HEAD_DIM
     m2 = rmask[:, None] & dmask[None, :]
-    x = tl.load(v_base + offs_r[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd, mask=m2, other=0.0)
+    x = tl.load(v_base + offs_r[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=m2, other=0.0)
     x = x.to(tl.float32)
     if SUBTRACT_MEAN:
         mean = tl.load(mean_base + offs_d, mask=dmask, other=0.0)
@@ -131,9 +131,9 @@ def _quantize_v_block(
 def quantize_qkv_kernel(
     Q, K, V,
     QC, QS, QM, KC, KS, KM, VT, VS, VM,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
     stride_qcb, stride_qch, stride_qcs,
     stride_qsb, stride_qsh, stride_qss,
     stride_qmb, stride_qmh, stride_qms,
@@ -151,14 +151,15 @@ def quantize_qkv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     """Grid (max row blocks over Q, K, V, B * Hq): each program quantises one block of rows of
-    each tensor it covers (K and V only for programs whose head index is below Hkv)."""
+    each tensor it covers (K and V only for programs whose head index is below Hkv).
+    Inputs have a contiguous channel dim (stride 1); other strides are free (HND or NHD)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     if pid * Q_ROWS < Sq:
         _quantize_rows(
-            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, stride_qs, stride_qd,
+            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, stride_qs,
             QC + b.to(tl.int64) * stride_qcb + h.to(tl.int64) * stride_qch, stride_qcs,
             QS + b.to(tl.int64) * stride_qsb + h.to(tl.int64) * stride_qsh, stride_qss,
             QM + b.to(tl.int64) * stride_qmb + h.to(tl.int64) * stride_qmh + pid * stride_qms,
@@ -168,7 +169,7 @@ def quantize_qkv_kernel(
     if h < Hkv:
         if pid * K_ROWS < Sk:
             _quantize_rows(
-                K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_ks, stride_kd,
+                K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_ks,
                 KC + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch, stride_kcs,
                 KS + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh, stride_kss,
                 KM + b.to(tl.int64) * stride_kmb + h.to(tl.int64) * stride_kmh,
@@ -178,7 +179,7 @@ def quantize_qkv_kernel(
         if QUANT_V:
             if pid * V_ROWS < Sk:
                 _quantize_v_block(
-                    V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vs, stride_vd,
+                    V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vs,
                     VT + b.to(tl.int64) * stride_vtb + h.to(tl.int64) * stride_vth, stride_vtd,
                     VS + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh + pid * stride_vss,
                     VM + b.to(tl.int64) * stride_vmb + h.to(tl.int64) * stride_vmh,
