@@ -33,3 +33,18 @@ for p in ("none", "int8", "int8-fp8"):
           + (f"; quantize_qkv {per_call_us(lambda: quantize_qkv(q, k, v, cfg)):.1f} us" if cfg.quantizes_qk else ""))
 print(f"torch.mean: {per_call_us(lambda: torch.mean(k, dim=2, dtype=torch.float32)):.1f} us; "
       f"torch.empty: {per_call_us(lambda: torch.empty(1, 1, 64, 64, device='cuda')):.1f} us")
+
+if "--profile" in sys.argv:
+    import cProfile
+    import pstats
+
+    cfg = qflash.resolve_quant("int8-fp8")
+    for _ in range(20):
+        attention_fwd(q, k, v, cfg)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        attention_fwd(q, k, v, cfg)
+    torch.cuda.synchronize()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(18)

@@ -101,6 +101,7 @@ SHAPES_GPU = [
     pytest.param((1, 4, 1, 4097, 333, 128), id="Sq4097-Sk333-MQA"),
     pytest.param((1, 2, 2, 300, 300, 96), id="S300-D96"),
     pytest.param((1, 2, 2, 256, 256, 256), id="S256-D256"),
+    pytest.param((1, 24, 24, 4608, 4608, 128), id="flux-1024"),
 ]
 SHAPES = SHAPES_GPU if CUDA else SHAPES_INTERP
 

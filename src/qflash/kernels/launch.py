@@ -7,6 +7,7 @@ kernel — plus, only when a preset asks for them, small PyTorch reductions that
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ def _pow2(n: int) -> bool:
     return n >= 1 and not n & (n - 1)
 
 
+@functools.lru_cache(maxsize=256)
 def kernel_support(cfg: QuantConfig, head_dim: int) -> tuple[bool, str]:
     """Whether the Triton kernels implement ``cfg`` at this head dim; the reason when not.
 
