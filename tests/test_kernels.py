@@ -257,3 +257,18 @@ def test_block_scales(base, k_block):
     assert not torch.isnan(o).any()
     assert rel_l2(o, ref) <= TIGHT[base]
     assert rel_l2(o, exact_attention(q, k, v, causal=True)) <= BUDGET[base]
+
+
+@pytest.mark.parametrize("preset", ["int8", "int8-fp8", "int4", "fp8"])
+@pytest.mark.parametrize("shape", [(1, 2, 2, 64, 64, 64), (1, 2, 1, 50, 200, 64), (2, 1, 1, 130, 90, 128)],
+                         ids=["S64", "Sq50-Sk200-MQA", "Sq130-Sk90-D128"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fused_quant_mode(preset, shape, causal):
+    """One-launch mode (the kernel quantises its own tiles) against the same references."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((preset, shape, causal)).encode()))
+    B, Hq, Hkv, Sq, Sk, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, torch.float16, "NHD", gen)
+    cfg = resolve_quant(preset)
+    o, l = run_kernel(q, k, v, cfg, kc=KernelConfig(64, 64, 4, 1), causal=causal, fused_quant=True)
+    block_n = cfg.v.granularity.size if cfg.quantizes_pv else 64
+    check(o, l, q, k, v, preset, block_n=block_n, causal=causal)

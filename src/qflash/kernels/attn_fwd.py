@@ -7,6 +7,10 @@ online softmax with ``exp2``. P·V runs in the input dtype, or in FP8 e4m3 with 
 and each tile's product flushed into the fp32 accumulator with its per-channel V scale (Hopper's
 FP8 MMA accumulator keeps ~22 bits; one tile's partial sum stays well inside that).
 
+With ``FUSED_QUANT`` (small problems, one launch instead of three) the kernel reads the bf16/fp16
+inputs and quantises each Q, K and V tile itself with the fused quantiser's arithmetic
+(``quantize.quant_codes``), computing the K/V token means in a first pass over the keys.
+
 Key tiles are visited in two passes: tiles that need no masking (inside Sk and below the causal
 diagonal) run without any compare/select; the remaining tiles apply bounds, causal and mask.
 """
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .quantize import fp8_channel_codes, quant_codes
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -49,6 +55,17 @@ def _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND: tl.constexpr, HEAD
 
 
 @triton.jit
+def _token_mean(base, stride_n, S, offs_d, dmask, BLOCK_N: tl.constexpr):
+    """Mean over the S rows of a (S, D) slice in fp32 (one pass, BLOCK_N rows at a time)."""
+    total = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
+    for start in range(0, S, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        total += tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
+                         mask=(offs < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return tl.sum(total, axis=0) / S
+
+
+@triton.jit
 def _attn_tiles(
     acc, l_i, m_i, q, q_mult,
     k_base, stride_kn, ks_base, stride_ks,
@@ -56,8 +73,10 @@ def _attn_tiles(
     mask_base, stride_mm, stride_mn,
     bias_base,
     offs_m, offs_d, lo, hi, Sq, Sk, causal_off,
+    k_mean, v_mean, q_mean, qk_mult,
     KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks.
@@ -83,7 +102,14 @@ def _attn_tiles(
     FMA_FORM: tl.constexpr = (not HAS_BIAS) and MASK_KIND != 2
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
+        if FUSED_QUANT:
+            kf = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, 0, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
+            kf = kf.to(tl.float32)
+            if SMOOTH_K:
+                kf = tl.where((offs_n < Sk)[:, None], kf - k_mean[None, :], 0.0)
+            k, k_scale_f = quant_codes(kf, KIND, not K_SCALAR)
+        else:
+            k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
         qk = tl.dot(q, tl.trans(k))
         if KIND == 1 or KIND == 2:
             x = (qk + 0x4B400000).to(tl.float32, bitcast=True)  # int -> float on the full-rate ALUs
@@ -92,9 +118,14 @@ def _attn_tiles(
         if KIND == 0:
             c = q_mult
         elif K_SCALAR:
-            c = q_mult * tl.load(ks_base + (start_n // K_SCALE_BLOCK) * stride_ks)
+            if FUSED_QUANT:
+                c = q_mult * k_scale_f
+            else:
+                c = q_mult * tl.load(ks_base + (start_n // K_SCALE_BLOCK) * stride_ks)
         else:
-            if MASKED:
+            if FUSED_QUANT:
+                k_scale = k_scale_f
+            elif MASKED:
                 k_scale = tl.load(ks_base + offs_n * stride_ks, mask=offs_n < Sk, other=0.0)
             else:
                 k_scale = tl.load(ks_base + offs_n * stride_ks)
@@ -102,7 +133,9 @@ def _attn_tiles(
             c = q_mult
         if not FMA_FORM:
             x = (x - X_OFF) * c[:, None]  # from here on x is s, in log2 units
-            if HAS_BIAS:
+            if HAS_BIAS and FUSED_QUANT:
+                x += (tl.sum(kf * q_mean[None, :], axis=1) * qk_mult)[None, :]
+            elif HAS_BIAS:
                 if MASKED:
                     x += tl.load(bias_base + offs_n, mask=offs_n < Sk, other=0.0)[None, :]
                 else:
@@ -135,7 +168,7 @@ def _attn_tiles(
             p = tl.math.exp2(x - (m_use - P_LOG2_SCALE)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if PV_FP8:
+        if PV_FP8 and not FUSED_QUANT:
             # Vᵀ codes: keys contiguous (stride 1), channels stride_vn apart
             v_ptrs = v_base + offs_d[None, :].to(tl.int64) * stride_vn + offs_n[:, None]
         else:
@@ -144,11 +177,18 @@ def _attn_tiles(
             # V is stored transposed and zero-padded to whole V blocks: no bounds needed.
             # Each tile's product starts from zero (fresh FP8 accumulator) and is flushed into the
             # fp32 accumulator with the tile's per-channel V scale.
-            if HEAD_DIM == HEAD_DIM_PAD:
-                v = tl.load(v_ptrs)
+            if FUSED_QUANT:
+                vf = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                             mask=(offs_n < Sk)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                if SMOOTH_V:
+                    vf = tl.where((offs_n < Sk)[:, None], vf - v_mean[None, :], 0.0)
+                v, v_scale = fp8_channel_codes(vf)  # V_SCALE_BLOCK == BLOCK_N: the tile is the block
             else:
-                v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
-            v_scale = tl.load(vs_base + (start_n // V_SCALE_BLOCK) * stride_vsb + offs_d, mask=dmask, other=0.0)
+                if HEAD_DIM == HEAD_DIM_PAD:
+                    v = tl.load(v_ptrs)
+                else:
+                    v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
+                v_scale = tl.load(vs_base + (start_n // V_SCALE_BLOCK) * stride_vsb + offs_d, mask=dmask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
         else:
             if MASKED or HEAD_DIM != HEAD_DIM_PAD:
@@ -181,6 +221,7 @@ def attn_fwd_kernel(
     PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BLOCK: tl.constexpr,
     SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_LSE_CORR: tl.constexpr,
+    FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
@@ -202,7 +243,23 @@ def attn_fwd_kernel(
     # Q tile [BLOCK_M, HEAD_DIM_PAD] and the per-row score multiplier (scales folded together)
     q_base = Q + b * stride_qb + h * stride_qh
     q_rows = offs_m[:, None].to(tl.int64) * stride_qm
-    if KIND == 2:
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    k_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    v_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    q_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    if FUSED_QUANT:
+        xq = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if SMOOTH_K:
+            k_mean = _token_mean(k_base, stride_kn, Sk, offs_d, dmask, BLOCK_N)
+        if SMOOTH_V:
+            v_mean = _token_mean(v_base, stride_vn, Sk, offs_d, dmask, BLOCK_N)
+        xs = xq
+        if SMOOTH_Q:  # BLOCK_M is the Q-mean block here
+            q_mean = tl.sum(xq, axis=0) / tl.minimum(Sq - start_m, BLOCK_M).to(tl.float32)
+            xs = tl.where(mrow[:, None], xq - q_mean[None, :], 0.0)
+        q, q_scale = quant_codes(xs, KIND, Q_SCALE_BLOCK == 1)
+    elif KIND == 2:
         offs_p = tl.arange(0, HEAD_DIM_PAD // 2)
         packed = tl.load(q_base + q_rows + offs_p[None, :],
                          mask=mrow[:, None] & (offs_p < HEAD_DIM // 2)[None, :], other=0).to(tl.int8, bitcast=True)
@@ -211,14 +268,14 @@ def attn_fwd_kernel(
         q = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0)
     if KIND == 0:
         q_mult = tl.full([BLOCK_M], qk_mult, tl.float32)
+    elif FUSED_QUANT:
+        q_mult = q_scale * qk_mult
     else:
         q_scale = tl.load(QS + b * stride_qsb + h * stride_qsh + (offs_m // Q_SCALE_BLOCK) * stride_qss,
                           mask=mrow, other=0.0)
         q_mult = q_scale * qk_mult
 
-    k_base = K + b * stride_kb + hk * stride_kh
     ks_base = KS + b * stride_ksb + hk * stride_ksh
-    v_base = V + b * stride_vb + hk * stride_vh
     vs_base = VS + b * stride_vsb + hk * stride_vsh
     mask_base = Mask + b * stride_mb + h * stride_mh
     bias_base = Bias + b * stride_bb + h * stride_bh + (start_m // BIAS_BLOCK) * stride_bblk
@@ -242,7 +299,9 @@ def attn_fwd_kernel(
         v_base, stride_vn, vs_base, stride_vss,
         mask_base, stride_mm, stride_mn, bias_base,
         offs_m, offs_d, 0, full_end, Sq, Sk, causal_off,
+        k_mean, v_mean, q_mean, qk_mult,
         KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
+        FUSED_QUANT, SMOOTH_K, SMOOTH_V,
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
     )
     acc, l_i, m_i = _attn_tiles(
@@ -251,14 +310,17 @@ def attn_fwd_kernel(
         v_base, stride_vn, vs_base, stride_vss,
         mask_base, stride_mm, stride_mn, bias_base,
         offs_m, offs_d, full_end, hi, Sq, Sk, causal_off,
+        k_mean, v_mean, q_mean, qk_mult,
         KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
+        FUSED_QUANT, SMOOTH_K, SMOOTH_V,
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
     )
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if SMOOTH_V:
+    if SMOOTH_V and not FUSED_QUANT:
         v_mean = tl.load(VMean + b * stride_vmb + hk * stride_vmh + offs_d, mask=dmask, other=0.0)
+    if SMOOTH_V:
         out = tl.where(has_keys[:, None], out + v_mean[None, :], 0.0)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
@@ -267,6 +329,8 @@ def attn_fwd_kernel(
         if PV_FP8:
             log2_l -= 8.807354922057604  # l summed P scaled by 448
         lse = tl.where(has_keys, (m_i + log2_l) * 0.6931471805599453, float("-inf"))
-        if HAS_LSE_CORR:
+        if HAS_LSE_CORR and FUSED_QUANT:
+            lse += tl.sum(xq * k_mean[None, :], axis=1) * (qk_mult * 0.6931471805599453)
+        elif HAS_LSE_CORR:
             lse += tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0)
         tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=mrow)

@@ -60,6 +60,20 @@ TABLES: dict[str, dict[tuple[int, str, str], KernelConfig]] = {
 }
 
 
+# When the attention kernel quantises its own tiles instead of a separate quantiser launch:
+# every program re-quantises the keys it reads, which is free while the grid is a single wave
+# (the GPU is underused anyway) and saves two launches. Keyed like TABLES.
+FUSED_QUANT: dict[str, dict[str, int]] = {
+    "sm90": {"max_programs": 132, "max_sk": 4096},
+}
+FUSED_QUANT_DEFAULT = {"max_programs": 64, "max_sk": 2048}
+
+
+def fused_quant_limits(device: torch.device) -> dict[str, int]:
+    """Limits under which ``use_fused_quant`` picks the one-launch mode on this GPU."""
+    return FUSED_QUANT.get(gpu_key(device), FUSED_QUANT_DEFAULT)
+
+
 def gpu_key(device: torch.device | None = None) -> str:
     """"sm90" style key of the current CUDA device ("cpu" without one)."""
     if device is None or device.type != "cuda" or not torch.cuda.is_available():

@@ -16,7 +16,7 @@ import triton
 
 from ..config import GranularityKind, Precision, QuantConfig
 from . import attn_fwd, quantize
-from .configs import KernelConfig, pick_config
+from .configs import KernelConfig, fused_quant_limits, pick_config
 
 __all__ = ["attention_fwd", "quantize_qkv", "QKVCodes", "kernel_support"]
 
@@ -57,6 +57,34 @@ def kernel_support(cfg: QuantConfig, head_dim: int) -> tuple[bool, str]:
         if g.kind is not GranularityKind.CHANNEL or not (_pow2(g.size) and 16 <= g.size <= 256):
             return False, f"v: granularity {g} (kernels: channel(N), N a power of two in 16..256)"
     return True, ""
+
+
+def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq: int, sk: int, block_m: int) -> bool:
+    """Quantise inside the attention kernel when the problem is small (see configs.FUSED_QUANT)."""
+    if not cfg.quantizes_qk or _fused_blocks(cfg, block_m, 64) is None:
+        return False
+    limits = fused_quant_limits(device)
+    return programs_bh * triton.cdiv(sq, block_m) <= limits["max_programs"] and sk <= limits["max_sk"]
+
+
+def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, int] | None:
+    """(BLOCK_M, BLOCK_N) that make every scale group one tile in the fused mode, or None."""
+    if cfg.smooth_q:
+        block_m = cfg.q_mean_block
+    qg, kg = cfg.q.granularity, cfg.k.granularity
+    if qg.kind is GranularityKind.BLOCK:
+        if cfg.smooth_q and qg.size != block_m:
+            return None
+        block_m = qg.size
+    if cfg.quantizes_pv:
+        block_n = cfg.v.granularity.size
+    if kg.kind is GranularityKind.BLOCK:
+        if cfg.quantizes_pv and kg.size != block_n:
+            return None
+        block_n = kg.size
+    if max(block_m, block_n) > 128:
+        return None
+    return block_m, block_n
 
 
 @dataclass
@@ -150,10 +178,13 @@ def attention_fwd(
     kernel_config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    fused_quant: bool | None = None,
 ):
     """Quantised attention forward on HND views; returns (out HND view, lse (B, Hq, Sq) fp32 | None).
 
     ``kernel_config`` fixes tile sizes/warps/stages (tests); default: ``configs.pick_config``.
+    ``fused_quant``: quantise inside the attention kernel (one launch) instead of in a separate
+    quantiser launch; default: ``use_fused_quant`` (small problems only).
     ``out`` / ``lse``: optional preallocated outputs (HND view of q's shape and dtype; fp32
     (B, Hq, Sq) contiguous), e.g. NaN-poisoned in tests or static buffers for CUDA graphs.
     Raises ``NotImplementedError`` for configs ``kernel_support`` rejects.
@@ -186,45 +217,62 @@ def attention_fwd(
     kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, Sk)
     block_m, block_n = kc.block_m, kc.block_n
     head_dim_pad = max(triton.next_power_of_2(D), 32)
+    if fused_quant is None:
+        fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, Sk, block_m)
+    fused = bool(fused_quant) and cfg.quantizes_qk and Sk > 0
 
     bias = lse_corr = None
-    if cfg.quantizes_qk:
-        codes = quantize_qkv(q, k, v, cfg)
-        qa, ka = codes.q, codes.k
-        qs, ks = codes.q_scale, codes.k_scale
-        q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else codes.q_rows
-        k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else codes.k_rows
+    codes = None
+    if fused:
+        # one launch: the kernel quantises its own tiles (see attn_fwd's docstring)
+        block_m, block_n = _fused_blocks(cfg, block_m, block_n)
+        qa, ka, va = q, k, v
+        qs = ks = vs = q  # unused pointers
         kind = _KIND[cfg.q.precision]
-        if cfg.smooth_q:
-            block_m = min(block_m, codes.q_rows)  # one Q-mean block per program
-            k_sm = k.float() - codes.k_mean[:, :, None, :] if codes.k_mean is not None else k.float()
-            if Hkv != Hq:
-                k_sm = k_sm.repeat_interleave(Hq // Hkv, dim=1)
-            bias = (codes.q_mean @ k_sm.transpose(-1, -2)) * qk_mult  # (B, Hq, nQblocks, Sk) fp32
-        if return_lse and codes.k_mean is not None and Sk > 0:
-            km = codes.k_mean if Hkv == Hq else codes.k_mean.repeat_interleave(Hq // Hkv, dim=1)
-            lse_corr = torch.matmul(q.float(), km[..., None]).squeeze(-1) * scale  # (B, Hq, Sq)
+        q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else block_m
+        k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else block_n
+        v_scale_block = block_n
+        stride_vn, v_bh, vs_strides = v.stride(2), (v.stride(0), v.stride(1)), (0, 0, 0)
+        has_bias = cfg.smooth_q
+        has_lse_corr = return_lse and cfg.smooth_k
     else:
-        codes = None
-        qa, ka, qs, ks = q, k, q, k  # scales unused for float operands
-        q_scale_block = k_scale_block = 1
-        kind = quantize.QK_FLOAT
-
-    if cfg.quantizes_pv:
-        va = codes.v_t
-        stride_vn = va.stride(2)  # between channels of Vᵀ
-        v_bh = (va.stride(0), va.stride(1))
-        vs = codes.v_scale
-        v_scale_block = codes.v_rows
-        block_n = min(block_n, v_scale_block)
-        vs_strides = vs.stride()[:3]
-    else:
-        va = v
-        stride_vn = v.stride(2)
-        v_bh = (v.stride(0), v.stride(1))
-        vs = qs
-        v_scale_block = 1
-        vs_strides = (0, 0, 0)
+        if cfg.quantizes_qk:
+            codes = quantize_qkv(q, k, v, cfg)
+            qa, ka = codes.q, codes.k
+            qs, ks = codes.q_scale, codes.k_scale
+            q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else codes.q_rows
+            k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else codes.k_rows
+            kind = _KIND[cfg.q.precision]
+            if cfg.smooth_q:
+                block_m = min(block_m, codes.q_rows)  # one Q-mean block per program
+                k_sm = k.float() - codes.k_mean[:, :, None, :] if codes.k_mean is not None else k.float()
+                if Hkv != Hq:
+                    k_sm = k_sm.repeat_interleave(Hq // Hkv, dim=1)
+                bias = (codes.q_mean @ k_sm.transpose(-1, -2)) * qk_mult  # (B, Hq, nQblocks, Sk) fp32
+            if return_lse and codes.k_mean is not None and Sk > 0:
+                km = codes.k_mean if Hkv == Hq else codes.k_mean.repeat_interleave(Hq // Hkv, dim=1)
+                lse_corr = torch.matmul(q.float(), km[..., None]).squeeze(-1) * scale  # (B, Hq, Sq)
+        else:
+            qa, ka, qs, ks = q, k, q, k  # scales unused for float operands
+            q_scale_block = k_scale_block = 1
+            kind = quantize.QK_FLOAT
+        if cfg.quantizes_pv:
+            va = codes.v_t
+            stride_vn = va.stride(2)  # between channels of Vᵀ
+            v_bh = (va.stride(0), va.stride(1))
+            vs = codes.v_scale
+            v_scale_block = codes.v_rows
+            block_n = min(block_n, v_scale_block)
+            vs_strides = vs.stride()[:3]
+        else:
+            va = v
+            stride_vn = v.stride(2)
+            v_bh = (v.stride(0), v.stride(1))
+            vs = qs
+            v_scale_block = 1
+            vs_strides = (0, 0, 0)
+        has_bias = bias is not None
+        has_lse_corr = lse_corr is not None
 
     if attn_mask is not None:
         m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(B, Hq, Sq, Sk)
@@ -243,8 +291,8 @@ def attention_fwd(
         out, lse if lse is not None else dummy,
         *qa.stride()[:3], *ka.stride()[:3],
         *v_bh, stride_vn,
-        *(qs.stride()[:3] if cfg.quantizes_qk else (0, 0, 0)),
-        *(ks.stride()[:3] if cfg.quantizes_qk else (0, 0, 0)),
+        *(qs.stride()[:3] if codes is not None else (0, 0, 0)),
+        *(ks.stride()[:3] if codes is not None else (0, 0, 0)),
         *vs_strides,
         *mask_strides,
         *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
@@ -253,9 +301,10 @@ def attention_fwd(
         Hq, Hq // Hkv, Sq, Sk, Sk - Sq, qk_mult,
         KIND=kind, Q_SCALE_BLOCK=q_scale_block, K_SCALE_BLOCK=k_scale_block,
         PV_FP8=cfg.quantizes_pv, V_SCALE_BLOCK=v_scale_block,
-        IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_BIAS=bias is not None,
+        IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_BIAS=has_bias,
         BIAS_BLOCK=codes.q_rows if bias is not None else 1,
-        SMOOTH_V=cfg.smooth_v, RETURN_LSE=lse is not None, HAS_LSE_CORR=lse_corr is not None,
+        SMOOTH_V=cfg.smooth_v, RETURN_LSE=lse is not None, HAS_LSE_CORR=has_lse_corr,
+        FUSED_QUANT=fused, SMOOTH_K=cfg.smooth_k, SMOOTH_Q=cfg.smooth_q,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=kc.num_warps, num_stages=kc.num_stages,
     )

@@ -37,6 +37,49 @@ def _round_half_even(x):
 
 
 @triton.jit
+def quant_codes(x, KIND: tl.constexpr, PER_ROW: tl.constexpr):
+    """Symmetric codes of an fp32 tile x [R, C]: (codes, scale), scale [R] per row or a scalar.
+
+    codes are int8 (INT8, and INT4 values in [-7, 7], unpacked) or fp8 e4m3; ``x ≈ codes * scale``.
+    The arithmetic is ``qflash.quant.core``'s: ``inv = qmax / amax`` (IEEE division), round half
+    to even, an all-zero group gets ``amax = 1``.
+    """
+    if KIND == 2:
+        QMAX: tl.constexpr = 7.0
+    elif KIND == 3:
+        QMAX: tl.constexpr = 448.0
+    else:
+        QMAX: tl.constexpr = 127.0
+    if PER_ROW:
+        amax = tl.max(tl.abs(x), axis=1)
+        amax = tl.where(amax > 1e-30, amax, 1.0)
+        inv = tl.math.div_rn(tl.full(amax.shape, QMAX, tl.float32), amax)
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
+        y = x * inv[:, None]
+    else:
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        amax = tl.where(amax > 1e-30, amax, 1.0)
+        inv = tl.math.div_rn(QMAX, amax)
+        scale = tl.math.div_rn(amax, QMAX)
+        y = x * inv
+    if KIND == 3:
+        codes = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
+    else:
+        codes = tl.clamp(_round_half_even(y), -QMAX, QMAX).to(tl.int8)
+    return codes, scale
+
+
+@triton.jit
+def fp8_channel_codes(x):
+    """FP8 e4m3 codes of an fp32 tile x [R, C] with one scale per column: (codes, scale [C])."""
+    amax = tl.max(tl.abs(x), axis=0)
+    amax = tl.where(amax > 1e-30, amax, 1.0)
+    inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    return tl.clamp(x * inv[None, :], -448.0, 448.0).to(tl.float8e4nv), scale
+
+
+@triton.jit
 def _quantize_rows(
     x_base, stride_xs,
     out_base, stride_os,
@@ -64,29 +107,14 @@ def _quantize_rows(
         mean = tl.sum(x, axis=0) / n_valid
         tl.store(mean_base + offs_d, mean, mask=dmask)
         x = tl.where(m2, x - mean[None, :], 0.0)
-    if KIND == 2:
-        QMAX: tl.constexpr = 7.0
-    elif KIND == 3:
-        QMAX: tl.constexpr = 448.0
-    else:
-        QMAX: tl.constexpr = 127.0
+    codes, scale = quant_codes(x, KIND, PER_TOKEN)
     if PER_TOKEN:
-        amax = tl.max(tl.abs(x), axis=1)
-        amax = tl.where(amax > 1e-30, amax, 1.0)
-        inv = tl.math.div_rn(tl.full(amax.shape, QMAX, tl.float32), amax)
-        tl.store(scale_base + offs_r * stride_ss, tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), mask=rmask)
-        y = x * inv[:, None]
+        tl.store(scale_base + offs_r * stride_ss, scale, mask=rmask)
     else:
-        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        amax = tl.where(amax > 1e-30, amax, 1.0)
-        inv = tl.math.div_rn(QMAX, amax)
-        tl.store(scale_base + (row0 // ROWS) * stride_ss, tl.math.div_rn(amax, QMAX))
-        y = x * inv
+        tl.store(scale_base + (row0 // ROWS) * stride_ss, scale)
     if KIND == 3:
-        codes = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
         tl.store(out_base + offs_r[:, None].to(tl.int64) * stride_os + offs_d[None, :], codes, mask=m2)
     else:
-        codes = tl.clamp(_round_half_even(y), -QMAX, QMAX).to(tl.int8)
         if KIND == 2:
             lo, hi = tl.split(tl.reshape(codes, [ROWS, HEAD_DIM_PAD // 2, 2]))
             packed = (lo & 0xF) | (hi << 4)
@@ -118,11 +146,8 @@ def _quantize_v_block(
     if SUBTRACT_MEAN:
         mean = tl.load(mean_base + offs_d, mask=dmask, other=0.0)
         x = tl.where(m2, x - mean[None, :], 0.0)
-    amax = tl.max(tl.abs(x), axis=0)
-    amax = tl.where(amax > 1e-30, amax, 1.0)
-    inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
-    tl.store(scale_base + offs_d, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=dmask)
-    codes = tl.clamp(x * inv[None, :], -448.0, 448.0).to(tl.float8e4nv)
+    codes, scale = fp8_channel_codes(x)
+    tl.store(scale_base + offs_d, scale, mask=dmask)
     # padded rows (>= S) are written as zeros so the attention kernel can read whole tiles
     tl.store(vt_base + offs_d[None, :].to(tl.int64) * stride_vtd + offs_r[:, None], codes, mask=dmask[None, :])
 
