@@ -27,7 +27,7 @@ OPCHECK = [
     ("hnd-plain-lse", (2, 2, 2, 9, 13, 32), None, False, True, "HND", "int8"),
     ("nhd-gqa-causal", (1, 4, 2, 13, 9, 32), None, True, False, "NHD", "int8-fp8"),
     ("hnd-floatmask-grad", (2, 2, 1, 7, 11, 16), "float", False, True, "HND", "none"),
-    ("nhd-boolmask-lse", (1, 2, 2, 8, 8, 64), "bool", True, True, "NHD", "json"),
+    ("nhd-boolmask-lse", (1, 2, 2, 8, 8, 64), "bool", True, True, "NHD", "custom"),
 ]
 
 
@@ -44,7 +44,7 @@ def test_opcheck(gen, shape, mask, causal, lse, layout, quant):
         m = rnd(gen, 1, Hq, Sq, Sk, requires_grad=True)
     elif mask == "bool":
         m = torch.rand(Sq, Sk, generator=gen) < 0.7
-    key = config_key(qflash.PRESETS["int8"].with_(smooth_k=False)) if quant == "json" else quant
+    key = config_key(qflash.PRESETS["int8"].with_(smooth_k=False)) if quant == "custom" else quant
     torch.library.opcheck(attention_fwd, (q, k, v, key, causal, m, 0.17, lse, layout, "auto"))
 
 
@@ -77,22 +77,22 @@ def test_op_rejects_bad_layout(gen):
 def test_config_keys_round_trip():
     for name, cfg in qflash.PRESETS.items():
         assert config_key(name) == name
-        assert config_key(cfg) == name
         assert config_from_key(name) is cfg
-    custom = qflash.PRESETS["int4"].with_(q_mean_block=64, smooth_k=False)
+        key = config_key(cfg)  # a config object, even one equal to a preset, is spelled out
+        assert key.startswith("cfg:") and config_from_key(key) == cfg
+    custom = qflash.PRESETS["int4"].with_(q_mean_block=64, smooth_k=False, name="odd;name=with,separators/")
     key = config_key(custom)
-    assert key.startswith("json:")
-    json.loads(key[5:])
-    from qflash.ops import _KEY_CACHE, _parse_json_key
+    from qflash.ops import _parse_key
 
-    assert config_from_key(key) is custom
-    _KEY_CACHE.pop(key)  # as in another process: parsed from the string alone
-    _parse_json_key.cache_clear()
+    _parse_key.cache_clear()  # as in another process: parsed from the string alone
     assert config_from_key(key) == custom
+    assert config_from_key(key).name == custom.name
     with pytest.raises(ValueError, match="not a preset"):
         config_from_key("int9")
     with pytest.raises(ValueError, match="not a valid serialised QuantConfig"):
-        config_from_key('json:{"bogus": 1}')
+        config_from_key("cfg:bogus=1")
+    with pytest.raises(TypeError, match="QuantConfig"):
+        config_key(3)
 
 
 # ---- autograd: straight-through estimator -----------------------------------------------------

@@ -356,3 +356,36 @@ def test_sageattn_rejects_unknown_kwargs(gen):
         qflash.sageattn(q, k, v, attn_bias=None)
     with pytest.raises(ValueError, match="tensor_layout"):
         qflash.sageattn(q, k, v, tensor_layout="BHSD")
+
+
+# ---- GPU: the same semantics through the Triton kernels ---------------------------------------
+
+GPU_CASES = SHAPES + [
+    ("mask-bool-4d", (2, 3, 13, 32), (2, 3, 21, 32), {"mask": ((2, 1, 13, 21), "bool")}),
+    ("mask-float-bcast", (2, 3, 13, 64), (2, 3, 21, 64), {"mask": ((1, 3, 1, 21), "float")}),
+    ("mask-3d", (2, 13, 64), (2, 21, 64), {"mask": ((2, 1, 21), "bool")}),
+    ("nhd-strided", (1, 576, 3, 128), (1, 576, 3, 128), {"nhd": True}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant", ["none", "int8", "int8-fp8"])
+@pytest.mark.parametrize("qs,ks,kw", [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES])
+def test_gpu_semantics(gen, quant, qs, ks, kw):
+    kw = dict(kw)
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in make(gen, qs, ks))
+    if kw.pop("nhd", False):  # (B, S, H, D) buffers seen as (B, H, S, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if "mask" in kw:
+        kw["attn_mask"] = make_mask(gen, *kw.pop("mask")).cuda()
+        if kw["attn_mask"].is_floating_point():
+            kw["attn_mask"] = kw["attn_mask"].to(torch.bfloat16)
+    ref_kw = dict(kw)
+    if ref_kw.get("attn_mask") is not None and ref_kw["attn_mask"].is_floating_point():
+        ref_kw["attn_mask"] = ref_kw["attn_mask"].float()
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **ref_kw)  # fp32 ground truth
+    out = qflash.sdpa(q, k, v, quant=quant, fallback=False, **kw)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16 and out.device == q.device
+    budget = {"none": 0.01, "int8": 0.02, "int8-fp8": 0.05}[quant]
+    assert rel_l2(out, ref) < budget

@@ -133,7 +133,7 @@ def attention(
     if layout == "NHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out, lse = call_attention_fwd(
-        q, k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse, out_layout=layout
+        q, k, v, quant, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse, out_layout=layout
     )
     if layout == "NHD":
         out = out.transpose(1, 2)

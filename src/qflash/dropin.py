@@ -245,8 +245,8 @@ def sdpa(
             causal = True  # top-left == bottom-right for square score matrices
         else:  # PyTorch's top-left mask; qflash's `causal` is bottom-right, so spell it out
             m4 = torch.ones(L, S, dtype=torch.bool, device=q4.device).tril()
-    out, _ = call_attention_fwd(
-        q4, k4, v4, cfg, causal=causal, attn_mask=m4, scale=scale, out_layout=_memory_layout(q4)
+    out, _ = call_attention_fwd(  # `quant` as given: a preset name stays a plain string under compile
+        q4, k4, v4, quant, causal=causal, attn_mask=m4, scale=scale, out_layout=_memory_layout(q4)
     )
     if query.dim() == 3:
         return out.squeeze(1)

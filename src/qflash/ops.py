@@ -12,8 +12,8 @@ elsewhere) and gives it what ``torch.compile`` / ``torch.export`` / CUDA graphs 
   traces under ``torch.compile(fullgraph=True)`` without running;
 - an **autograd formula** (see "Backward" below);
 - op-friendly arguments only: the ``QuantConfig`` dataclass travels as a string (``config_key``),
-  a preset name such as ``"int8"`` or a JSON serialisation of a custom config, and is turned back
-  into the frozen dataclass by ``config_from_key`` (cached).
+  a preset name such as ``"int8"`` or a text serialisation of any config (``"cfg:..."``), and is
+  turned back into the frozen dataclass by ``config_from_key`` (cached).
 
 Shapes (all "HND", possibly strided views of "NHD" tensors; nothing is copied on the way in):
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 
 import torch
@@ -67,62 +66,83 @@ __all__ = [
 OUT_LAYOUTS = ("HND", "NHD")
 BACKENDS = ("auto", "triton", "reference")
 
-_JSON_PREFIX = "json:"
+_KEY_PREFIX = "cfg:"
+
+# The key format knows these fields; if config.py grows new ones, config_key refuses loudly
+# (NotImplementedError) instead of dropping them.
+_OPERANDS = ("q", "k", "v", "p")
+_FLAGS = ("smooth_k", "smooth_q", "smooth_v")
+_INTS = ("q_mean_block",)
+_KNOWN_FIELDS = (
+    {f.name for f in dataclasses.fields(QuantConfig)} == set(_OPERANDS + _FLAGS + _INTS + ("name",))
+    and [f.name for f in dataclasses.fields(OperandQuant)] == ["precision", "granularity", "strategy"]
+    and [f.name for f in dataclasses.fields(Granularity)] == ["kind", "size"]
+)
 
 
-# --------------------------------------------------------------------------------------------
-# QuantConfig <-> op-friendly string
-# --------------------------------------------------------------------------------------------
+def _encode_operand(op: OperandQuant) -> str:
+    return f"{op.precision.value}/{op.granularity.kind.value}/{op.granularity.size}/{op.strategy.value}"
 
 
-@torch.compiler.assume_constant_result  # torch.compile: evaluated once while tracing, a constant after
 def config_key(quant: str | QuantConfig) -> str:
     """The string that stands for ``quant`` in op calls.
 
-    A preset (by name, or a config equal to the preset) becomes its name (``"int8"``); any other
-    ``QuantConfig`` becomes ``"json:{...}"``, a lossless serialisation that ``config_from_key``
-    parses back — in this process or another one (e.g. a cached compiled graph).
+    A preset name stays itself (``"int8"``). A ``QuantConfig`` becomes a lossless text form,
+    ``"cfg:q=int8/token/0/symmetric;k=...;smooth_k=1;...;name=<name>"``, that ``config_from_key``
+    parses back in this process or another (e.g. a cached compiled graph). Only f-strings and
+    attribute reads: ``torch.compile`` traces it to a constant without a graph break.
     """
-    cfg = resolve_quant(quant)
-    if PRESETS.get(cfg.name) == cfg:
-        return cfg.name
-    key = _JSON_PREFIX + json.dumps(dataclasses.asdict(cfg), sort_keys=True, separators=(",", ":"))
-    _KEY_CACHE[key] = cfg  # the very object, so config_from_key(config_key(c)) is c
-    return key
+    if isinstance(quant, str):
+        resolve_quant(quant)  # a ValueError listing the presets if it is not one
+        return quant
+    if not isinstance(quant, QuantConfig):
+        raise TypeError(f"quant must be a preset name (str) or a QuantConfig, got {type(quant).__name__}")
+    if not _KNOWN_FIELDS:
+        raise NotImplementedError("qflash.ops.config_key does not know QuantConfig's current fields; update it")
+    parts = [f"{name}={_encode_operand(getattr(quant, name))}" for name in _OPERANDS]
+    parts += [f"{name}={'1' if getattr(quant, name) else '0'}" for name in _FLAGS]
+    parts += [f"{name}={int(getattr(quant, name))}" for name in _INTS]
+    return _KEY_PREFIX + ";".join(parts) + ";name=" + quant.name  # name last: it may hold any character
 
 
-_KEY_CACHE: dict[str, QuantConfig] = {}
-
-
-def _operand_from_dict(d: dict) -> OperandQuant:
-    g = d["granularity"]
-    return OperandQuant(precision=d["precision"], granularity=Granularity(g["kind"], g["size"]), strategy=d["strategy"])
+def _decode_operand(text: str) -> OperandQuant:
+    precision, kind, size, strategy = text.split("/")
+    return OperandQuant(precision=precision, granularity=Granularity(kind, int(size)), strategy=strategy)
 
 
 @functools.lru_cache(maxsize=256)
-def _parse_json_key(key: str) -> QuantConfig:
+def _parse_key(key: str) -> QuantConfig:
     try:
-        raw = json.loads(key[len(_JSON_PREFIX):])
-        fields = {f.name for f in dataclasses.fields(QuantConfig)}
+        n_fixed = len(_OPERANDS) + len(_FLAGS) + len(_INTS)
+        items = key[len(_KEY_PREFIX):].split(";", n_fixed)
+        if len(items) != n_fixed + 1:
+            raise ValueError(f"expected {n_fixed + 1} ';'-separated fields, got {len(items)}")
         kw = {}
-        for name, value in raw.items():
-            if name not in fields:
-                raise ValueError(f"unknown QuantConfig field {name!r}")
-            kw[name] = _operand_from_dict(value) if isinstance(value, dict) else value
+        for item in items:
+            name, _, value = item.partition("=")
+            if name in _OPERANDS:
+                kw[name] = _decode_operand(value)
+            elif name in _FLAGS:
+                if value not in ("0", "1"):
+                    raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+                kw[name] = value == "1"
+            elif name in _INTS:
+                kw[name] = int(value)
+            elif name == "name":
+                kw[name] = value
+            else:
+                raise ValueError(f"unknown field {name!r}")
         return QuantConfig(**kw)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"quant key {key[:80]!r}... is not a valid serialised QuantConfig: {exc}") from exc
+        raise ValueError(f"quant key {key[:100]!r} is not a valid serialised QuantConfig: {exc}") from exc
 
 
 def config_from_key(key: str) -> QuantConfig:
-    """Inverse of ``config_key``: a preset name or a ``"json:..."`` serialisation -> QuantConfig."""
+    """Inverse of ``config_key``: a preset name or a ``"cfg:..."`` serialisation -> QuantConfig."""
     if not isinstance(key, str):
         raise TypeError(f"quant key must be a str, got {type(key).__name__}")
-    cfg = _KEY_CACHE.get(key)
-    if cfg is not None:
-        return cfg
-    if key.startswith(_JSON_PREFIX):
-        return _parse_json_key(key)
+    if key.startswith(_KEY_PREFIX):
+        return _parse_key(key)
     return resolve_quant(key)  # preset name, or a ValueError listing the presets
 
 
