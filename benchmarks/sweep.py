@@ -25,6 +25,8 @@ CANDIDATES = [
     for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))
     if not (bm == 64 and w == 8)
 ]
+SHORTLIST = [KernelConfig(*c) for c in ((128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 2),
+                                        (128, 128, 8, 3), (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3))]
 
 
 def main(argv=None):
@@ -36,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--presets", default="int8,int8-fp8")
     ap.add_argument("--out", default=os.environ.get("OUT", "results"))
     ap.add_argument("--kblock", type=int, default=0, help="override K granularity to block(N)")
+    ap.add_argument("--short", action="store_true", help="only the shortlist of configs")
     args = ap.parse_args(argv)
     B, H, S, D = (int(x) for x in args.shape.split("x"))
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -49,7 +52,7 @@ def main(argv=None):
             cfg = cfg.with_(k=qflash.OperandQuant(cfg.k.precision, qflash.Granularity.block(args.kblock)))
         quant_ms = do_bench(lambda: quantize_qkv(q, k, v, cfg), warmup=20, rep=100, return_mode="median") if cfg.quantizes_qk else 0.0
         best = None
-        for kc in CANDIDATES:
+        for kc in (SHORTLIST if args.short else CANDIDATES):
             try:
                 t0 = time.time()
                 attention_fwd(q, k, v, cfg, causal=args.causal, kernel_config=kc)
