@@ -113,6 +113,8 @@ def _common(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="input dtype (default bf16)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed of the inputs (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--cpu-threads", type=_nonneg_int, default=0, metavar="N",
+                   help="torch CPU threads for this run (0 = torch's default); 1 steadies CPU timings on a busy host")
 
 
 def build_parser() -> argparse.ArgumentParser:

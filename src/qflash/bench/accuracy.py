@@ -231,11 +231,12 @@ def run_accuracy(presets, device, *, dtype=torch.bfloat16, quick=False, seed=0, 
 def cmd_accuracy(args) -> int:
     """``qflash accuracy``: print the tables, write accuracy.{json,csv,md} (+ model/quantizer CSV)."""
     from .acc_md import accuracy_markdown
-    from .command import DTYPES, out_dir, resolve_device
+    from .command import DTYPES, apply_threads, out_dir, resolve_device
     from .writers import write_csv, write_json
 
     device = resolve_device(args)
     out = out_dir(args)
+    apply_threads(args)
     presets = args.presets or list(PRESETS)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (reference path)"
     print(f"qflash accuracy: {where}, presets {', '.join(presets)}{', quick' if args.quick else ''}", flush=True)

@@ -121,13 +121,14 @@ def cmd_bench(args) -> int:
     """``qflash bench``: run, print the Markdown table, write bench.{json,csv,md,png} under --out."""
     from ..config import PRESETS
     from .bench_md import bench_markdown
-    from .command import DTYPES, out_dir, resolve_device
+    from .command import DTYPES, apply_threads, out_dir, resolve_device
     from .plot import plot_bench
     from .shapes import default_shapes
     from .writers import write_csv, write_json
 
     device = resolve_device(args)
     out = out_dir(args)
+    apply_threads(args)
     cpu = device.type != "cuda"
     notice = None
     if cpu:

@@ -25,6 +25,12 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return dev
 
 
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--cpu-threads N``: set torch's intra-op thread count for this process (0: leave it)."""
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+
+
 def out_dir(args: argparse.Namespace) -> Path:
     """Create ``--out`` (a usage error if it exists and is not a directory)."""
     path = Path(args.out)

@@ -45,6 +45,7 @@ def collect_env(device: torch.device) -> dict:
         "device": str(device),
         "gpu_name": gpu_name,
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "cpu_threads": torch.get_num_threads(),
         "git_revision": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "qflash": __version__,

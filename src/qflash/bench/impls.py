@@ -34,7 +34,16 @@ def _qflash(preset: str, device: torch.device) -> Impl:
     from .. import attention
     from ..backend import kernels_usable
 
-    backend = "triton" if device.type == "cuda" and kernels_usable(device)[0] else "reference"
+    backend = "reference"
+    if device.type == "cuda" and kernels_usable(device)[0]:
+        backend = "triton"
+        try:
+            from ..config import PRESETS
+            from ..kernels.launch import kernel_support
+
+            backend = "triton" if kernel_support(PRESETS[preset], 128)[0] else "reference (no kernel for it)"
+        except ImportError:
+            pass
     return Impl(f"qflash {preset}", "qflash", preset, backend,
                 lambda q, k, v, c: (lambda: attention(q, k, v, quant=preset, causal=c)))
 

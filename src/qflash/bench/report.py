@@ -34,7 +34,7 @@ def environment(bench: dict, acc: dict | None) -> str:
     rev = (e.get("git_revision") or "unknown")[:12] + (" (uncommitted changes)" if e.get("git_dirty") else "")
     rows = [
         ["Hardware", e.get("gpu_name") or "CPU only (no CUDA GPU): reference path"],
-        ["Host", f"{e.get('platform')}, Python {e.get('python')}"],
+        ["Host", f"{e.get('platform')}, Python {e.get('python')}, {e.get('cpu_threads')} torch CPU threads"],
         ["PyTorch / Triton / CUDA", f"{e.get('torch')} / {e.get('triton')} / {e.get('cuda')}"],
         ["qflash", f"{e.get('qflash')} @ {rev}"],
         ["SageAttention", e.get("sageattention") or "not installed"],

@@ -41,7 +41,7 @@ TOP_KEYS = ("schema_version", "kind", "command", "env", "settings")
 
 ENV_KEYS = (
     "date", "hostname", "platform", "python", "torch", "triton", "cuda", "device", "gpu_name",
-    "gpu_count", "git_revision", "git_dirty", "qflash", "sageattention",
+    "gpu_count", "cpu_threads", "git_revision", "git_dirty", "qflash", "sageattention",
 )
 
 BENCH_KEYS = TOP_KEYS + ("shapes", "rows")
