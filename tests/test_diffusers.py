@@ -12,13 +12,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-import qflash  # noqa: E402
-import qflash.integrations.diffusers as qfd  # noqa: E402
-from helpers import cosine, rel_l2  # noqa: E402
+from diffusers import FluxTransformer2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from helpers import cosine, rel_l2
 
-from diffusers import FluxTransformer2DModel  # noqa: E402
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor  # noqa: E402
+import qflash
+import qflash.integrations.diffusers as qfd
 
 
 def tiny_flux(seed: int) -> FluxTransformer2DModel:
@@ -34,14 +34,14 @@ def flux_inputs(gen, B=2, H=8, W=6, T=12):
     img_ids = torch.stack(
         torch.meshgrid(torch.zeros(1), torch.arange(H).float(), torch.arange(W).float(), indexing="ij"), -1
     ).reshape(-1, 3)
-    return dict(
-        hidden_states=torch.randn(B, H * W, 16, generator=gen),
-        encoder_hidden_states=torch.randn(B, T, 32, generator=gen),
-        pooled_projections=torch.randn(B, 16, generator=gen),
-        timestep=torch.rand(B, generator=gen),
-        img_ids=img_ids,
-        txt_ids=torch.zeros(T, 3),
-    )
+    return {
+        "hidden_states": torch.randn(B, H * W, 16, generator=gen),
+        "encoder_hidden_states": torch.randn(B, T, 32, generator=gen),
+        "pooled_projections": torch.randn(B, 16, generator=gen),
+        "timestep": torch.rand(B, generator=gen),
+        "img_ids": img_ids,
+        "txt_ids": torch.zeros(T, 3),
+    }
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def test_flux_with_key_padding_mask(gen):
     S = 12 + inputs["hidden_states"].shape[1]
     mask = torch.ones(2, S, dtype=torch.bool)
     mask[1, 8:12] = False  # pad the last 4 text tokens of the second sample
-    kw = dict(joint_attention_kwargs={"attention_mask": mask})
+    kw = {"joint_attention_kwargs": {"attention_mask": mask}}
     native = run(model, inputs, **kw)
     assert not torch.equal(native, run(model, inputs))  # the mask matters
     with qfd.applied(model, quant="none") as summary:

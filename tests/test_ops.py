@@ -3,14 +3,12 @@ torch.compile(fullgraph=True), and (GPU) CUDA graphs and the cost of patching on
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_l2
 
 import qflash
-from helpers import rel_l2
 from qflash.ops import attention_fwd, config_from_key, config_key, reference_backward
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
@@ -191,9 +189,8 @@ def test_compile_fullgraph_forward_backward(gen):
 
     def capture(gm, example_inputs):
         graphs.append(gm)
-        from torch._dynamo.backends.common import aot_autograd
-
         from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
 
         return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g), bw_compiler=lambda g, _: make_boxed_func(g))(
             gm, example_inputs
@@ -224,12 +221,11 @@ def test_compile_fullgraph_patched_sdpa_and_fallback(gen):
         ).float()
 
     q, k, v = rnd(gen, 1, 2, 10, 32), rnd(gen, 1, 2, 14, 32), rnd(gen, 1, 2, 14, 32)
-    import qflash.dropin as dropin
+    from qflash import dropin
 
     dropin.reset_fallback_warnings()
-    with qflash.patch_sdpa(quant="none"):
-        with pytest.warns(qflash.QFlashFallbackWarning, match="float64"):
-            out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    with qflash.patch_sdpa(quant="none"), pytest.warns(qflash.QFlashFallbackWarning, match="float64"):
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     assert F.scaled_dot_product_attention is TORCH_SDPA
     torch.testing.assert_close(out, 2 * TORCH_SDPA(q, k, v), rtol=2e-5, atol=2e-6)
 

@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cosine, rel_l2
 
 import qflash
 import qflash.dropin as qsdpa
-from helpers import cosine, rel_l2
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 
@@ -117,7 +117,7 @@ def test_mask_broadcast_3d(gen, mshape, kind):
 def test_mask_with_gqa_and_scale(gen):
     q, k, v = make(gen, (2, 4, 13, 32), (2, 2, 21, 32))
     m = make_mask(gen, (2, 4, 13, 21), "float")
-    kw = dict(attn_mask=m, scale=0.2, enable_gqa=True)
+    kw = {"attn_mask": m, "scale": 0.2, "enable_gqa": True}
     ref = F.scaled_dot_product_attention(q, k, v, **kw)
     torch.testing.assert_close(qflash.sdpa(q, k, v, quant="none", fallback=False, **kw), ref, rtol=2e-5, atol=2e-6)
 
@@ -234,9 +234,8 @@ def test_fallback_warns_again_after_reset(gen):
 
 def test_fallback_passes_torch_errors_through(gen):
     q, k, v = make(gen, (1, 4, 8, 32), (1, 2, 8, 32))  # 4 vs 2 heads without enable_gqa: PyTorch's error
-    with pytest.warns(qflash.QFlashFallbackWarning, match="enable_gqa"):
-        with pytest.raises(RuntimeError):
-            qflash.sdpa(q, k, v)
+    with pytest.warns(qflash.QFlashFallbackWarning, match="enable_gqa"), pytest.raises(RuntimeError):
+        qflash.sdpa(q, k, v)
     with pytest.raises(ValueError, match="4 heads"):
         qflash.sdpa(q, k, v, fallback=False)
 
@@ -282,10 +281,8 @@ def test_patch_nests(gen):
 
 def test_patch_is_exception_safe():
     original = F.scaled_dot_product_attention
-    with pytest.raises(KeyError, match="boom"):
-        with qflash.patch_sdpa():
-            with qflash.patch_sdpa(quant="none"):
-                raise KeyError("boom")
+    with pytest.raises(KeyError, match="boom"), qflash.patch_sdpa(), qflash.patch_sdpa(quant="none"):
+        raise KeyError("boom")
     assert F.scaled_dot_product_attention is original
     assert not qsdpa.sdpa_patch_active()
 
@@ -317,11 +314,10 @@ def test_patched_fallback_calls_saved_original_without_recursion(gen):
 
     F.scaled_dot_product_attention = other_library_sdpa
     q, k, v = make(gen, (1, 2, 8, 32), (1, 2, 8, 32), dtype=torch.float64)  # float64: a fallback
-    with qflash.patch_sdpa():
-        with qflash.patch_sdpa(quant="none"):
-            with pytest.warns(qflash.QFlashFallbackWarning):
-                out = F.scaled_dot_product_attention(q, k, v)
-            assert qsdpa.original_sdpa() is other_library_sdpa
+    with qflash.patch_sdpa(), qflash.patch_sdpa(quant="none"):
+        with pytest.warns(qflash.QFlashFallbackWarning):
+            out = F.scaled_dot_product_attention(q, k, v)
+        assert qsdpa.original_sdpa() is other_library_sdpa
     assert calls == [1]
     assert F.scaled_dot_product_attention is other_library_sdpa
     assert torch.equal(out, TORCH_SDPA(q, k, v))

@@ -2,14 +2,6 @@
 an exact pure-PyTorch path everywhere else)."""
 
 from .api import attention
-from .sage_compat import sageattn
-from .dropin import (
-    QFlashFallbackWarning,
-    disable_sdpa_patch,
-    enable_sdpa_patch,
-    patch_sdpa,
-    sdpa,
-)
 from .config import (
     PRESETS,
     Granularity,
@@ -20,30 +12,38 @@ from .config import (
     Strategy,
     resolve_quant,
 )
+from .dropin import (
+    QFlashFallbackWarning,
+    disable_sdpa_patch,
+    enable_sdpa_patch,
+    patch_sdpa,
+    sdpa,
+)
 from .quant import QuantizedTensor, dequantize, pack_int4, quantize, unpack_int4
+from .sage_compat import sageattn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention",
-    "sdpa",
-    "patch_sdpa",
-    "enable_sdpa_patch",
-    "disable_sdpa_patch",
-    "QFlashFallbackWarning",
-    "sageattn",
     "PRESETS",
     "Granularity",
     "GranularityKind",
     "OperandQuant",
     "Precision",
+    "QFlashFallbackWarning",
     "QuantConfig",
-    "Strategy",
-    "resolve_quant",
     "QuantizedTensor",
-    "quantize",
-    "dequantize",
-    "pack_int4",
-    "unpack_int4",
+    "Strategy",
     "__version__",
+    "attention",
+    "dequantize",
+    "disable_sdpa_patch",
+    "enable_sdpa_patch",
+    "pack_int4",
+    "patch_sdpa",
+    "quantize",
+    "resolve_quant",
+    "sageattn",
+    "sdpa",
+    "unpack_int4",
 ]

@@ -127,7 +127,7 @@ def attention(
         ``out`` in q's dtype and layout, or ``(out, lse)``. Rows with every key masked are zero
         (and their lse is -inf).
     """
-    cfg = validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
+    validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
     from .ops import call_attention_fwd  # torch.ops.qflash.attention_fwd: compile / CUDA-graph safe
 
     if layout == "NHD":

@@ -32,15 +32,15 @@ from .config import QuantConfig, resolve_quant
 from .ops import call_attention_fwd
 
 __all__ = [
-    "sdpa",
-    "patch_sdpa",
-    "enable_sdpa_patch",
-    "disable_sdpa_patch",
-    "sdpa_patch_active",
-    "original_sdpa",
-    "fallback_reason",
     "QFlashFallbackWarning",
+    "disable_sdpa_patch",
+    "enable_sdpa_patch",
+    "fallback_reason",
+    "original_sdpa",
+    "patch_sdpa",
     "reset_fallback_warnings",
+    "sdpa",
+    "sdpa_patch_active",
 ]
 
 #: PyTorch's own SDPA, read (never written) when this module is imported.

@@ -51,16 +51,16 @@ import math
 
 import torch
 
-from .config import PRESETS, Granularity, OperandQuant, QuantConfig, resolve_quant
+from .config import Granularity, OperandQuant, QuantConfig, resolve_quant
 
 __all__ = [
+    "BACKENDS",
+    "OUT_LAYOUTS",
     "attention_fwd",
     "call_attention_fwd",
-    "config_key",
     "config_from_key",
+    "config_key",
     "reference_backward",
-    "OUT_LAYOUTS",
-    "BACKENDS",
 ]
 
 OUT_LAYOUTS = ("HND", "NHD")
@@ -291,7 +291,7 @@ def reference_backward(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, quant, causal, attn_mask, scale, return_lse, out_layout, backend = inputs
+    q, k, v, _quant, causal, attn_mask, scale, _return_lse, _out_layout, _backend = inputs
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.causal = causal
     ctx.scale = scale

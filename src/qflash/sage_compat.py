@@ -9,7 +9,7 @@ import torch
 from .api import attention
 from .config import QuantConfig
 
-__all__ = ["sageattn", "SAGE_TUNING_KWARGS"]
+__all__ = ["SAGE_TUNING_KWARGS", "sageattn"]
 
 #: SageAttention keyword arguments that choose its own kernel variants and quantisation details.
 #: They have no qflash meaning and are accepted and ignored (choose ``quant=`` instead).

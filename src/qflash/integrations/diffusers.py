@@ -57,13 +57,13 @@ from ..config import QuantConfig, resolve_quant
 from ..dropin import sdpa
 
 __all__ = [
-    "apply",
-    "remove",
-    "applied",
+    "FLUX_SUPPORTED",
     "QFlashAttnProcessor2_0",
     "QFlashFluxAttnProcessor",
-    "FLUX_SUPPORTED",
+    "applied",
+    "apply",
     "register_attention_backend",
+    "remove",
 ]
 
 try:  # deprecate() is used by AttnProcessor2_0's body, which QFlashAttnProcessor2_0 mirrors
@@ -343,8 +343,8 @@ def _register_hook_metadata() -> None:
     for ours, theirs in pairs:
         try:
             AttentionProcessorRegistry.register(ours, AttentionProcessorRegistry.get(theirs))
-        except Exception:  # noqa: BLE001 - optional nicety; never break apply()
-            pass
+        except Exception as exc:  # noqa: BLE001 - optional nicety; never break apply()
+            _warn_once("hook-registry", f"qflash: diffusers' layer-skip hooks will not know qflash processors ({exc})")
 
 
 def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True) -> dict:
