@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -65,11 +66,14 @@ def _warn_once(code: str, message: str) -> bool:
     if code in _WARNED:
         return False
     _WARNED.add(code)
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename == __file__:  # point at the first caller outside
+        frame, level = frame.f_back, level + 1  # this module (also through the patch wrapper)
     warnings.warn(
         f"qflash.sdpa falls back to PyTorch's scaled_dot_product_attention: {message}. "
         "(Shown once per reason; pass fallback=False to raise instead.)",
         QFlashFallbackWarning,
-        stacklevel=3,
+        stacklevel=level,
     )
     return True
 
