@@ -1,0 +1,318 @@
+"""Backward kernels (issue 7) against torch.autograd through the fp64 exact reference.
+
+Runs on CUDA when there is a GPU and through Triton's CPU interpreter otherwise (small shapes;
+``gpu`` tests add large ones). Every gradient buffer is poisoned with NaN before the kernels
+write it; inputs and upstream gradients are fresh N(0, 1) samples, never zeros.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from qflash.backend import interpreter_enabled, kernels_usable
+from qflash.config import PRESETS
+from qflash.reference import exact_attention
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not kernels_usable(torch.device(DEVICE))[0]:
+    pytest.skip("Triton kernels cannot run here (no CUDA, interpreter off)", allow_module_level=True)
+
+if interpreter_enabled():
+    import triton_interpreter_shim
+
+    triton_interpreter_shim.apply()
+
+from qflash.kernels.bwd_launch import (  # noqa: E402
+    BwdConfig,
+    attention_bwd,
+    quantize_for_backward,
+    saved_bytes,
+    ste_backward,
+)
+from qflash.kernels.configs import KernelConfig  # noqa: E402
+from qflash.kernels.launch import attention_fwd  # noqa: E402
+
+SMALL_BWD = BwdConfig(32, 32, 32, 32, 4, 1, 4, 1)  # interpreter: small tiles keep programs cheap
+SMALL_FWD = KernelConfig(32, 32, 4, 1)
+# gradient relL2 vs fp64 autograd, bf16/fp16 inputs rounded the same way for both sides
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+LOWBIT_TOL = 4e-2  # INT8 backward (measured ~1.5% on N(0,1) inputs)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, layout, gen, k_offset=0.0):
+    """Fresh q, k, v (HND views of ``layout`` buffers) and an upstream gradient dO."""
+    def one(H, S):
+        shape = (B, H, S, D) if layout == "HND" else (B, S, H, D)
+        x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+        return x if layout == "HND" else x.transpose(1, 2)
+    q, k, v = one(Hq, Sq), one(Hkv, Sk), one(Hkv, Sk)
+    if k_offset:
+        k = (k.float() + k_offset * torch.randn(1, 1, 1, D, generator=gen).to(DEVICE)).to(dtype)
+    do = one(Hq, Sq)
+    return q, k, v, do
+
+
+def reference_grads(q, k, v, do, dlse=None, **kw):
+    """dq, dk, dv (and d mask for a float mask) by torch.autograd through exact fp64 attention."""
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = kw.pop("attn_mask", None)
+    md = None
+    if mask is not None and mask.is_floating_point():
+        md = mask.detach().double().requires_grad_()
+        mask = md
+    out, lse = exact_attention(qd, kd, vd, attn_mask=mask, return_lse=True, **kw)
+    loss = (out * do.double()).sum()
+    if dlse is not None:
+        fin = torch.isfinite(lse)
+        loss = loss + (torch.where(fin, lse.double(), 0.0) * dlse.double()).sum()
+    inputs = [qd, kd, vd] + ([md] if md is not None else [])
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return grads
+
+
+def poisoned(like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, float("nan"))
+
+
+def run_bwd(q, k, v, do, *, dlse=None, lowbit="none", kc=SMALL_BWD, mask_grad=False, **kw):
+    """Kernel forward (preset none, for O and lse), then the backward into NaN-poisoned buffers."""
+    out, lse = attention_fwd(q, k, v, PRESETS["none"], return_lse=True, kernel_config=SMALL_FWD, **kw)
+    dq, dk, dv = poisoned(q), poisoned(k), poisoned(v)
+    res = attention_bwd(q, k, v, out, lse, do, dlse, lowbit=lowbit, kernel_config=kc, mask_grad=mask_grad,
+                        dq=dq, dk=dk, dv=dv, **kw)
+    assert res[0] is dq and res[1] is dk and res[2] is dv
+    for name, g in zip("qkv", res[:3]):
+        assert not torch.isnan(g).any(), f"d{name}: NaN (unwritten or computed)"
+    return res
+
+
+def check_grads(got, want, tol):
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape
+        err = rel_l2(g, w)
+        assert err <= tol, f"{name} relL2 {err:.2e} > {tol:.0e}"
+
+
+# (B, Hq, Hkv, Sq, Sk, D), causal, layout, dtype
+CASES = [
+    pytest.param((1, 2, 2, 64, 64, 64), False, "HND", torch.float32, id="S64-full-fp32"),
+    pytest.param((2, 2, 1, 40, 75, 64), True, "NHD", torch.float32, id="Sq40-Sk75-causal-MQA-NHD-fp32"),
+    pytest.param((1, 4, 2, 75, 40, 64), True, "HND", torch.float16, id="Sq75-Sk40-causal-GQA-fp16"),
+    pytest.param((1, 2, 2, 33, 47, 128), False, "NHD", torch.bfloat16, id="Sq33-Sk47-D128-NHD-bf16"),
+    pytest.param((1, 2, 1, 50, 20, 96), False, "HND", torch.float32, id="Sq50-Sk20-D96-fp32"),
+    pytest.param((1, 2, 2, 1, 37, 64), True, "HND", torch.float16, id="Sq1-Sk37-causal-fp16"),
+]
+
+
+@pytest.mark.parametrize("shape,causal,layout,dtype", CASES)
+def test_grads_match_fp64_autograd(shape, causal, layout, dtype):
+    B, Hq, Hkv, Sq, Sk, D = shape
+    q, k, v, do = make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, layout, _gen(shape, causal, layout, dtype))
+    dq, dk, dv, dmask = run_bwd(q, k, v, do, causal=causal)
+    assert dmask is None
+    assert dq.stride() == q.stride() and dk.stride() == k.stride() and dv.stride() == v.stride()
+    assert dq.dtype == dtype
+    check_grads((dq, dk, dv), reference_grads(q, k, v, do, causal=causal), TOL[dtype])
+
+
+def test_scale_and_grad_lse():
+    """A custom softmax scale, and an upstream gradient on the lse output (folded into delta)."""
+    gen = _gen("lse")
+    q, k, v, do = make_inputs(1, 2, 2, 48, 56, 64, torch.float32, "HND", gen)
+    dlse = torch.randn(1, 2, 48, generator=gen).to(DEVICE)
+    dq, dk, dv, _ = run_bwd(q, k, v, do, dlse=dlse, scale=0.3, causal=True)
+    check_grads((dq, dk, dv), reference_grads(q, k, v, do, dlse=dlse, scale=0.3, causal=True), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("mask_shape", ["B1QK", "1HQK", "QK", "B11K"])
+def test_masks(mask_kind, mask_shape):
+    B, Hq, Hkv, Sq, Sk, D = 2, 2, 1, 37, 70, 64
+    gen = _gen(mask_kind, mask_shape)
+    q, k, v, do = make_inputs(B, Hq, Hkv, Sq, Sk, D, torch.float32, "HND", gen)
+    shape = {"B1QK": (B, 1, Sq, Sk), "1HQK": (1, Hq, Sq, Sk), "QK": (Sq, Sk), "B11K": (B, 1, 1, Sk)}[mask_shape]
+    if mask_kind == "bool":
+        mask = torch.rand(shape, generator=gen) > 0.3
+        if len(shape) == 4 and shape[2] == Sq:
+            mask[..., 3, :] = False  # a fully masked row: zero gradient, never NaN
+    else:
+        mask = torch.randn(shape, generator=gen) * 2
+        mask[..., 5] = float("-inf")
+    mask = mask.to(DEVICE)
+    dq, dk, dv, dmask = run_bwd(q, k, v, do, attn_mask=mask, mask_grad=True)
+    want = reference_grads(q, k, v, do, attn_mask=mask)
+    check_grads((dq, dk, dv), want[:3], TOL[torch.float32])
+    if mask_kind == "bool":
+        assert dmask is None
+        if len(shape) == 4 and shape[2] == Sq:
+            assert (dq[:, :, 3] == 0).all()
+    else:
+        assert dmask is not None and dmask.shape == mask.shape and dmask.dtype == mask.dtype
+        fin = torch.isfinite(mask)
+        assert rel_l2(dmask[fin.expand_as(dmask)], want[3][fin.expand_as(dmask)]) <= TOL[torch.float32]
+        assert torch.isfinite(dmask).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fully_masked_rows_give_zero_grads(dtype):
+    """Causal with Sq > Sk (the first Sq - Sk rows see no key) plus a bool mask blanking a row
+    and a whole key column: those rows' dq are exactly 0, the unseen key's dk/dv are exactly 0."""
+    B, Hq, Hkv, Sq, Sk, D = 1, 2, 2, 50, 20, 64
+    gen = _gen("fully-masked", dtype)
+    q, k, v, do = make_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, "HND", gen)
+    mask = torch.rand(1, 1, Sq, Sk, generator=gen) > 0.2
+    mask[..., 40, :] = False
+    mask[..., 7] = False
+    mask = mask.to(DEVICE)
+    dq, dk, dv, _ = run_bwd(q, k, v, do, causal=True, attn_mask=mask)
+    assert (dq[:, :, : Sq - Sk] == 0).all() and (dq[:, :, 40] == 0).all()
+    assert (dk[:, :, 7] == 0).all() and (dv[:, :, 7] == 0).all()
+    check_grads((dq, dk, dv), reference_grads(q, k, v, do, causal=True, attn_mask=mask), TOL[dtype])
+
+
+def test_empty_keys():
+    q, k, v, do = make_inputs(1, 2, 2, 5, 0, 64, torch.float32, "HND", _gen("empty"))
+    out = torch.zeros_like(q)
+    lse = torch.full((1, 2, 5), float("-inf"), device=DEVICE)
+    dq, dk, dv, _ = attention_bwd(q, k, v, out, lse, do, dq=poisoned(q), dk=poisoned(k), dv=poisoned(v))
+    assert (dq == 0).all() and dk.numel() == 0 and dv.numel() == 0
+
+
+def test_tile_configs_agree():
+    """Different tile shapes (incl. blocks larger than the sequence) give the same gradients."""
+    q, k, v, do = make_inputs(1, 2, 1, 70, 45, 64, torch.float32, "HND", _gen("tiles"))
+    a = run_bwd(q, k, v, do, causal=True, kc=SMALL_BWD)
+    b = run_bwd(q, k, v, do, causal=True, kc=BwdConfig(16, 64, 64, 16, 4, 1, 4, 1))
+    for x, y in zip(a[:3], b[:3]):
+        assert rel_l2(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("preset", ["int8", "int4", "int8-fp8"])
+def test_ste_quantised_forward(preset):
+    """STE: the gradient of a quantised forward is exact attention's. With the recompute (the
+    default) it is as accurate as preset none's; the forward's own O and lse are worse."""
+    gen = _gen("ste", preset)
+    q, k, v, do = make_inputs(1, 2, 2, 64, 64, 64, torch.float16, "HND", gen, k_offset=2.0)
+    cfg = PRESETS[preset]
+    out_q, lse_q = attention_fwd(q, k, v, cfg, return_lse=True, kernel_config=SMALL_FWD)
+    want = reference_grads(q, k, v, do)
+    rec = ste_backward(q, k, v, do, None, cfg, out=out_q, lse=lse_q, kernel_config=SMALL_BWD)
+    check_grads(rec[:3], want, TOL[torch.float16])
+    no_rec = ste_backward(q, k, v, do, None, cfg, out=out_q, lse=lse_q, recompute=False, kernel_config=SMALL_BWD)
+    assert rel_l2(no_rec[0], want[0]) > 2 * rel_l2(rec[0], want[0])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_lowbit_int8(causal, layout):
+    """INT8 backward: within its budget of the exact gradient, and reading only codes works."""
+    B, Hq, Hkv, Sq, Sk, D = 1, 4, 2, 64, 80, 64
+    gen = _gen("lowbit", causal, layout)
+    q, k, v, do = make_inputs(B, Hq, Hkv, Sq, Sk, D, torch.bfloat16, layout, gen, k_offset=2.0)
+    want = reference_grads(q, k, v, do, causal=causal)
+    got = run_bwd(q, k, v, do, causal=causal, lowbit="int8")
+    errs = [rel_l2(g, w) for g, w in zip(got[:3], want)]
+    assert max(errs) <= LOWBIT_TOL, errs
+    exact = run_bwd(q, k, v, do, causal=causal)
+    assert max(rel_l2(g, w) for g, w in zip(exact[:3], want)) < min(errs)  # it is lower precision
+    # codes computed up front (e.g. at forward time), q and k dropped: identical gradients
+    codes = quantize_for_backward(q, k)
+    out, lse = attention_fwd(q, k, v, PRESETS["none"], causal=causal, return_lse=True, kernel_config=SMALL_FWD)
+    dq, dk, dv = (torch.full(t.shape, float("nan"), dtype=t.dtype, device=DEVICE) for t in (q, k, v))
+    res = attention_bwd(None, None, v, out, lse, do, causal=causal, lowbit="int8", codes=codes,
+                        kernel_config=SMALL_BWD, dq=dq, dk=dk, dv=dv)
+    for a, b in zip(res[:3], got[:3]):
+        assert torch.equal(a.contiguous(), b.contiguous())
+
+
+def test_lowbit_grad_lse():
+    """grad_lse with the INT8 backward (the smoothed-K correction of dQ uses it)."""
+    gen = _gen("lowbit-lse")
+    q, k, v, do = make_inputs(1, 2, 2, 64, 64, 64, torch.float32, "HND", gen, k_offset=2.0)
+    dlse = torch.randn(1, 2, 64, generator=gen).to(DEVICE)
+    got = run_bwd(q, k, v, do, dlse=dlse, lowbit="int8")
+    want = reference_grads(q, k, v, do, dlse=dlse)
+    assert max(rel_l2(g, w) for g, w in zip(got[:3], want)) <= LOWBIT_TOL
+
+
+def test_bad_arguments():
+    q, k, v, do = make_inputs(1, 2, 2, 16, 16, 64, torch.float32, "HND", _gen("bad"))
+    out, lse = torch.zeros_like(q), torch.zeros(1, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="lowbit"):
+        attention_bwd(q, k, v, out, lse, do, lowbit="int4")
+    with pytest.raises(ValueError, match="lse"):
+        attention_bwd(q, k, v, out, lse[:, :, :3], do)
+    with pytest.raises(ValueError, match="codes"):
+        attention_bwd(None, k, v, out, lse, do, lowbit="int8")
+    with pytest.raises(ValueError, match="dq"):
+        attention_bwd(q, k, v, out, lse, do, dq=torch.empty(3, device=DEVICE))
+
+
+def test_saved_bytes():
+    B, H, S, D = 1, 24, 4608, 128
+    none = saved_bytes(B, H, H, S, S, D, quant="none")
+    assert none["total"] == 4 * B * H * S * D * 2 + B * H * S * 4
+    int8 = saved_bytes(B, H, H, S, S, D, quant="int8")
+    assert set(int8) == {"q", "k", "v", "total"} and int8["total"] == 3 * B * H * S * D * 2
+    low = saved_bytes(B, H, H, S, S, D, quant="none", lowbit="int8")
+    assert low["total"] < none["total"] and low["q_codes+scales"] == B * H * S * (D + 4)
+    # the codes really are that size
+    q, k, _, _ = make_inputs(1, 2, 2, 16, 16, 64, torch.bfloat16, "HND", _gen("bytes"))
+    codes = quantize_for_backward(q, k)
+    assert codes.q_codes.numel() + 4 * codes.q_scale.numel() == saved_bytes(1, 2, 2, 16, 16, 64, lowbit="int8")[
+        "q_codes+scales"]
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: larger shapes, bf16, the Flux shape; vs fp32 exact
+# ------------------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    pytest.param((2, 8, 8, 1000, 1000, 64), False, "HND", id="S1000-D64"),
+    pytest.param((1, 8, 2, 777, 4097, 128), True, "NHD", id="Sq777-Sk4097-causal-GQA-NHD"),
+    pytest.param((1, 4, 1, 4097, 333, 128), True, "HND", id="Sq4097-Sk333-causal-MQA"),
+    pytest.param((1, 4, 4, 300, 300, 96), False, "HND", id="S300-D96"),
+    pytest.param((1, 24, 24, 4608, 4608, 128), False, "NHD", id="flux-1024"),
+]
+
+
+def _fp32_grads(q, k, v, do, **kw):
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    kf2 = kf.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    vf2 = vf.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    causal = kw.get("causal", False)
+    mask = None
+    if causal:
+        Sq, Sk = q.shape[2], k.shape[2]
+        mask = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
+    out = torch.nn.functional.scaled_dot_product_attention(qf, kf2, vf2, attn_mask=mask)
+    return torch.autograd.grad(out, (qf, kf, vf), do.float())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lowbit", ["none", "int8"])
+@pytest.mark.parametrize("shape,causal,layout", GPU_CASES)
+def test_gpu_grads_vs_fp32(shape, causal, layout, lowbit):
+    B, Hq, Hkv, Sq, Sk, D = shape
+    q, k, v, do = make_inputs(B, Hq, Hkv, Sq, Sk, D, torch.bfloat16, layout, _gen("gpu", shape, causal))
+    out, lse = attention_fwd(q, k, v, PRESETS["none"], causal=causal, return_lse=True)
+    dq, dk, dv = poisoned(q), poisoned(k), poisoned(v)
+    attention_bwd(q, k, v, out, lse, do, causal=causal, lowbit=lowbit, dq=dq, dk=dk, dv=dv)
+    want = _fp32_grads(q, k, v, do, causal=causal)
+    budget = 1e-2 if lowbit == "none" else LOWBIT_TOL
+    for name, g, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        assert not torch.isnan(g).any()
+        assert rel_l2(g, w) <= budget, f"{name}: {rel_l2(g, w):.2e}"
