@@ -475,7 +475,11 @@ def run_real(args, ft, path: str, how: str) -> dict:
     device, dtype = args.device, DTYPES[args.dtype]
     print(f"loading FluxPipeline from {how} (offline) ...", file=sys.stderr)
     t0 = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    import diffusers
+
+    major_minor = tuple(int(x) for x in diffusers.__version__.split(".")[:2] if x.isdigit())
+    dtype_kw = "dtype" if major_minor >= (0, 42) else "torch_dtype"  # torch_dtype is deprecated from 0.42
+    pipe = FluxPipeline.from_pretrained(path, local_files_only=True, **{dtype_kw: dtype})
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     dev = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
@@ -591,8 +595,11 @@ def main(argv=None) -> int:
             print(f"note: {msg} -> random-weights timing mode", file=sys.stderr)
     real = path is not None
     if args.device.type != "cuda" and not args.tiny:
-        args._parser.error(f"the full-size {'pipeline' if real else 'random-weights transformer'} needs a CUDA GPU "
-                           f"(device is {args.device}); use --tiny on the CPU")
+        if not real:
+            args._parser.error(f"the full-size random-weights transformer needs a CUDA GPU (device is {args.device}); "
+                               "use --tiny on the CPU")
+        print(f"warning: running the pipeline on {args.device}: fine for a tiny test pipeline, very slow for FLUX.1",
+              file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run_real(args, ft, path, how) if real else run_random(args, ft)
     result["env"] = _env(args, ft)
