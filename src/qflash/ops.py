@@ -35,12 +35,13 @@ Backward (straight-through estimator)
 The forward is quantised; its true derivative is zero almost everywhere (rounding), which is
 useless. The registered backward instead returns the gradients of *exact* attention
 ``softmax(q·kᵀ·scale + mask)·v`` evaluated at the unquantised q, k, v — the straight-through
-estimator used for quantisation-aware training. It is computed in plain PyTorch in fp32
-(``reference_backward``), materialising the (B, Hq, Sq, Sk) probability matrix: correct on every
-device and traceable by ``torch.compile``, but O(Sq·Sk) memory. Gradients flow to q, k, v and to
-a floating-point ``attn_mask`` (bool masks get none). With ``quant="none"`` this is simply the
-gradient of attention. A later fused Triton backward replaces ``_backward`` through
-``torch.library.register_autograd`` without changing any caller.
+estimator used for quantisation-aware training. Where the forward runs the Triton kernels, so
+does the backward: ``qflash::attention_bwd`` (FlashAttention-2 style kernels in
+``qflash.kernels.attn_bwd``, O(S) memory; for quantised presets it first recomputes the exact O
+and lse with one ``none`` forward, so only q, k, v are saved). Elsewhere it is computed in plain
+PyTorch in fp32 (``reference_backward``), materialising the (B, Hq, Sq, Sk) probability matrix.
+Gradients flow to q, k, v and to a floating-point ``attn_mask`` (bool masks get none). With
+``quant="none"`` this is simply the gradient of attention.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def _attention_fwd_fake(q, k, v, quant, causal, attn_mask, scale, return_lse, ou
 
 
 # --------------------------------------------------------------------------------------------
-# autograd: straight-through estimator through exact attention (plain PyTorch)
+# autograd: straight-through estimator through exact attention (Triton kernels / plain PyTorch)
 # --------------------------------------------------------------------------------------------
 
 
@@ -290,22 +291,107 @@ def reference_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
 
 
+# --- fused Triton backward (issue 7) ------------------------------------------------------------
+# Where the forward runs the Triton kernels (CUDA, or backend="triton"), the backward does too:
+# ``qflash::attention_bwd`` below wraps ``qflash.kernels.bwd_launch.ste_backward`` (FlashAttention-2
+# style kernels recomputing P from the lse, O(S) memory). Same STE semantics as
+# ``reference_backward``; for quantised presets the launcher first recomputes the exact O and lse
+# (one ``none`` forward), so only q, k, v are saved. Elsewhere ``reference_backward`` runs.
+
+BWD_LOWBIT = ("none", "int8")
+
+
+def _grad_buffer(t: torch.Tensor) -> torch.Tensor:
+    """Uninitialised gradient with t's strides when its channel dim is contiguous (the kernels
+    need that), else contiguous. Real and fake implementations allocate through this."""
+    g = torch.empty_like(t)
+    return g if g.stride(-1) == 1 else t.new_empty(t.shape)
+
+
+@torch.library.custom_op("qflash::attention_bwd", mutates_args=())
+def attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    quant: str,
+    causal: bool,
+    scale: float | None,
+    lowbit: str,
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """STE gradients of ``qflash::attention_fwd`` with the Triton backward kernels.
+
+    ``out`` / ``lse``: the forward's, when it was the exact (``none``) one and returned its lse;
+    otherwise None and they are recomputed. ``lowbit``: "none" (input-dtype matmuls) or "int8".
+    Returns (dq like q, dk like k, dv like v, dmask): dmask has ``attn_mask``'s shape and dtype
+    when ``mask_grad`` (float masks only), else an empty (0,) tensor.
+    """
+    from .kernels.bwd_launch import ste_backward
+
+    cfg = config_from_key(quant)
+    dq, dk, dv, dmask = ste_backward(
+        q, k, v, grad_out, grad_lse, cfg, out=out, lse=lse, causal=causal, attn_mask=attn_mask, scale=scale,
+        lowbit=lowbit, mask_grad=mask_grad, grad_buffers=(_grad_buffer(q), _grad_buffer(k), _grad_buffer(v)),
+    )
+    if dmask is None:
+        dmask = q.new_empty((0,), dtype=torch.float32)
+    elif dmask.shape != attn_mask.shape or not dmask.is_contiguous():
+        dmask = dmask.expand(attn_mask.shape).contiguous()
+    return dq, dk, dv, dmask
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(q, k, v, out, lse, grad_out, grad_lse, attn_mask, quant, causal, scale, lowbit, mask_grad):
+    if mask_grad and attn_mask is not None and attn_mask.is_floating_point():
+        dmask = attn_mask.new_empty(attn_mask.shape)
+    else:
+        dmask = q.new_empty((0,), dtype=torch.float32)
+    return _grad_buffer(q), _grad_buffer(k), _grad_buffer(v), dmask
+
+
+def _bwd_uses_kernels(q: torch.Tensor, backend: str) -> bool:
+    """The backward runs where the forward would run the kernels (``backend.attention_forward``)."""
+    if backend == "reference" or q.shape[-1] > 256:
+        return False
+    from .backend import kernels_usable
+
+    return backend == "triton" or (backend == "auto" and q.device.type == "cuda" and kernels_usable(q.device)[0])
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, _quant, causal, attn_mask, scale, _return_lse, _out_layout, _backend = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
+    q, k, v, quant, causal, attn_mask, scale, return_lse, _out_layout, backend = inputs
     ctx.causal = causal
     ctx.scale = scale
+    ctx.quant = quant
+    ctx.kernels = _bwd_uses_kernels(q, backend)
+    cfg = config_from_key(quant)
+    if ctx.kernels and return_lse and not (cfg.quantizes_qk or cfg.quantizes_pv):
+        out, lse = output  # exact forward: its O and lse are what the backward needs
+        ctx.save_for_backward(q, k, v, attn_mask, out, lse)
+    else:  # quantised forward (O, lse recomputed exactly in the backward) or reference backward
+        ctx.save_for_backward(q, k, v, attn_mask, None, None)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    # The place for a fused backward kernel: replace this function via
-    # torch.library.register_autograd("qflash::attention_fwd", ...).
-    q, k, v, attn_mask = ctx.saved_tensors
+    q, k, v, attn_mask, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
-    dq, dk, dv, dmask = reference_backward(
-        q, k, v, grad_out, grad_lse, causal=ctx.causal, attn_mask=attn_mask, scale=ctx.scale
-    )
+    if ctx.kernels:
+        needs = getattr(ctx, "needs_input_grad", None)
+        mask_grad = attn_mask is not None and attn_mask.is_floating_point() and (needs is None or bool(needs[5]))
+        dq, dk, dv, dmask = torch.ops.qflash.attention_bwd(
+            q, k, v, out, lse, grad_out, grad_lse, attn_mask, ctx.quant, ctx.causal, ctx.scale, "none", mask_grad
+        )
+        dmask = dmask if mask_grad else None
+    else:
+        dq, dk, dv, dmask = reference_backward(
+            q, k, v, grad_out, grad_lse, causal=ctx.causal, attn_mask=attn_mask, scale=ctx.scale
+        )
     return dq, dk, dv, None, None, dmask, None, None, None, None
 
 
@@ -315,6 +401,19 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # Python-side convenience
 # --------------------------------------------------------------------------------------------
+
+
+def _eager_fast_path(q, k, v, attn_mask) -> bool:
+    tensors = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
+    if any(type(t) is not torch.Tensor for t in tensors):
+        return False  # subclasses (FakeTensor, functorch wrappers) need the dispatcher
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is None and not torch.overrides.has_torch_function(tensors)
 
 
 def call_attention_fwd(
@@ -334,7 +433,17 @@ def call_attention_fwd(
 
     Same contract as ``qflash.backend.attention_forward`` (HND inputs, validated): returns
     ``(out, lse)`` with ``lse`` None unless ``return_lse``.
+
+    Plain eager inference (no autograd, not tracing, ordinary tensors) skips the op dispatcher,
+    which costs ~100 µs of CPU per call — as much as a whole small attention. Everything else
+    (torch.compile, autograd, tensor subclasses, modes) goes through the op.
     """
+    if _eager_fast_path(q, k, v, attn_mask):
+        from .backend import attention_forward
+
+        cfg = quant if isinstance(quant, QuantConfig) else config_from_key(config_key(quant))
+        return attention_forward(q, k, v, cfg, causal=bool(causal), attn_mask=attn_mask, scale=scale,
+                                 return_lse=bool(return_lse), out_layout=out_layout, backend=backend)
     out, lse = torch.ops.qflash.attention_fwd(
         q, k, v, config_key(quant), bool(causal), attn_mask, None if scale is None else float(scale),
         bool(return_lse), out_layout, backend,

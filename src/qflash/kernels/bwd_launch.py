@@ -332,12 +332,14 @@ def ste_backward(
     lowbit: str = "none",
     mask_grad: bool = False,
     kernel_config: BwdConfig | None = None,
+    grad_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """Straight-through-estimator gradients of the forward ``cfg`` ran: ``(dq, dk, dv, dmask)``.
 
     ``out`` / ``lse``: the forward's output and lse if it kept them. ``recompute`` (default: True
     for quantised presets, and whenever ``out`` or ``lse`` is missing) runs the ``none`` forward
-    first to get the exact O and lse; see the module docstring for why.
+    first to get the exact O and lse; see the module docstring for why. ``grad_buffers``:
+    optional preallocated (dq, dk, dv).
     """
     if recompute is None:
         recompute = not _is_exact(cfg)
@@ -346,8 +348,9 @@ def ste_backward(
 
         out, lse = attention_fwd(q, k, v, PRESETS["none"], causal=causal, attn_mask=attn_mask, scale=scale,
                                  return_lse=True)
+    dq, dk, dv = grad_buffers if grad_buffers is not None else (None, None, None)
     return attention_bwd(q, k, v, out, lse, grad_out, grad_lse, causal=causal, attn_mask=attn_mask, scale=scale,
-                         lowbit=lowbit, mask_grad=mask_grad, kernel_config=kernel_config)
+                         lowbit=lowbit, mask_grad=mask_grad, kernel_config=kernel_config, dq=dq, dk=dk, dv=dv)
 
 
 def saved_bytes(

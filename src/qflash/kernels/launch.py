@@ -22,7 +22,7 @@ __all__ = ["attention_fwd", "quantize_qkv", "QKVCodes", "kernel_support"]
 
 _KIND = {Precision.INT8: quantize.QK_INT8, Precision.INT4: quantize.QK_INT4, Precision.FP8_E4M3: quantize.QK_FP8}
 _TORCH_CODE_DTYPE = {Precision.INT8: torch.int8, Precision.INT4: torch.uint8, Precision.FP8_E4M3: torch.float8_e4m3fn}
-_DEFAULT_ROWS = 128  # rows per quantiser program when the granularity does not fix it
+_DEFAULT_ROWS = 64  # rows per quantiser program when the granularity does not fix it (per-token scales)
 
 
 def _pow2(n: int) -> bool:
@@ -155,7 +155,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
             Q_ROWS=q_rows, K_ROWS=k_rows, V_ROWS=v_rows,
             SMOOTH_Q=cfg.smooth_q, SMOOTH_K=cfg.smooth_k, QUANT_V=cfg.quantizes_pv, SMOOTH_V=cfg.smooth_v,
             HEAD_DIM=D, HEAD_DIM_PAD=max(triton.next_power_of_2(D), 32),
-            num_warps=4,
+            num_warps=8,
         )
     return QKVCodes(qc, qs, qm, kc, ks, km, vt, vs, vm, q_rows, k_rows, v_rows)
 

@@ -148,8 +148,9 @@ def _quantize_v_block(
         x = tl.where(m2, x - mean[None, :], 0.0)
     codes, scale = fp8_channel_codes(x)
     tl.store(scale_base + offs_d, scale, mask=dmask)
-    # padded rows (>= S) are written as zeros so the attention kernel can read whole tiles
-    tl.store(vt_base + offs_d[None, :].to(tl.int64) * stride_vtd + offs_r[:, None], codes, mask=dmask[None, :])
+    # padded rows (>= S) are written as zeros so the attention kernel can read whole tiles;
+    # transposed in registers first so each thread writes runs of consecutive keys (coalesced)
+    tl.store(vt_base + offs_d[:, None].to(tl.int64) * stride_vtd + offs_r[None, :], tl.trans(codes), mask=dmask[:, None])
 
 
 @triton.jit
