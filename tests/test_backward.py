@@ -316,3 +316,97 @@ def test_gpu_grads_vs_fp32(shape, causal, layout, lowbit):
     for name, g, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
         assert not torch.isnan(g).any()
         assert rel_l2(g, w) <= budget, f"{name}: {rel_l2(g, w):.2e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# through the op: torch.ops.qflash.attention_fwd's autograd calls qflash::attention_bwd
+# ------------------------------------------------------------------------------------------------
+
+OP_CASES = [
+    pytest.param("none", True, "HND", id="none-lse-HND"),
+    pytest.param("none", False, "NHD", id="none-nolse-NHD"),
+    pytest.param("int8", True, "HND", id="int8-lse"),
+    pytest.param("int4", False, "NHD", id="int4-NHD"),
+]
+
+
+@pytest.mark.parametrize("quant,return_lse,out_layout", OP_CASES)
+def test_op_autograd_uses_kernels(quant, return_lse, out_layout, monkeypatch):
+    from qflash import ops
+
+    calls = []
+    real = ops.reference_backward
+    monkeypatch.setattr(ops, "reference_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = _gen("op", quant, return_lse, out_layout)
+    q, k, v, _ = make_inputs(1, 4, 2, 40, 56, 64, torch.float32, "HND", gen)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = (torch.randn(1, 4, 40, 56, generator=gen) * 2).to(DEVICE).requires_grad_()
+    out, lse = ops.call_attention_fwd(q, k, v, quant, causal=True, attn_mask=mask, return_lse=return_lse,
+                                      out_layout=out_layout, backend="triton")
+    do = torch.randn(out.shape, generator=gen).to(DEVICE)
+    loss = (out * do).sum()
+    dlse = None
+    if return_lse:
+        dlse = torch.randn(lse.shape, generator=gen).to(DEVICE)
+        loss = loss + (lse * dlse).sum()
+    got = torch.autograd.grad(loss, (q, k, v, mask))
+    assert not calls, "the reference backward ran instead of the kernels"
+    want = reference_grads(q, k, v, do, dlse=dlse, causal=True, attn_mask=mask)
+    for name, g, w in zip(("dq", "dk", "dv", "dmask"), got, want):
+        assert rel_l2(g, w) <= 1e-5, f"{name}: {rel_l2(g, w):.2e}"
+
+
+def test_op_bool_mask_no_mask_grad_and_saved_tensors():
+    """Bool mask: no mask gradient. Exact forward with lse keeps (q, k, v, mask, out, lse); a
+    quantised forward keeps q, k, v and the mask only (O and lse are recomputed)."""
+    from qflash import ops
+
+    gen = _gen("op-saved")
+    q, k, v, do = make_inputs(1, 2, 2, 32, 32, 64, torch.float32, "HND", gen)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = (torch.rand(32, 32, generator=gen) > 0.2).to(DEVICE)
+    for quant, n_saved in (("none", 6), ("int8", 4)):
+        out, _ = ops.call_attention_fwd(q, k, v, quant, attn_mask=mask, return_lse=True, backend="triton")
+        saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+        assert len(saved) == n_saved, [tuple(t.shape) for t in saved]
+        got = torch.autograd.grad(out, (q, k, v), do)
+        want = reference_grads(q, k, v, do, attn_mask=mask)
+        check_grads(got, want, 1e-5)
+
+
+def test_opcheck_attention_bwd():
+    from qflash import ops  # noqa: F401  (registers the ops)
+
+    gen = _gen("opcheck")
+    q, k, v, do = make_inputs(1, 2, 1, 17, 23, 64, torch.float32, "NHD", gen)
+    mask = torch.randn(1, 2, 17, 23, generator=gen).to(DEVICE)
+    args = (q, k, v, None, None, do, None, mask, "int8", True, None, "none", True)
+    torch.library.opcheck(torch.ops.qflash.attention_bwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph_backward_graph_has_bwd_op():
+    from qflash import ops
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def bw(g, _):
+            graphs.append(g)
+            return make_boxed_func(g)
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g), bw_compiler=bw)(gm, example_inputs)
+
+    def f(q, k, v):
+        return ops.call_attention_fwd(q, k, v, "none", causal=True, return_lse=True, backend="triton")[0]
+
+    gen = _gen("compile")
+    q, k, v, do = make_inputs(1, 2, 2, 24, 24, 64, torch.float32, "HND", gen)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = torch.compile(f, fullgraph=True, backend=capture)(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert torch.ops.qflash.attention_bwd.default in targets, targets
+    check_grads(got, reference_grads(q, k, v, do, causal=True), 1e-5)
