@@ -19,7 +19,7 @@ from qflash import attention
 from qflash.bench import schema
 from qflash.bench.minilm import available as minilm_available
 from qflash.bench.patch import sdpa_to_qflash
-from qflash.bench.weights import check_weights
+from qflash.bench.weights import check_weights, tolerance
 from qflash.cli import main
 from qflash.config import PRESETS
 
@@ -79,7 +79,7 @@ def test_every_preset_on_every_workload(acc_run):
             assert r["status"] == "ok", r["note"]
             assert r["nonfinite"] == 0
             assert r["weights_in_unit_interval"] is True, r
-            assert 0 <= r["p_min"] <= r["p_max"] <= 1 + 1e-3
+            assert 0 <= r["p_min"] <= r["p_max"] <= 1 + tolerance(PRESETS[p])
 
 
 def test_accuracy_values(acc_run):
@@ -145,12 +145,23 @@ def test_weights_check_accepts_true_lse_and_catches_a_wrong_one(preset, causal):
     good = check_weights(q, k, lse, PRESETS[preset], causal=causal)
     assert good["weights_in_unit_interval"], good
     assert good["row_sum_max_err"] < 1e-4
-    low = check_weights(q, k, lse - 0.05, PRESETS[preset], causal=causal)  # weights above 1 / sums > 1
-    assert not low["weights_in_unit_interval"] and low["row_sum_max_err"] > 0.04
-    if causal:  # the first query sees one key: its weight becomes exp(0.05) > 1
+    low = check_weights(q, k, lse - 0.1, PRESETS[preset], causal=causal)  # weights above 1 / sums > 1
+    assert not low["weights_in_unit_interval"] and low["row_sum_max_err"] > 0.1
+    if causal:  # the first query sees one key: its weight becomes exp(0.1) > 1
         assert low["p_max"] > 1
-    high = check_weights(q, k, lse + 0.05, PRESETS[preset], causal=causal)  # rows sum to < 1
+    high = check_weights(q, k, lse + 0.1, PRESETS[preset], causal=causal)  # rows sum to < 1
     assert not high["weights_in_unit_interval"]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_weights_check_tolerates_ulp_level_quantiser_differences(preset):
+    """A kernel quantiser that agrees with qflash.quant only to the last ulp must still pass."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 256, 64, generator=g).bfloat16() for _ in range(3))
+    jitter = lambda x: x.float() * (1 + 2e-7 * torch.randn(x.shape, generator=g))  # noqa: E731
+    _, lse = attention(jitter(q), jitter(k), v.float(), quant=preset, return_lse=True)
+    res = check_weights(q, k, lse, PRESETS[preset])
+    assert res["weights_in_unit_interval"], res
 
 
 def test_weights_check_needs_the_quantised_scores():

@@ -54,7 +54,7 @@ def fmt(x, kind: str) -> str:
     if kind == "cos":
         return f"{x:.6f}"
     if kind == "mib":
-        return f"{x:.1f}"
+        return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
     if kind == "sci":
         return f"{x:.3g}"
     return str(x)
