@@ -46,7 +46,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers / huggingface_hub are imported: never download
 
-import torch  # noqa: E402
+import torch
 
 RANDOM_MODES = ["sdpa", "int8", "int8-fp8", "int4", "sage", "no-attn", "sdpa+fused", "int8-fp8+fused"]
 REAL_MODES = ["sdpa", "int8", "int8-fp8", "int4", "sage"]
@@ -308,7 +308,9 @@ def run_random(args, ft) -> dict:
             try:
                 with torch.inference_mode(), ft.installed(model, mode) as how:
                     row["installed"] = how
-                    fwd = lambda: model(**inputs)[0]  # noqa: E731
+                    def fwd(inputs=inputs):
+                        return model(**inputs)[0]
+
                     with ft.peak_memory(device) as mem:
                         times, out = ft.time_calls(fwd, device, warmup=args.warmup, reps=reps)
                     blocks = None
@@ -372,6 +374,11 @@ def random_tables(result: dict) -> str:
                 f"({p['shape']['double_blocks']} double + {p['shape']['single_blocks']} single blocks): "
                 f"unfused {p['unfused_step_ms']:.2f} ms, fused {p['fused_step_ms']:.2f} ms [{p['fused_impl']}], "
                 f"saves {p['saved_step_ms']:.2f} ms{share}; max |diff| {p['max_abs_diff']:.3g}")
+            sweep = p.get("fused_step_ms_by_config")
+            if sweep:
+                best = min(sweep, key=sweep.get)
+                out.append("  fused kernel launch configs (ms per forward): "
+                           + ", ".join(f"{k} {v:.2f}" for k, v in sweep.items()) + f"; best {best}")
         elif p:
             out.append(f"pre-attention timing at {entry['resolution']}px failed: {p['error']}")
     headers = ["res", "mode", "ms/forward", "speed-up", "peak GiB", "+act GiB", "out cos", "out relL2",

@@ -495,6 +495,27 @@ def time_prologue(config: dict, grid: tuple[int, int], text_tokens: int, *, batc
                          ("unfused_single", unfused_single), ("fused_single", fused_single)):
             times, _ = time_calls(fn, device, warmup=warmup, reps=reps)
             res[name + "_ms"] = statistics.median(times)
+        if device.type == "cuda":  # launch-config sweep of the fused kernel (the default is block_h=8, 4 warps)
+            from ..kernels.prequant import rmsnorm_rope_triton
+
+            sweep = {}
+            for bh, nw in ((4, 2), (8, 4), (8, 8), (16, 4), (32, 8)):
+                kw = {"block_h": bh, "num_warps": nw}
+
+                def fd(kw=kw):
+                    return (rmsnorm_rope_triton(q_i, nq.weight, cos, sin, 1e-6, x_prefix=q_t,
+                                                weight_prefix=naq.weight, **kw),
+                            rmsnorm_rope_triton(k_i, nk.weight, cos, sin, 1e-6, x_prefix=k_t,
+                                                weight_prefix=nak.weight, **kw))
+
+                def fs(kw=kw):
+                    return (rmsnorm_rope_triton(q_s, nq.weight, cos, sin, 1e-6, **kw),
+                            rmsnorm_rope_triton(k_s, nk.weight, cos, sin, 1e-6, **kw))
+
+                td = statistics.median(time_calls(fd, device, warmup=warmup, reps=reps)[0])
+                ts = statistics.median(time_calls(fs, device, warmup=warmup, reps=reps)[0])
+                sweep[f"block_h={bh},num_warps={nw}"] = config["num_layers"] * td + config["num_single_layers"] * ts
+            res["fused_step_ms_by_config"] = sweep
         diff = 0.0
         for a, b in zip(unfused_double() + unfused_single(), fused_double() + fused_single()):
             diff = max(diff, (a.float() - b.float()).abs().max().item())

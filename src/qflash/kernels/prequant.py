@@ -35,6 +35,12 @@ __all__ = ["rmsnorm_rope", "rmsnorm_rope_reference", "rmsnorm_rope_triton"]
 
 
 @triton.jit
+def _split_pairs(t, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """(ROWS, 2*HALF) -> even, odd columns, each (ROWS, HALF)."""
+    return tl.split(tl.reshape(t, (ROWS, HALF, 2)))
+
+
+@triton.jit
 def _rmsnorm_rope_kernel(
     xa_ptr, wa_ptr, xb_ptr, wb_ptr, cos_ptr, sin_ptr, out_ptr,
     S_A, H,
@@ -47,50 +53,39 @@ def _rmsnorm_rope_kernel(
     BLOCK_H: tl.constexpr,
     HAS_ROPE: tl.constexpr,
 ):
-    # One program: one token (pid 0, over S_p + S), one batch row, BLOCK_H heads.
-    # Each head's D values are handled as D/2 (even, odd) pairs: the rotation mixes a pair.
+    # One program: one token (pid 0, over S_p + S), one batch row, BLOCK_H heads. Rows are loaded
+    # and stored whole (vectorised); the rotation mixes each (even, odd) pair, split in registers.
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2)
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_j = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
     hmask = offs_h[:, None] < H
     if pid_t < S_A:
         row = xa_ptr + pid_b * stride_ab + pid_t.to(tl.int64) * stride_as
-        ptrs = row + offs_h[:, None].to(tl.int64) * stride_ah + 2 * offs_j[None, :]
-        w_even = tl.load(wa_ptr + 2 * offs_j).to(tl.float32)
-        w_odd = tl.load(wa_ptr + 2 * offs_j + 1).to(tl.float32)
+        ptrs = row + offs_h[:, None].to(tl.int64) * stride_ah + offs_d[None, :]
+        w = tl.load(wa_ptr + offs_d).to(tl.float32)
     else:
         row = xb_ptr + pid_b * stride_bb + (pid_t - S_A).to(tl.int64) * stride_bs
-        ptrs = row + offs_h[:, None].to(tl.int64) * stride_bh + 2 * offs_j[None, :]
-        w_even = tl.load(wb_ptr + 2 * offs_j).to(tl.float32)
-        w_odd = tl.load(wb_ptr + 2 * offs_j + 1).to(tl.float32)
-    x_even = tl.load(ptrs, mask=hmask, other=0.0).to(tl.float32)  # (BLOCK_H, HALF)
-    x_odd = tl.load(ptrs + 1, mask=hmask, other=0.0).to(tl.float32)
+        ptrs = row + offs_h[:, None].to(tl.int64) * stride_bh + offs_d[None, :]
+        w = tl.load(wb_ptr + offs_d).to(tl.float32)
+    x = tl.load(ptrs, mask=hmask, other=0.0).to(tl.float32)  # (BLOCK_H, HEAD_DIM)
 
-    ms = (tl.sum(x_even * x_even, axis=1) + tl.sum(x_odd * x_odd, axis=1)) / HEAD_DIM
-    r = 1.0 / tl.sqrt(ms + eps)  # (BLOCK_H,)
-    y_even = x_even * r[:, None] * w_even[None, :]
-    y_odd = x_odd * r[:, None] * w_odd[None, :]
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)  # (BLOCK_H,)
+    y = x * r[:, None] * w[None, :]
 
     if HAS_ROPE:
-        c = cos_ptr + pid_t.to(tl.int64) * stride_cs + 2 * offs_j
-        s = sin_ptr + pid_t.to(tl.int64) * stride_cs + 2 * offs_j
-        c_even = tl.load(c)[None, :]
-        c_odd = tl.load(c + 1)[None, :]
-        s_even = tl.load(s)[None, :]
-        s_odd = tl.load(s + 1)[None, :]
-        o_even = y_even * c_even - y_odd * s_even
-        o_odd = y_odd * c_odd + y_even * s_odd
-    else:
-        o_even = y_even
-        o_odd = y_odd
+        c = tl.load(cos_ptr + pid_t.to(tl.int64) * stride_cs + offs_d)[None, :]
+        s = tl.load(sin_ptr + pid_t.to(tl.int64) * stride_cs + offs_d)[None, :]
+        y_even, y_odd = _split_pairs(y, BLOCK_H, HALF)
+        # rotate_half: (-odd, even) interleaved, i.e. partner[2j] = -y[2j+1], partner[2j+1] = y[2j]
+        partner = tl.reshape(tl.join(-y_odd, y_even), (BLOCK_H, HEAD_DIM))
+        y = y * c + partner * s
 
     optrs = (out_ptr + pid_b * stride_ob + pid_t.to(tl.int64) * stride_os
-             + offs_h[:, None].to(tl.int64) * stride_oh + 2 * offs_j[None, :])
-    tl.store(optrs, o_even.to(out_ptr.dtype.element_ty), mask=hmask)
-    tl.store(optrs + 1, o_odd.to(out_ptr.dtype.element_ty), mask=hmask)
+             + offs_h[:, None].to(tl.int64) * stride_oh + offs_d[None, :])
+    tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
 def _check(x, weight, cos, sin, x_prefix, weight_prefix):
