@@ -48,6 +48,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers / huggingface_h
 
 import torch
 
+try:  # qflash from this checkout when it is not installed (e.g. a GPU machine given only the work tree)
+    import qflash  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
 RANDOM_MODES = ["sdpa", "int8", "int8-fp8", "int4", "sage", "no-attn", "sdpa+fused", "int8-fp8+fused"]
 REAL_MODES = ["sdpa", "int8", "int8-fp8", "int4", "sage"]
 HF_REPOS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
