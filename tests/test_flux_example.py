@@ -40,7 +40,8 @@ def run_mod():
 
 
 def test_tiny_end_to_end(run_mod, tmp_path, capsys):
-    rc = run_mod.main(["--tiny", "--resolution", "1024", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    rc = run_mod.main(["--tiny", "--resolution", "1024", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                       "--out", str(tmp_path)])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "random weights: not an image-quality measurement" in stdout
@@ -121,10 +122,9 @@ def test_bad_arguments_are_argparse_errors(run_mod, capsys, argv, message):
     assert "error:" in err and message in err, err
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
 def test_full_size_random_on_cpu_is_refused(run_mod, capsys):
     with pytest.raises(SystemExit) as exc:
-        run_mod.main(["--weights", "random", "--resolution", "1024"])
+        run_mod.main(["--weights", "random", "--resolution", "1024", "--device", "cpu"])
     assert exc.value.code == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
@@ -185,7 +185,8 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 def test_real_weights_path_on_a_tiny_pipeline(run_mod, tiny_pipeline_dir, tmp_path, capsys):
     rc = run_mod.main(["--model-path", str(tiny_pipeline_dir), "--resolution", "128", "--steps", "2",
-                       "--warmup", "1", "--modes", "sdpa", "int8", "int4", "sage", "--out", str(tmp_path)])
+                       "--warmup", "1", "--modes", "sdpa", "int8", "int4", "sage", "--device", "cpu",
+                       "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "PSNR/SSIM vs the baseline" in out and "| 128 | int8" in out
