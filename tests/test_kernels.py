@@ -33,7 +33,9 @@ from qflash.quant import quantize  # noqa: E402
 
 # Kernel vs fake-quant reference: the same math up to fp32 evaluation order, exp2 vs exp, and a
 # rare rounding tie resolved differently (the interpreter evaluates some fp32 steps in fp64).
-TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 8e-3, "int4": 3e-3, "fp8": 1e-2 if torch.cuda.is_available() else 2e-2}
+# FP8 P: exp2 in the kernel vs exp in the reference moves a few P values across an e4m3 rounding
+# boundary (one step is 6 %); with thousands of keys (Sk=4097) that reaches ~1e-2.
+TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 1.2e-2, "int4": 3e-3, "fp8": 1.2e-2 if torch.cuda.is_available() else 3e-2}
 # Kernel vs exact fp64 attention on N(0,1) inputs: the preset's error budget (issue 2's table).
 BUDGET = {"none": 0.005, "int8": 0.02, "int8-fp8": 0.05, "int4": 0.22, "fp8": 0.07}
 PRESETS = list(TIGHT)

@@ -81,24 +81,16 @@ def _attn_tiles(
 ):
     """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks.
 
-    Scores stay in "raw" units x (the int32 dot reinterpreted as fp32 plus 1.5*2**23, or the
-    float dot) with ``s = (x - OFF) * c`` in log2 units; ``c`` is the row multiplier times the
-    tile's K scale. Without bias or additive mask, ``exp2(x * c - (OFF * c + m))`` is one FMA.
+    Scores stay in "raw" units x (the integer dot as an exact fp32, or the float dot) with
+    ``s = x * c`` in log2 units; ``c`` is the row multiplier times the tile's K scale. Without bias
+    or additive mask, ``exp2(x * c - m)`` is one FMA.
     """
     dmask = offs_d < HEAD_DIM
-    if KIND == 1 or KIND == 2:
-        OFF: tl.constexpr = 12582912.0  # int32 + 0x4B400000 reinterpreted = value + 1.5 * 2**23, exact below 2**22
-    else:
-        OFF: tl.constexpr = 0.0
     if PV_FP8:
         P_LOG2_SCALE: tl.constexpr = 8.807354922057604  # log2(448): P lands in [0, 448], the e4m3 range
     else:
         P_LOG2_SCALE: tl.constexpr = 0.0
     K_SCALAR: tl.constexpr = (K_SCALE_BLOCK % BLOCK_N) == 0
-    if K_SCALAR:
-        X_OFF: tl.constexpr = OFF
-    else:
-        X_OFF: tl.constexpr = 0.0  # per-key scales are applied (and OFF removed) before the row math
     FMA_FORM: tl.constexpr = (not HAS_BIAS) and MASK_KIND != 2
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -112,7 +104,10 @@ def _attn_tiles(
             k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
         qk = tl.dot(q, tl.trans(k))
         if KIND == 1 or KIND == 2:
-            x = (qk + 0x4B400000).to(tl.float32, bitcast=True)  # int -> float on the full-rate ALUs
+            # int32 -> fp32 on the full-rate ALUs: reinterpreting qk + 0x4B400000 gives qk + 1.5 * 2**23
+            # exactly (|qk| < 2**22); subtracting it back is exact too. (Folding the subtraction into the
+            # exp2 FMA would cancel catastrophically when the scales are large.)
+            x = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
         else:
             x = qk
         if KIND == 0:
@@ -129,10 +124,10 @@ def _attn_tiles(
                 k_scale = tl.load(ks_base + offs_n * stride_ks, mask=offs_n < Sk, other=0.0)
             else:
                 k_scale = tl.load(ks_base + offs_n * stride_ks)
-            x = (x - OFF) * k_scale[None, :]
+            x = x * k_scale[None, :]
             c = q_mult
         if not FMA_FORM:
-            x = (x - X_OFF) * c[:, None]  # from here on x is s, in log2 units
+            x = x * c[:, None]  # from here on x is s, in log2 units
             if HAS_BIAS and FUSED_QUANT:
                 x += (tl.sum(kf * q_mean[None, :], axis=1) * qk_mult)[None, :]
             elif HAS_BIAS:
@@ -155,7 +150,7 @@ def _attn_tiles(
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             x = tl.where(valid, x, float("-inf"))
         if FMA_FORM:
-            m_new = tl.maximum(m_i, (tl.max(x, axis=1) - X_OFF) * c)
+            m_new = tl.maximum(m_i, tl.max(x, axis=1) * c)
         else:
             m_new = tl.maximum(m_i, tl.max(x, axis=1))
         if MASKED or MASK_KIND != 0:
@@ -163,7 +158,7 @@ def _attn_tiles(
         else:
             m_use = m_new
         if FMA_FORM:
-            p = tl.math.exp2(x * c[:, None] - (X_OFF * c + m_use - P_LOG2_SCALE)[:, None])
+            p = tl.math.exp2(x * c[:, None] - (m_use - P_LOG2_SCALE)[:, None])
         else:
             p = tl.math.exp2(x - (m_use - P_LOG2_SCALE)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
