@@ -36,6 +36,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.compiler.errors
+import triton.runtime.errors
 
 CUDA = torch.cuda.is_available()
 if not CUDA:  # CPU smoke run through Triton's interpreter, with the test suite's dtype fixes
@@ -45,10 +48,10 @@ if not CUDA:  # CPU smoke run through Triton's interpreter, with the test suite'
 
     triton_interpreter_shim.apply()
 
-from qflash.config import PRESETS  # noqa: E402
-from qflash.kernels.bwd_launch import BwdConfig, attention_bwd, pick_bwd_config, saved_bytes  # noqa: E402
-from qflash.kernels.launch import attention_fwd  # noqa: E402
-from qflash.ops import call_attention_fwd  # noqa: E402
+from qflash.config import PRESETS
+from qflash.kernels.bwd_launch import BwdConfig, attention_bwd, pick_bwd_config, saved_bytes
+from qflash.kernels.launch import attention_fwd
+from qflash.ops import call_attention_fwd
 
 # Tile candidates for the sweep: (block_m1, block_n1, block_m2, block_n2, warps1, stages1, warps2, stages2)
 CANDIDATES = [
@@ -136,8 +139,9 @@ def main(argv=None) -> int:
                 if not e < 2e-2:
                     print(f"| {cand} | — | {e:.2e} (rejected) |")
                     continue
-                t = bench(lambda: attention_bwd(q, k, v, out, lse, do, causal=causal, kernel_config=cand))
-            except Exception as exc:  # out of shared memory / registers for this tile
+                t = bench(lambda cand=cand: attention_bwd(q, k, v, out, lse, do, causal=causal, kernel_config=cand))
+            except (RuntimeError, ValueError, triton.runtime.errors.OutOfResources,
+                    triton.compiler.errors.CompilationError) as exc:  # too much shared memory / registers
                 print(f"| {cand} | failed: {type(exc).__name__}: {str(exc)[:80]} | |")
                 continue
             print(f"| {cand} | {t:.3f} | {e:.2e} |")
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
 
     for lowbit in ("none", "int8"):
         grads = attention_bwd(q, k, v, out, lse, do, causal=causal, lowbit=lowbit, kernel_config=kc)[:3]
-        t_bwd = bench(lambda: attention_bwd(q, k, v, out, lse, do, causal=causal, lowbit=lowbit, kernel_config=kc))
+        t_bwd = bench(lambda lowbit=lowbit: attention_bwd(q, k, v, out, lse, do, causal=causal, lowbit=lowbit,
+                                                          kernel_config=kc))
         t_fwd = bench(lambda: attention_fwd(q, k, v, PRESETS["none"], causal=causal, return_lse=True))
         rows.append((f"kernels: none fwd + {'bf16' if lowbit == 'none' else 'INT8'} bwd (tuned tiles)",
                      t_fwd + t_bwd, t_bwd, grads))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # CPU: the Triton kernels run through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qflash.config import PRESETS, resolve_quant  # noqa: E402
+from qflash.config import resolve_quant
 
 
 class _LowbitAttention(torch.autograd.Function):
@@ -170,8 +170,8 @@ def main(argv=None) -> int:
 
         triton_interpreter_shim.apply()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    kw = dict(steps=args.steps, batch=args.batch, seq=args.seq, dim=args.dim, heads=args.heads,
-              layers=args.layers, seed=args.seed, dtype=dtype)
+    kw = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "dim": args.dim, "heads": args.heads,
+          "layers": args.layers, "seed": args.seed, "dtype": dtype}
     curves = {kind: train(kind, **kw) for kind in KINDS}
     ref = curves["sdpa"]
     every = max(1, args.steps // 6)

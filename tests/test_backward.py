@@ -26,15 +26,15 @@ if interpreter_enabled():
 
     triton_interpreter_shim.apply()
 
-from qflash.kernels.bwd_launch import (  # noqa: E402
+from qflash.kernels.bwd_launch import (
     BwdConfig,
     attention_bwd,
     quantize_for_backward,
     saved_bytes,
     ste_backward,
 )
-from qflash.kernels.configs import KernelConfig  # noqa: E402
-from qflash.kernels.launch import attention_fwd  # noqa: E402
+from qflash.kernels.configs import KernelConfig
+from qflash.kernels.launch import attention_fwd
 
 SMALL_BWD = BwdConfig(32, 32, 32, 32, 4, 1, 4, 1)  # interpreter: small tiles keep programs cheap
 SMALL_FWD = KernelConfig(32, 32, 4, 1)
@@ -290,15 +290,9 @@ GPU_CASES = [
 
 
 def _fp32_grads(q, k, v, do, **kw):
+    """fp32 exact gradients (TF32 off) on the GPU; fully masked rows get zeros, not NaN."""
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    kf2 = kf.repeat_interleave(q.shape[1] // k.shape[1], 1)
-    vf2 = vf.repeat_interleave(q.shape[1] // k.shape[1], 1)
-    causal = kw.get("causal", False)
-    mask = None
-    if causal:
-        Sq, Sk = q.shape[2], k.shape[2]
-        mask = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
-    out = torch.nn.functional.scaled_dot_product_attention(qf, kf2, vf2, attn_mask=mask)
+    out = exact_attention(qf, kf, vf, compute_dtype=torch.float32, **kw)
     return torch.autograd.grad(out, (qf, kf, vf), do.float())
 
 

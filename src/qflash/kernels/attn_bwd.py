@@ -292,7 +292,7 @@ def bwd_dkdv_kernel(
         m_full = 0
     m_tail = tl.maximum(m_full, m_even)
 
-    for g in range(0, GQA_GROUP):
+    for g in range(GQA_GROUP):
         h = hk * GQA_GROUP + g
         bh = b * Hq + h
         q_base = Q + b * stride_qb + h * stride_qh

@@ -30,6 +30,7 @@ out / grad_out (B, Hq, Sq, Dv), lse / grad_lse fp32 (B, Hq, Sq). Hq a multiple o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -40,14 +41,14 @@ from ..config import PRESETS, QuantConfig
 from . import attn_bwd
 
 __all__ = [
-    "BwdConfig",
     "LOWBIT_MODES",
-    "attention_bwd",
-    "ste_backward",
-    "pick_bwd_config",
     "BwdCodes",
+    "BwdConfig",
+    "attention_bwd",
+    "pick_bwd_config",
     "quantize_for_backward",
     "saved_bytes",
+    "ste_backward",
 ]
 
 LOWBIT_MODES = ("none", "int8")
@@ -248,6 +249,10 @@ def attention_bwd(
         return dq, dk, dv, dmask
 
     kc = kernel_config or pick_bwd_config(dev, D)
+    if pdo_int8 and (kc.block_m1 < 32 or kc.block_n2 < 32):
+        # INT8 MMAs reduce over block_m1 (Pᵀ·dO, dSᵀ·Q) and block_n2 (dS·K): Hopper's INT8 MMA
+        # wants K >= 32. Both are loop steps, not grid dims, so raising them is always safe.
+        kc = dataclasses.replace(kc, block_m1=max(kc.block_m1, 32), block_n2=max(kc.block_n2, 32))
     lse = lse.to(torch.float32).contiguous()
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
     lse2 = torch.empty_like(delta)
@@ -285,7 +290,8 @@ def attention_bwd(
     write_ds = bool(mask_grad and mask_kind == attn_bwd.MASK_ADD)
     ds_buf = torch.zeros((B, Hq, Sq, Sk), dtype=torch.float32, device=dev) if write_ds else delta
     dot_precision = "ieee" if dtype == torch.float32 else "tf32"
-    common = dict(HEAD_DIM=D, HEAD_DIM_PAD=_hpad(D), HEAD_DIM_V=Dv, HEAD_DIM_V_PAD=_hpad(Dv), DOT_PRECISION=dot_precision)
+    common = {"HEAD_DIM": D, "HEAD_DIM_PAD": _hpad(D), "HEAD_DIM_V": Dv, "HEAD_DIM_V_PAD": _hpad(Dv),
+              "DOT_PRECISION": dot_precision}
     q_str = qa.stride()[:3] if q is not None else (0, 0, 0)
     k_str = ka.stride()[:3] if k is not None else (0, 0, 0)
 
