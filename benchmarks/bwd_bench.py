@@ -36,9 +36,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.compiler.errors
-import triton.runtime.errors
 
 CUDA = torch.cuda.is_available()
 if not CUDA:  # CPU smoke run through Triton's interpreter, with the test suite's dtype fixes
@@ -47,6 +44,9 @@ if not CUDA:  # CPU smoke run through Triton's interpreter, with the test suite'
     import triton_interpreter_shim
 
     triton_interpreter_shim.apply()
+
+import triton.compiler.errors  # after TRITON_INTERPRET is set: Triton reads it at import
+import triton.runtime.errors
 
 from qflash.config import PRESETS
 from qflash.kernels.bwd_launch import BwdConfig, attention_bwd, pick_bwd_config, saved_bytes
