@@ -17,7 +17,7 @@ timeout "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider --tb=line 
 timeout 200 python3 benchmarks/kernel_bench.py --out "$OUT" --quick --presets int8,int8-fp8,fp8,int4,none \
   > "$OUT/kernel_bench.log" 2>&1
 if [ -f benchmarks/bwd_bench.py ]; then
-  timeout 120 python3 benchmarks/bwd_bench.py --out "$OUT" > "$OUT/bwd_bench.log" 2>&1
+  timeout 120 python3 benchmarks/bwd_bench.py --no-sweep > "$OUT/bwd_bench.log" 2>&1
 fi
 if python3 -c "import diffusers" 2>/dev/null; then
   timeout "${FLUX_LIMIT:-200}" python3 examples/flux/run.py --out "$OUT" ${FLUX_ARGS:-} > "$OUT/flux.log" 2>&1

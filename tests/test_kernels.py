@@ -34,13 +34,17 @@ from qflash.quant import quantize  # noqa: E402
 # Kernel vs fake-quant reference: the same math up to fp32 evaluation order, exp2 vs exp, and a
 # rare rounding tie resolved differently (the interpreter evaluates some fp32 steps in fp64).
 # FP8 P: exp2 in the kernel vs exp in the reference moves a few P values across an e4m3 rounding
-# boundary (one step is 6 %); with thousands of keys (Sk=4097) that reaches ~1e-2.
-TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 1.2e-2, "int4": 3e-3, "fp8": 1.2e-2 if torch.cuda.is_available() else 3e-2}
+# boundary (one step is 6 %). On Hopper the FP8 MMA also accumulates with ~22-bit partial sums
+# (Triton's default for fp8 dots on sm_90), which the fake-quant reference does not model: fp8
+# Q·K scores then differ by ~1e-3 relative and the output by up to ~1.6e-2 (H100, run 11 in
+# docs/perf/NOTES.md). The exact-reference budgets below still bound the total error.
+TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 2e-2, "int4": 3e-3, "fp8": 2e-2 if torch.cuda.is_available() else 3e-2}
 # Kernel vs exact fp64 attention on N(0,1) inputs: the preset's error budget (issue 2's table).
 BUDGET = {"none": 0.005, "int8": 0.02, "int8-fp8": 0.05, "int4": 0.22, "fp8": 0.07}
 PRESETS = list(TIGHT)
-# lse: fp8 codes of bf16 inputs hit rounding ties the interpreter resolves in fp64 (one fp8 step)
-LSE_TOL = {p: (3e-2 if p == "fp8" and not torch.cuda.is_available() else 5e-3) for p in TIGHT}
+# lse: fp8 Q·K — rounding ties the interpreter resolves in fp64 (one fp8 step), and on Hopper the
+# FP8 MMA's reduced-precision accumulation (measured up to 1.6e-2)
+LSE_TOL = {p: (3e-2 if p == "fp8" else 5e-3) for p in TIGHT}
 SMALL_CFG = KernelConfig(32, 32, 4, 1)  # interpreter: small tiles keep programs cheap
 
 
