@@ -95,7 +95,7 @@ DEFAULT_BWD: dict[int, BwdConfig] = {
     128: BwdConfig(64, 128, 128, 64, 8, 2, 8, 2),
     256: BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
 }
-_CPU_DEFAULT = BwdConfig(32, 32, 32, 32, 4, 1, 4, 1)  # the interpreter: small tiles are cheapest
+_CPU_DEFAULT = BwdConfig(64, 64, 64, 64, 4, 1, 4, 1)  # the interpreter: fewer, larger tiles are cheapest
 
 
 def pick_bwd_config(device: torch.device, head_dim: int) -> BwdConfig:
