@@ -213,9 +213,35 @@ def test_report_from_bench(bench_run, tmp_path):
     for heading in ("## Test Environment", "## Micro-benchmarks", "## Accuracy & Stability",
                     "End-to-End Flux", "## Open Items", "CPU reference timings", "qflash bench --quick"):
         assert heading in md
-    assert "not yet measured" in md.lower()
+    assert "not measured in this snapshot" in md.lower()  # no --flux given
     for p in PRESETS:
         assert f"qflash {p}" in md
+
+
+def test_report_with_flux_and_appendix(bench_run, tmp_path):
+    """--flux renders one row per resolution and mode; --append lands at the end."""
+    import json
+
+    _, _, out, _ = bench_run
+    flux = {"command": "python examples/flux/run.py", "config_name": "dev", "dtype": "bf16", "timer": "events",
+            "timed_forwards": 3, "warmup": 1, "env": {"gpu_name": "GPU"}, "banner": "random weights",
+            "resolutions": [{"resolution": 1024, "rows": [
+                {"mode": "sdpa", "status": "ok", "median_ms": 180.3, "speedup": 1.0, "peak_gib": 22.7,
+                 "out_cosine": 1.0, "attn_cos_min": 1.0},
+                {"mode": "int8-fp8", "status": "ok", "median_ms": 170.0, "speedup": 1.06, "peak_gib": 22.8,
+                 "out_cosine": 0.99998, "attn_cos_min": 0.9999}]}],
+            "table": "pre-attention RMSNorm+RoPE of q,k per forward at 1024px: saves 47 ms"}
+    (tmp_path / "flux.json").write_text(json.dumps(flux))
+    (tmp_path / "extra.md").write_text("## Backward and training\n\nrows\n")
+    target = tmp_path / "P.md"
+    rc, _ = run_main(["report", "--from", str(out / "bench.json"), "--flux", str(tmp_path / "flux.json"),
+                      "--append", str(tmp_path / "extra.md"), "--out", str(target)])
+    md = target.read_text()
+    assert rc == 0
+    assert "| 1024px | int8-fp8 | 170.0 | 1.060× |" in md
+    assert "saves 47 ms" in md
+    assert md.rstrip().endswith("rows")
+    assert "Flux end to end" not in md.split("## Open Items")[1]
 
 
 def test_report_rejects_wrong_kind(bench_run, tmp_path):

@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`qflash bench` JSON and optionally a `qflash accuracy` JSON.")
     p.add_argument("--from", dest="bench_json", required=True, metavar="BENCH_JSON", help="qflash bench JSON")
     p.add_argument("--accuracy", default=None, metavar="ACC_JSON", help="qflash accuracy JSON")
+    p.add_argument("--flux", default=None, metavar="FLUX_JSON", help="examples/flux/run.py's flux_results.json")
+    p.add_argument("--append", default=None, metavar="MD", help="Markdown appended at the end (e.g. backward tables)")
     p.add_argument("--out", default="docs/PERFORMANCE.md", metavar="FILE", help="Markdown file to write")
     p.set_defaults(func=_run("report", "cmd_report"))
     return parser

@@ -113,12 +113,43 @@ def quantizer_pivot(acc: dict, source: str = "N(0,1)") -> str:
                     [[p, s] + [fmt(cell.get((p, s, g)), "pct") for g in grans] for p, s in combos])
 
 
-def open_items(bench: dict, acc: dict | None) -> str:
+def flux_section(flux: dict | None) -> str:
+    """The end-to-end table from ``examples/flux/run.py``'s JSON (one row per resolution and mode)."""
+    if flux is None:
+        return ("Not measured in this snapshot (pass `--flux` with `examples/flux/run.py`'s JSON). The design "
+                "anchors (H100, default SDPA) are 185.7 ms per transformer forward at 1024px and 892 ms at 2048px.")
+    head = (f"`{flux.get('command', '')}` — FLUX.1 {flux.get('config_name', '')} transformer, {flux.get('dtype', '')}, "
+            f"{flux.get('timer', '')}, median of {flux.get('timed_forwards', '?')} forwards after "
+            f"{flux.get('warmup', '?')} warm-up; {flux.get('env', {}).get('gpu_name', '')}.")
+    if flux.get("banner"):
+        head += f" **{flux['banner']}.**"
+    rows = []
+    for res in flux.get("resolutions", []):
+        for r in res.get("rows", []):
+            ok = r.get("status") == "ok"
+            rows.append([f"{res['resolution']}px", r.get("mode", ""),
+                         fmt(r.get("median_ms"), "ms") if ok else r.get("status", ""),
+                         f"{r['speedup']:.3f}×" if ok and r.get("speedup") else "–",
+                         f"{r['peak_gib']:.2f}" if ok and r.get("peak_gib") is not None else "–",
+                         f"{r['out_cosine']:.6f}" if ok and r.get("out_cosine") is not None else "–",
+                         f"{r['attn_cos_min']:.6f}" if ok and r.get("attn_cos_min") is not None else "–"])
+    table = md_table(["resolution", "mode", "ms / forward", "speed-up vs SDPA", "peak GiB", "output cos",
+                      "worst attention-block cos"], rows)
+    notes = ("`no-attn` replaces attention by zeros: the ceiling of any attention speed-up. `+fused` runs "
+             "the fused RMSNorm+RoPE prologue (`qflash.kernels.prequant`) instead of diffusers' eager ops.")
+    extra = flux.get("table", "")
+    prologue = [ln.strip() for ln in extra.splitlines() if ln.startswith("pre-attention")]
+    return "\n\n".join([head, table, notes] + (["Pre-attention fusion:\n\n" + "\n".join(f"- {p}" for p in prologue)]
+                                               if prologue else []))
+
+
+def open_items(bench: dict, acc: dict | None, flux: dict | None = None) -> str:
     items = []
     if bench["settings"]["cpu_reference_run"]:
         items.append(["H100 numbers", ("This snapshot is a CPU reference run; rerun `qflash bench` and "
                                        "`qflash accuracy` on an H100 and regenerate this file.")])
-    items.append(["Flux end to end", "Not yet measured (examples/flux harness pending)."])
+    if flux is None:
+        items.append(["Flux end to end", "Not measured in this snapshot (`examples/flux/run.py`)."])
     items.append(["Tuning tables per GPU", ("`qflash tune` sweeps kernel configs; tables for GPUs other than "
                                             "H100 still to be measured (the seed's \"wider hardware matrix\").")])
     if acc is not None:
@@ -133,7 +164,8 @@ def open_items(bench: dict, acc: dict | None) -> str:
     return md_table(["Item", "Status"], items)
 
 
-def render(bench: dict, acc: dict | None, report_command: str) -> str:
+def render(bench: dict, acc: dict | None, report_command: str, flux: dict | None = None,
+           appendix: str | None = None) -> str:
     cpu = bench["settings"]["cpu_reference_run"]
     parts = [
         "# qflash – Performance Snapshot", "",
@@ -142,11 +174,7 @@ def render(bench: dict, acc: dict | None, report_command: str) -> str:
     if cpu:
         parts += ["> " + NOT_KERNEL, ""]
     parts += ["## Test Environment", "", environment(bench, acc), "",
-              "## End-to-End Flux Benchmarks (1024×1024 Image Synthesis)", "",
-              ("Not yet measured: the Flux end-to-end harness has not landed. The design anchors (H100, default "
-               "SDPA) are 185.7 ms per transformer forward at 1024px and 892 ms at 2048px."), "",
-              md_table(["Precision", "Speed-up vs SDPA", "Notes"],
-                       [[p, "not yet measured", ""] for p in ("int8", "int8-fp8", "int4", "fp8")]), "",
+              "## End-to-End Flux Benchmarks", "", flux_section(flux), "",
               "## Micro-benchmarks (`qflash bench`)", "", micro(bench), "",
               "## Accuracy & Stability (`qflash accuracy`)", "",
               accuracy(acc) if acc is not None else "Not measured in this snapshot (pass `--accuracy`).", "",
@@ -155,7 +183,9 @@ def render(bench: dict, acc: dict | None, report_command: str) -> str:
               "- Shapes: `--shapes 1x24x4608x128,1x32x8192x128c` (`c` = causal); presets: `--presets int8,fp8`.",
               "- Every run writes JSON (schema in `qflash.bench.schema`), CSV, Markdown and a PNG plot under `--out`.",
               "- Compare timings only within one run: speed-ups divide by SDPA measured in the same run.", "",
-              "## Open Items", "", open_items(bench, acc), ""]
+              "## Open Items", "", open_items(bench, acc, flux), ""]
+    if appendix:
+        parts += [appendix.rstrip(), ""]
     return "\n".join(parts)
 
 
@@ -163,10 +193,12 @@ def cmd_report(args) -> int:
     try:
         bench = load(args.bench_json, "bench")
         acc = load(args.accuracy, "accuracy") if args.accuracy else None
+        flux = json.loads(Path(args.flux).read_text()) if getattr(args, "flux", None) else None
+        appendix = Path(args.append).read_text() if getattr(args, "append", None) else None
     except (OSError, ValueError) as exc:
         args.parser.error(str(exc))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(bench, acc, args.command_line))
+    out.write_text(render(bench, acc, args.command_line, flux, appendix))
     print(f"qflash report: wrote {out}")
     return 0
