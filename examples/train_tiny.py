@@ -39,26 +39,39 @@ class _LowbitAttention(torch.autograd.Function):
     """Attention with a chosen forward preset and the INT8 backward.
 
     ``torch.ops.qflash.attention_fwd`` does not take a backward option yet, so this calls the
-    launchers directly: the forward kernel of ``quant``, then ``ste_backward(lowbit="int8")``.
+    launchers directly: the forward kernel of ``quant``, then the INT8 backward. After an exact
+    forward only INT8 codes of q and k are kept (``quantize_for_backward`` at forward time, about
+    half the bytes of bf16 q and k); after a quantised one q, k, v are kept and the backward
+    recomputes the exact O and lse (``ste_backward``).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, quant: str, causal: bool):
+        from qflash.kernels.bwd_launch import quantize_for_backward
         from qflash.kernels.launch import attention_fwd
 
         cfg = resolve_quant(quant)
         out, lse = attention_fwd(q, k, v, cfg, causal=causal, return_lse=True)
-        ctx.save_for_backward(q, k, v, out, lse)
         ctx.cfg, ctx.causal = cfg, causal
+        ctx.exact = not (cfg.quantizes_qk or cfg.quantizes_pv)
+        if ctx.exact:
+            c = quantize_for_backward(q, k)
+            ctx.save_for_backward(v, out, lse, c.q_codes, c.q_scale, c.k_codes, c.k_scale, c.k_mean, c.row_bias)
+        else:
+            ctx.save_for_backward(q, k, v)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        from qflash.kernels.bwd_launch import ste_backward
+        from qflash.kernels.bwd_launch import BwdCodes, attention_bwd, ste_backward
 
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv, _ = ste_backward(q, k, v, grad_out.contiguous(), None, ctx.cfg, out=out, lse=lse,
-                                     causal=ctx.causal, lowbit="int8")
+        if ctx.exact:
+            v, out, lse, *codes = ctx.saved_tensors
+            dq, dk, dv, _ = attention_bwd(None, None, v, out, lse, grad_out, causal=ctx.causal, lowbit="int8",
+                                          codes=BwdCodes(*codes))
+        else:
+            q, k, v = ctx.saved_tensors
+            dq, dk, dv, _ = ste_backward(q, k, v, grad_out, None, ctx.cfg, causal=ctx.causal, lowbit="int8")
         return dq, dk, dv, None, None
 
 

@@ -364,15 +364,17 @@ def saved_bytes(
     quant: str | QuantConfig = "none",
     dtype: torch.dtype = torch.bfloat16,
     lowbit: str = "none",
+    return_lse: bool = True,
 ) -> dict[str, int]:
-    """Bytes the autograd of ``qflash::attention_fwd`` keeps between forward and backward.
+    """Bytes kept between forward and backward (per attention call).
 
-    The policy (``qflash.ops``): exact forward (``none``) keeps q, k, v, out (input dtype) and
-    lse (fp32); a quantised forward keeps q, k, v only (its O and lse are recomputed exactly in
-    the backward, so saving them would be wasted). ``lowbit="int8"`` keeps INT8 q/k codes with an
-    fp32 scale per token instead of q and k when nothing else needs them (exact forward: the
-    backward reads only codes). The attention mask, if any, is the caller's tensor (not counted).
-    Returns a dict of per-tensor bytes plus ``"total"``.
+    The policy of ``qflash.ops``' autograd: an exact forward (``none``) that returned its lse
+    keeps q, k, v, out (input dtype) and lse (fp32); a quantised forward, or an exact one called
+    without ``return_lse``, keeps q, k, v only (O and lse are recomputed exactly in the backward).
+    ``lowbit="int8"`` after an exact forward (``attention_bwd(None, None, ..., codes=...)``, as in
+    ``examples/train_tiny.py``): INT8 q/k codes with an fp32 scale per token, the fp32 K mean and
+    the fp32 row bias replace q and k. The attention mask, if any, is the caller's tensor (not
+    counted). Returns a dict of per-tensor bytes plus ``"total"``.
     """
     from ..config import resolve_quant
 
@@ -382,14 +384,15 @@ def saved_bytes(
     el = torch.empty((), dtype=dtype).element_size()
     rows_q, rows_k = B * Hq * Sq, B * Hkv * Sk
     res: dict[str, int] = {}
+    keeps_out = _is_exact(cfg) and (return_lse or lowbit == "int8")
     if lowbit == "int8" and _is_exact(cfg):
-        res["q_codes+scales"] = rows_q * (D + 4)
-        res["k_codes+scales"] = rows_k * (D + 4)
+        res["q_codes+scales+row_bias"] = rows_q * (D + 8)
+        res["k_codes+scales+mean"] = rows_k * (D + 4) + B * Hkv * D * 4
     else:
         res["q"] = rows_q * D * el
         res["k"] = rows_k * D * el
     res["v"] = rows_k * D * el
-    if _is_exact(cfg):
+    if keeps_out:
         res["out"] = rows_q * D * el
         res["lse"] = rows_q * 4
     res["total"] = sum(res.values())
