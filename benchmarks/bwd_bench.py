@@ -196,8 +196,10 @@ def main(argv=None) -> int:
     for preset in ("none", "int8", "int8-fp8", "int4", "fp8"):
         sb = saved_bytes(B, H, H, S, S, D, quant=preset, dtype=dtype)
         print(f"- {preset}: {sb['total'] / 2**20:.1f} MiB ({', '.join(f'{k}' for k in sb if k != 'total')})")
+    sb = saved_bytes(B, H, H, S, S, D, quant="none", dtype=dtype, return_lse=False)
+    print(f"- none called without return_lse (O, lse recomputed): {sb['total'] / 2**20:.1f} MiB")
     sb = saved_bytes(B, H, H, S, S, D, quant="none", dtype=dtype, lowbit="int8")
-    print(f"- none + INT8 backward (codes saved): {sb['total'] / 2**20:.1f} MiB")
+    print(f"- none + INT8 backward (q/k codes saved): {sb['total'] / 2**20:.1f} MiB")
     print(f"\n## {name}: forward+backward vs SDPA default, gradient relL2 vs fp32 exact")
     print(f"bwd kernel tiles: {kc}; fwd+bwd FLOPs counted as 3.5 x 4·B·H·S²·D{' / 2' if causal else ''}")
     print("| variant | fwd+bwd ms | vs sdpa | TFLOPS | bwd-only ms | bwd vs sdpa | dq relL2 | dk relL2 | dv relL2 |")

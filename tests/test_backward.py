@@ -376,8 +376,8 @@ def test_opcheck_attention_bwd():
     q, k, v, do = make_inputs(1, 2, 1, 17, 23, 64, torch.float32, "NHD", gen)
     mask = torch.randn(1, 2, 17, 23, generator=gen).to(DEVICE)
     args = (q, k, v, None, None, do, None, mask, "int8", True, None, "none", True)
-    torch.library.opcheck(torch.ops.qflash.attention_bwd.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    res = torch.library.opcheck(torch.ops.qflash.attention_bwd.default, args)
+    assert all(v == "SUCCESS" for v in res.values()), res
 
 
 def test_compile_fullgraph_backward_graph_has_bwd_op():
