@@ -319,6 +319,7 @@ def test_gpu_grads_vs_fp32(shape, causal, layout, lowbit):
 
 OP_CASES = [
     pytest.param("none", True, "HND", id="none-lse-HND"),
+    pytest.param("none", True, "NHD", id="none-lse-NHD"),
     pytest.param("none", False, "NHD", id="none-nolse-NHD"),
     pytest.param("int8", True, "HND", id="int8-lse"),
     pytest.param("int4", False, "NHD", id="int4-NHD"),
