@@ -298,9 +298,6 @@ def reference_backward(
 # ``reference_backward``; for quantised presets the launcher first recomputes the exact O and lse
 # (one ``none`` forward), so only q, k, v are saved. Elsewhere ``reference_backward`` runs.
 
-BWD_LOWBIT = ("none", "int8")
-
-
 def _grad_buffer(t: torch.Tensor) -> torch.Tensor:
     """Uninitialised gradient with t's strides when its channel dim is contiguous (the kernels
     need that), else contiguous. Real and fake implementations allocate through this."""
