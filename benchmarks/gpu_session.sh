@@ -12,7 +12,7 @@ if ls .whl/diffusers-*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 TESTS=${TESTS:-"tests/test_kernels.py tests/test_ops.py tests/test_sdpa.py tests/test_backward.py"}
-timeout "${TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider --tb=line -m "not slow" $TESTS \
+timeout "${TEST_LIMIT:-420}" python3 -m pytest -q -p no:cacheprovider --tb=line -m "not slow" $TESTS \
   > "$OUT/tests.log" 2>&1; echo "tests rc=$?" | tee -a "$OUT/tests.log"
 timeout 200 python3 benchmarks/kernel_bench.py --out "$OUT" --quick --presets int8,int8-fp8,fp8,int4,none \
   > "$OUT/kernel_bench.log" 2>&1

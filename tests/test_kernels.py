@@ -34,11 +34,12 @@ from qflash.quant import quantize  # noqa: E402
 # Kernel vs fake-quant reference: the same math up to fp32 evaluation order, exp2 vs exp, and a
 # rare rounding tie resolved differently (the interpreter evaluates some fp32 steps in fp64).
 # FP8 P: exp2 in the kernel vs exp in the reference moves a few P values across an e4m3 rounding
-# boundary (one step is 6 %). On Hopper the FP8 MMA also accumulates with ~22-bit partial sums
-# (Triton's default for fp8 dots on sm_90), which the fake-quant reference does not model: fp8
-# Q·K scores then differ by ~1e-3 relative and the output by up to ~1.6e-2 (H100, run 11 in
-# docs/perf/NOTES.md). The exact-reference budgets below still bound the total error.
-TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 2e-2, "int4": 3e-3, "fp8": 2e-2 if torch.cuda.is_available() else 3e-2}
+# boundary (one step is 6 %). FP8 Q·K on Hopper also accumulates with ~22-bit partial sums
+# (Triton's default for fp8 dots on sm_90), which the fake-quant reference does not model: the
+# fp8 preset's lse differed by up to 1.6e-2 on an H100 (run 11 in docs/perf/NOTES.md). Those GPU
+# runs compared against a reference tiled differently from the kernel (fixed since), so the GPU
+# bounds here are not yet confirmed on a card. The exact-reference budgets bound the total error.
+TIGHT = {"none": 2e-3, "int8": 3e-3, "int8-fp8": 1.2e-2, "int4": 3e-3, "fp8": 2e-2 if torch.cuda.is_available() else 3e-2}
 # Kernel vs exact fp64 attention on N(0,1) inputs: the preset's error budget (issue 2's table).
 BUDGET = {"none": 0.005, "int8": 0.02, "int8-fp8": 0.05, "int4": 0.22, "fp8": 0.07}
 PRESETS = list(TIGHT)
@@ -62,8 +63,11 @@ def make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, layout, gen, amplitude=1.0):
     return one(Hq, Sq), one(Hkv, Sk), one(Hkv, Sk)
 
 
-def run_kernel(q, k, v, cfg, *, layout="HND", kc=None, **kw):
-    """The two-launch path unless the test asks for ``fused_quant=True`` (its own test)."""
+def run_kernel(q, k, v, cfg, *, layout="HND", kc=SMALL_CFG, **kw):
+    """The two-launch path unless the test asks for ``fused_quant=True`` (its own test).
+
+    ``kc=None`` lets the library pick its tuned config (``_picked`` tells the reference which).
+    """
     kw.setdefault("fused_quant", False)
     B, Hq, Sq, D = q.shape
     if layout == "NHD":
@@ -71,7 +75,7 @@ def run_kernel(q, k, v, cfg, *, layout="HND", kc=None, **kw):
     else:
         out = torch.full((B, Hq, Sq, D), float("nan"), dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Sq), float("nan"), device=q.device)
-    o, l = attention_fwd(q, k, v, cfg, out=out, lse=lse, return_lse=True, kernel_config=kc or SMALL_CFG, **kw)
+    o, l = attention_fwd(q, k, v, cfg, out=out, lse=lse, return_lse=True, kernel_config=kc, **kw)
     assert o.data_ptr() == out.data_ptr()
     return o, l
 
@@ -109,7 +113,6 @@ SHAPES_GPU = [
     pytest.param((1, 4, 1, 4097, 333, 128), id="Sq4097-Sk333-MQA"),
     pytest.param((1, 2, 2, 300, 300, 96), id="S300-D96"),
     pytest.param((1, 2, 2, 256, 256, 256), id="S256-D256"),
-    pytest.param((1, 24, 24, 4608, 4608, 128), id="flux-1024"),
 ]
 SHAPES = SHAPES_GPU if CUDA else SHAPES_INTERP
 
@@ -124,7 +127,7 @@ def test_kernel_matches_reference(preset, shape, causal, layout):
     dtype = torch.bfloat16 if (Sq * Sk) % 2 else torch.float16
     q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, layout, gen)
     cfg = resolve_quant(preset)
-    kc = SMALL_CFG if not CUDA else None
+    kc = SMALL_CFG if not CUDA else None  # on the GPU: the tuned config the library picks
     o, l = run_kernel(q, k, v, cfg, layout=layout, kc=kc, causal=causal)
     assert o.dtype == q.dtype
     block_n = (kc or _picked(q, k, cfg)).block_n
@@ -280,3 +283,16 @@ def test_fused_quant_mode(preset, shape, causal):
     o, l = run_kernel(q, k, v, cfg, kc=KernelConfig(64, 64, 4, 1), causal=causal, fused_quant=True)
     block_n = cfg.v.granularity.size if cfg.quantizes_pv else 64
     check(o, l, q, k, v, preset, block_n=block_n, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["int8", "int8-fp8"])
+def test_flux_shape(preset):
+    """The Flux 1024px shape with the tuned config the library picks, against both references."""
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = make_qkv(1, 24, 24, 4608, 4608, 128, torch.bfloat16, "HND", gen)
+    cfg = resolve_quant(preset)
+    o, l = run_kernel(q, k, v, cfg, kc=None)
+    block_n = min(_picked(q, k, cfg).block_n, cfg.v.granularity.size) if cfg.quantizes_pv else _picked(q, k, cfg).block_n
+    check(o, l, q, k, v, preset, block_n=block_n)
