@@ -127,6 +127,45 @@ def test_flux_with_key_padding_mask(gen):
     assert all(type(p) is FluxAttnProcessor for p in model.attn_processors.values())
 
 
+def test_flux_processor_hooks(gen):
+    """The Flux body exists once (HookedFluxAttnProcessor); subclasses override _prologue/_attend only."""
+    assert "__call__" not in vars(qfd.QFlashFluxAttnProcessor)
+    assert issubclass(qfd.QFlashFluxAttnProcessor, qfd.HookedFluxAttnProcessor)
+    F = torch.nn.functional
+
+    class PlainSDPA(qfd.HookedFluxAttnProcessor):  # diffusers' "native" backend, through the hooks
+        seen = []
+
+        def _prologue(self, attn, query, key, encoder_query, encoder_key, image_rotary_emb):
+            self.seen.append(encoder_query is not None)
+            return super()._prologue(attn, query, key, encoder_query, encoder_key, image_rotary_emb)
+
+        def _attend(self, query, key, value, attn_mask):
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
+
+    model = tiny_flux(7)
+    inputs = flux_inputs(gen)
+    native = run(model, inputs)
+    model.set_attn_processor(PlainSDPA())
+    assert torch.equal(run(model, inputs), native)
+    assert PlainSDPA.seen == [True, False]  # double-stream (text + image), then single-stream
+    model.set_attn_processor(qfd.HookedFluxAttnProcessor())
+    with pytest.raises(NotImplementedError, match="_attend"):
+        run(model, inputs)
+
+
+def test_flux_processor_compiles_without_graph_breaks(gen):
+    model = tiny_flux(8)
+    attn = model.transformer_blocks[0].attn
+    x = torch.randn(1, 16, model.inner_dim, generator=gen)
+    ctx = torch.randn(1, 8, model.inner_dim, generator=gen)
+    torch._dynamo.reset()
+    with torch.no_grad(), qfd.applied(model, quant="none"):
+        explained = torch._dynamo.explain(lambda a, b: attn(a, b))(x, ctx)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def generic_attention(cross: bool) -> Attention:
     torch.manual_seed(3)
     attn = Attention(query_dim=64, heads=2, dim_head=64, cross_attention_dim=48 if cross else None)

@@ -318,6 +318,27 @@ def test_installed_restores_the_same_processors():
     assert all(p is before[k] for k, p in model.attn_processors.items())
 
 
+def test_bench_processor_overrides_only_the_hooks(gen):
+    """BenchFluxAttnProcessor reuses the integration's Flux body; qflash.integrations.diffusers.apply
+    and remove leave it alone (it is not one of the library's processors)."""
+    import qflash.integrations.diffusers as qfd
+
+    assert issubclass(ft.BenchFluxAttnProcessor, qfd.HookedFluxAttnProcessor)
+    assert not issubclass(ft.BenchFluxAttnProcessor, qfd.QFlashFluxAttnProcessor)
+    assert set(vars(ft.BenchFluxAttnProcessor)) & {"__init__", "_attend", "_prologue", "__call__"} == {
+        "__init__", "_attend", "_prologue"}
+    model = ft.build_random_transformer(ft.FLUX_CONFIGS["tiny"], "cpu", torch.float32, seed=4)
+    attn = model.transformer_blocks[0].attn
+    x = torch.randn(1, 16, model.inner_dim, generator=gen)
+    ctx = torch.randn(1, 8, model.inner_dim, generator=gen)
+    with torch.no_grad(), ft.installed(model, ft.parse_mode("sdpa+fused")):
+        with pytest.warns(UserWarning, match="found no FluxAttnProcessor"):
+            assert qfd.apply(model, quant="int8")["skipped"] == {"BenchFluxAttnProcessor": 2}
+        assert qfd.remove(model) == 0
+        with pytest.raises(ValueError, match="does not take an attention mask"):
+            attn(x, ctx, attention_mask=torch.ones(1, 24, dtype=torch.bool))
+
+
 def test_random_transformer_is_deterministic_and_initialised():
     cfg = ft.FLUX_CONFIGS["tiny"]
     a = ft.build_random_transformer(cfg, "cpu", torch.float32, seed=7)

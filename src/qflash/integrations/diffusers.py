@@ -15,7 +15,9 @@ What is replaced, through diffusers' public per-module ``set_processor``:
 
 - ``FluxAttnProcessor`` (Flux, Chroma, ... double- and single-stream blocks) by
   ``QFlashFluxAttnProcessor``, a subclass that computes the same projections, QK-norms and
-  rotary embeddings and calls ``qflash.sdpa`` where diffusers calls ``dispatch_attention_fn``;
+  rotary embeddings and calls ``qflash.sdpa`` where diffusers calls ``dispatch_attention_fn``
+  (its body lives in ``HookedFluxAttnProcessor``, whose ``_prologue``/``_attend`` steps subclasses
+  override);
 - ``AttnProcessor2_0`` (UNets, VAEs, DiT/PixArt/SD-style transformers) by ``QFlashAttnProcessor2_0``,
   the same with ``qflash.sdpa`` in place of ``F.scaled_dot_product_attention``.
 
@@ -58,6 +60,7 @@ from ..dropin import sdpa
 
 __all__ = [
     "FLUX_SUPPORTED",
+    "HookedFluxAttnProcessor",
     "QFlashAttnProcessor2_0",
     "QFlashFluxAttnProcessor",
     "applied",
@@ -95,6 +98,10 @@ def _warn_once(key: str, message: str) -> None:
 class _QFlashProcessorMixin:
     """Bookkeeping shared by the qflash processors: the quant preset and the replaced processor."""
 
+    def __init__(self, quant: str | QuantConfig = "int8", *, fallback: bool = True, original=None):
+        super().__init__()  # the diffusers processor's own __init__ (next in the MRO)
+        self._qflash_init(quant, fallback, original)
+
     def _qflash_init(self, quant: str | QuantConfig, fallback: bool, original) -> None:
         resolve_quant(quant)
         self.qflash_quant = quant
@@ -119,10 +126,6 @@ class QFlashAttnProcessor2_0(_QFlashProcessorMixin, AttnProcessor2_0):
     optional encoder hidden states (B, S_enc, C_enc) and attention mask (prepared by
     ``attn.prepare_attention_mask`` into (B, heads, S_q|1, S_k)).
     """
-
-    def __init__(self, quant: str | QuantConfig = "int8", *, fallback: bool = True, original=None):
-        super().__init__()
-        self._qflash_init(quant, fallback, original)
 
     def __call__(
         self,
@@ -206,18 +209,22 @@ class QFlashAttnProcessor2_0(_QFlashProcessorMixin, AttnProcessor2_0):
 
 if FLUX_SUPPORTED:
 
-    class QFlashFluxAttnProcessor(_QFlashProcessorMixin, FluxAttnProcessor):
-        """diffusers' ``FluxAttnProcessor`` with ``qflash.sdpa(quant=...)`` as the attention.
+    class HookedFluxAttnProcessor(FluxAttnProcessor):
+        """diffusers 0.42 ``FluxAttnProcessor.__call__``, mirrored once, with two overridable steps.
 
-        Same inputs and outputs: image tokens (B, S_img, C), optional text tokens (B, S_txt, C)
-        (double-stream blocks: joint attention over [text, image]), optional attention mask
-        ((B, S_k) key padding, or anything SDPA broadcasts to (B, H, S_q, S_k)), rotary
-        embeddings (cos, sin). Returns image (and text) hidden states.
+        - ``_prologue(attn, query, key, encoder_query, encoder_key, image_rotary_emb) -> (query, key)``:
+          q/k RMSNorm, the text/image concat ([text, image] along the sequence) and RoPE, on
+          (B, S, H, D) tensors; ``encoder_query``/``encoder_key`` are None in single-stream blocks.
+          Default: diffusers' own ops, in diffusers' order.
+        - ``_attend(query, key, value, attn_mask) -> out``: the attention on (B, S, H, D) tensors
+          (diffusers calls ``dispatch_attention_fn`` here). No default.
+
+        With context parallelism (``_parallel_config`` set) the whole call is diffusers' own, with
+        a one-time warning.
+
+        Used by ``QFlashFluxAttnProcessor`` (``_attend`` = ``qflash.sdpa``) and by the benchmark
+        processor of ``qflash.integrations.flux_timing`` (SageAttention, zeros, fused prologue).
         """
-
-        def __init__(self, quant: str | QuantConfig = "int8", *, fallback: bool = True, original=None):
-            super().__init__()
-            self._qflash_init(quant, fallback, original)
 
         def __call__(
             self,
@@ -235,7 +242,6 @@ if FLUX_SUPPORTED:
                 )
                 return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-            # Mirrors diffusers 0.42 FluxAttnProcessor.__call__; only the attention call differs.
             query, key, value, encoder_query, encoder_key, encoder_value = _flux_qkv_projections(
                 attn, hidden_states, encoder_hidden_states
             )
@@ -244,26 +250,17 @@ if FLUX_SUPPORTED:
             key = key.unflatten(-1, (-1, attn.head_dim))
             value = value.unflatten(-1, (-1, attn.head_dim))
 
-            query = attn.norm_q(query)
-            key = attn.norm_k(key)
-
             if attn.added_kv_proj_dim is not None:
                 encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
                 encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
                 encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-
-                encoder_query = attn.norm_added_q(encoder_query)
-                encoder_key = attn.norm_added_k(encoder_key)
-
-                query = torch.cat([encoder_query, query], dim=1)
-                key = torch.cat([encoder_key, key], dim=1)
                 value = torch.cat([encoder_value, value], dim=1)
+            else:
+                encoder_query = encoder_key = None
 
-            if image_rotary_emb is not None:
-                query = _apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = _apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query, key = self._prologue(attn, query, key, encoder_query, encoder_key, image_rotary_emb)
 
-            hidden_states = self._attend_nhd(query, key, value, attention_mask)
+            hidden_states = self._attend(query, key, value, attention_mask)
             hidden_states = hidden_states.flatten(2, 3)
             hidden_states = hidden_states.to(query.dtype)
 
@@ -277,7 +274,33 @@ if FLUX_SUPPORTED:
                 return hidden_states, encoder_hidden_states
             return hidden_states
 
-        def _attend_nhd(self, query, key, value, attn_mask):
+        def _prologue(self, attn, query, key, encoder_query, encoder_key, image_rotary_emb):
+            """diffusers' q/k RMSNorm, [text, image] concat and RoPE; (B, S, H, D) in and out."""
+            query = attn.norm_q(query)
+            key = attn.norm_k(key)
+            if encoder_query is not None:
+                encoder_query = attn.norm_added_q(encoder_query)
+                encoder_key = attn.norm_added_k(encoder_key)
+                query = torch.cat([encoder_query, query], dim=1)
+                key = torch.cat([encoder_key, key], dim=1)
+            if image_rotary_emb is not None:
+                query = _apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = _apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            return query, key
+
+        def _attend(self, query, key, value, attn_mask):
+            raise NotImplementedError(f"{type(self).__name__} must define _attend")
+
+    class QFlashFluxAttnProcessor(_QFlashProcessorMixin, HookedFluxAttnProcessor):
+        """diffusers' ``FluxAttnProcessor`` with ``qflash.sdpa(quant=...)`` as the attention.
+
+        Same inputs and outputs: image tokens (B, S_img, C), optional text tokens (B, S_txt, C)
+        (double-stream blocks: joint attention over [text, image]), optional attention mask
+        ((B, S_k) key padding, or anything SDPA broadcasts to (B, H, S_q, S_k)), rotary
+        embeddings (cos, sin). Returns image (and text) hidden states.
+        """
+
+        def _attend(self, query, key, value, attn_mask):
             """(B, S, H, D) in and out — what diffusers' "native" backend does, with qflash.sdpa."""
             if (
                 attn_mask is not None
@@ -292,6 +315,7 @@ if FLUX_SUPPORTED:
             return self._sdpa(q, k, v, attn_mask=attn_mask).permute(0, 2, 1, 3)
 
 else:  # pragma: no cover - depends on the installed diffusers
+    HookedFluxAttnProcessor = None
     QFlashFluxAttnProcessor = None
 
 

@@ -35,7 +35,7 @@ try:
     import diffusers
     from diffusers import FluxTransformer2DModel
     from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "qflash.integrations.flux_timing needs diffusers (>= 0.35, tested with 0.42): "
@@ -45,6 +45,13 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 from ..config import PRESETS
 from ..dropin import sdpa as qflash_sdpa
 from ..kernels.prequant import rmsnorm_rope
+from .diffusers import FLUX_SUPPORTED, HookedFluxAttnProcessor
+
+if not FLUX_SUPPORTED:  # pragma: no cover - depends on the installed diffusers
+    raise ImportError(
+        f"qflash.integrations.flux_timing: FluxAttnProcessor of diffusers {diffusers.__version__} is not supported "
+        "by qflash.integrations.diffusers (tested with 0.42)"
+    )
 
 __all__ = [
     "FLUX_CONFIGS",
@@ -263,12 +270,13 @@ def _norm_params(norm: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tenso
     return w, float(eps)
 
 
-class BenchFluxAttnProcessor(FluxAttnProcessor):
+class BenchFluxAttnProcessor(HookedFluxAttnProcessor):
     """diffusers 0.42 ``FluxAttnProcessor`` with a pluggable attention and, with ``fused``, the
     q/k RMSNorm + text/image concat + RoPE done by ``rmsnorm_rope`` (one launch per tensor).
 
-    Only the attention call (and the fused prologue) differ from diffusers' body; attention masks
-    are not supported (Flux pipelines pass none) and raise.
+    The processor body is ``qflash.integrations.diffusers.HookedFluxAttnProcessor``'s (diffusers'
+    own); this class only overrides its ``_attend`` and ``_prologue`` steps. Attention masks are
+    not supported (Flux pipelines pass none) and raise.
     """
 
     def __init__(self, mode: Mode, original=None):
@@ -277,63 +285,26 @@ class BenchFluxAttnProcessor(FluxAttnProcessor):
         self.attend = _attend_fn(mode)
         self.original = original
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if attention_mask is not None:
+    def _attend(self, query, key, value, attn_mask):
+        if attn_mask is not None:
             raise ValueError(f"{type(self).__name__} ({self.mode.name}) does not take an attention mask")
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = query.unflatten(-1, (-1, attn.head_dim))  # (B, S, H, D)
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        joint = attn.added_kv_proj_dim is not None
+        return self.attend(query, key, value)
 
-        if self.mode.fused:
-            cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-            wq, eps_q = _norm_params(attn.norm_q, query)
-            wk, eps_k = _norm_params(attn.norm_k, key)
-            if joint:
-                encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-                encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-                encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-                waq, eps_aq = _norm_params(attn.norm_added_q, encoder_query)
-                wak, eps_ak = _norm_params(attn.norm_added_k, encoder_key)
-                if eps_aq != eps_q or eps_ak != eps_k:
-                    raise ValueError("rmsnorm_rope needs one eps for the text and image norms")
-                query = rmsnorm_rope(query, wq, cos, sin, eps_q, x_prefix=encoder_query, weight_prefix=waq)
-                key = rmsnorm_rope(key, wk, cos, sin, eps_k, x_prefix=encoder_key, weight_prefix=wak)
-                value = torch.cat([encoder_value, value], dim=1)
-            else:
-                query = rmsnorm_rope(query, wq, cos, sin, eps_q)
-                key = rmsnorm_rope(key, wk, cos, sin, eps_k)
-        else:  # diffusers' own sequence of ops
-            query = attn.norm_q(query)
-            key = attn.norm_k(key)
-            if joint:
-                encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-                encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-                encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-                encoder_query = attn.norm_added_q(encoder_query)
-                encoder_key = attn.norm_added_k(encoder_key)
-                query = torch.cat([encoder_query, query], dim=1)
-                key = torch.cat([encoder_key, key], dim=1)
-                value = torch.cat([encoder_value, value], dim=1)
-            if image_rotary_emb is not None:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = self.attend(query, key, value)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+    def _prologue(self, attn, query, key, encoder_query, encoder_key, image_rotary_emb):
+        if not self.mode.fused:  # diffusers' own sequence of ops
+            return super()._prologue(attn, query, key, encoder_query, encoder_key, image_rotary_emb)
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        wq, eps_q = _norm_params(attn.norm_q, query)
+        wk, eps_k = _norm_params(attn.norm_k, key)
+        if encoder_query is None:
+            return rmsnorm_rope(query, wq, cos, sin, eps_q), rmsnorm_rope(key, wk, cos, sin, eps_k)
+        waq, eps_aq = _norm_params(attn.norm_added_q, encoder_query)
+        wak, eps_ak = _norm_params(attn.norm_added_k, encoder_key)
+        if eps_aq != eps_q or eps_ak != eps_k:
+            raise ValueError("rmsnorm_rope needs one eps for the text and image norms")
+        query = rmsnorm_rope(query, wq, cos, sin, eps_q, x_prefix=encoder_query, weight_prefix=waq)
+        key = rmsnorm_rope(key, wk, cos, sin, eps_k, x_prefix=encoder_key, weight_prefix=wak)
+        return query, key
 
 
 def _flux_attention_modules(model: torch.nn.Module):
