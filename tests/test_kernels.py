@@ -296,3 +296,17 @@ def test_flux_shape(preset):
     o, l = run_kernel(q, k, v, cfg, kc=None)
     block_n = min(_picked(q, k, cfg).block_n, cfg.v.granularity.size) if cfg.quantizes_pv else _picked(q, k, cfg).block_n
     check(o, l, q, k, v, preset, block_n=block_n)
+
+
+def test_auto_backend_falls_back_for_configs_without_kernels():
+    """backend="auto" runs an asymmetric config on the reference path instead of raising."""
+    from qflash.backend import attention_forward
+
+    gen = torch.Generator().manual_seed(29)
+    cfg = resolve_quant("int8").with_(q=OperandQuant(Precision.INT8, strategy="asymmetric"),
+                                      k=OperandQuant(Precision.INT8, strategy="asymmetric"))
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 64, torch.float16, "HND", gen)
+    out, _ = attention_forward(q, k, v, cfg, backend="auto")
+    assert rel_l2(out, fake_quant_attention(q, k, v, cfg)) <= 1e-3
+    with pytest.raises(NotImplementedError, match="symmetric"):
+        attention_forward(q, k, v, cfg, backend="triton")

@@ -64,6 +64,12 @@ def attention_forward(
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     use_kernels = backend == "triton" or (backend == "auto" and q.device.type == "cuda" and kernels_usable(q.device)[0])
+    if use_kernels and backend == "auto":
+        from .kernels.launch import kernel_support
+
+        # configs the kernels do not implement (asymmetric, group scales, ...) run on the
+        # reference path: correct, slower — never an error from "auto"
+        use_kernels = kernel_support(cfg, q.shape[-1])[0]
     if use_kernels:
         from .kernels.launch import attention_fwd
 

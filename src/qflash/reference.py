@@ -27,7 +27,7 @@ import math
 import torch
 
 from .config import Precision, QuantConfig, resolve_quant
-from .quant.core import block_mean, dequantize, quantize, token_mean
+from .quant.core import block_mean, dequantize, expand_scales, quantize, token_mean
 
 __all__ = ["exact_attention", "fake_quant_attention", "keep_mask", "expand_kv"]
 
@@ -147,8 +147,6 @@ def fake_quant_attention(
     if cfg.quantizes_pv:
         v_q = quantize(vs, cfg.v)
         v_codes = expand_kv(v_q.data.float(), Hq)  # fp8 values as fp32, exact
-        from .quant.core import expand_scales
-
         v_scale = expand_kv(expand_scales(v_q.scale, v_q.granularity, v_q.shape), Hq)
     else:
         v_lp = expand_kv(v if q.dtype != torch.float32 else vf, Hq)

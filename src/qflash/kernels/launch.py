@@ -160,10 +160,6 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     return QKVCodes(qc, qs, qm, kc, ks, km, vt, vs, vm, q_rows, k_rows, v_rows)
 
 
-def _strides4(t: torch.Tensor | None) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
-
-
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
