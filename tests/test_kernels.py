@@ -285,6 +285,46 @@ def test_fused_quant_mode(preset, shape, causal):
     check(o, l, q, k, v, preset, block_n=block_n, causal=causal)
 
 
+VARIANT_SHAPES = [(1, 4, 2, 130, 200, 64), (2, 2, 1, 96, 64, 128)] if not CUDA else [
+    (1, 8, 2, 777, 4097, 128), (2, 4, 4, 1000, 1000, 64)]
+
+
+@pytest.mark.parametrize("preset", ["none", "int8-fp8", "fp8"])
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=["GQA", "MQA"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("variant", [dict(tma=True), dict(rotate=True), dict(tma=True, rotate=True)],
+                         ids=["tma", "rotate", "tma+rotate"])
+def test_kernel_variants(preset, shape, causal, variant):
+    """TMA descriptor loads and the rotated (Q·Kᵀ issued one tile ahead) loop: same references."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((preset, shape, causal, variant)).encode()))
+    B, Hq, Hkv, Sq, Sk, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, torch.bfloat16, "HND", gen)
+    cfg = resolve_quant(preset)
+    base = KernelConfig(32, 64, 4, 1) if not CUDA else KernelConfig(64, 128, 4, 3)
+    kc = KernelConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, **variant)
+    o, l = run_kernel(q, k, v, cfg, kc=kc, causal=causal)
+    check(o, l, q, k, v, preset, block_n=kc.block_n, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_fast_launcher_relaunch():
+    """The second launch with equal shapes takes the cached fast path: same result, fresh outputs."""
+    from qflash.kernels import launch
+
+    gen = torch.Generator().manual_seed(5)
+    cfg = resolve_quant("int8-fp8")
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, "HND", gen)
+    first, _ = run_kernel(q, k, v, cfg, kc=None, fused_quant=None)
+    hits_before = len(launch._ATTN_FWD._cache)
+    second, _ = run_kernel(q, k, v, cfg, kc=None, fused_quant=None)
+    assert len(launch._ATTN_FWD._cache) == hits_before >= 1
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    q2, k2, v2 = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, "HND", gen)  # new data, same shapes
+    third, l3 = run_kernel(q2, k2, v2, cfg, kc=None, fused_quant=None)
+    check(third, l3, q2, k2, v2, "int8-fp8", block_n=cfg.v.granularity.size)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("preset", ["int8", "int8-fp8"])

@@ -74,9 +74,10 @@ def _attn_tiles(
     bias_base,
     offs_m, offs_d, lo, hi, Sq, Sk, causal_off,
     k_mean, v_mean, q_mean, qk_mult,
+    k_desc, v_desc, k_row0, v_row0,
     KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr,
+    FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, USE_TMA: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks.
@@ -100,6 +101,8 @@ def _attn_tiles(
             if SMOOTH_K:
                 kf = tl.where((offs_n < Sk)[:, None], kf - k_mean[None, :], 0.0)
             k, k_scale_f = quant_codes(kf, KIND, not K_SCALAR)
+        elif USE_TMA and not MASKED:
+            k = k_desc.load([k_row0 + start_n, 0])
         else:
             k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
         qk = tl.dot(q, tl.trans(k))
@@ -179,7 +182,9 @@ def _attn_tiles(
                     vf = tl.where((offs_n < Sk)[:, None], vf - v_mean[None, :], 0.0)
                 v, v_scale = fp8_channel_codes(vf)  # V_SCALE_BLOCK == BLOCK_N: the tile is the block
             else:
-                if HEAD_DIM == HEAD_DIM_PAD:
+                if USE_TMA:
+                    v = tl.trans(v_desc.load([v_row0, start_n]))
+                elif HEAD_DIM == HEAD_DIM_PAD:
                     v = tl.load(v_ptrs)
                 else:
                     v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
@@ -199,8 +204,95 @@ def _attn_tiles(
 
 
 @triton.jit
+def _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, start_n, Sk,
+             KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Raw scores of one full key tile (int32 for integer kinds) and the tile's K scale."""
+    if USE_TMA:
+        k = k_desc.load([k_row0 + start_n, 0])
+    else:
+        k = _load_k_tile(k_base, start_n + tl.arange(0, BLOCK_N), offs_d, stride_kn, Sk, KIND, HEAD_DIM,
+                         HEAD_DIM_PAD, BLOCK_N, False)
+    if KIND == 0:
+        k_scale = 1.0
+    else:
+        k_scale = tl.load(ks_base + (start_n // K_SCALE_BLOCK) * stride_ks)
+    return tl.dot(q, tl.trans(k)), k_scale
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
+                v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
+                KIND: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One unmasked tile's online-softmax update and P·V (the FMA form of ``_attn_tiles``)."""
+    if KIND == 1 or KIND == 2:
+        x = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # see _attn_tiles
+    else:
+        x = qk
+    if PV_FP8:
+        P_LOG2_SCALE: tl.constexpr = 8.807354922057604
+    else:
+        P_LOG2_SCALE: tl.constexpr = 0.0
+    m_new = tl.maximum(m_i, tl.max(x, axis=1) * c)
+    p = tl.math.exp2(x * c[:, None] - (m_new - P_LOG2_SCALE)[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    dmask = offs_d < HEAD_DIM
+    if PV_FP8:
+        if USE_TMA:
+            v = tl.trans(v_desc.load([v_row0, start_n]))
+        else:
+            v_ptrs = v_base + offs_d[None, :].to(tl.int64) * stride_vn + offs_n[:, None]
+            if HEAD_DIM == HEAD_DIM_PAD:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
+        v_scale = tl.load(vs_base + (start_n // V_SCALE_BLOCK) * stride_vsb + offs_d, mask=dmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
+    else:
+        v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+        if HEAD_DIM == HEAD_DIM_PAD:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_tiles_rotated(
+    acc, l_i, m_i, q, q_mult,
+    k_base, stride_kn, ks_base, stride_ks,
+    v_base, stride_vn, vs_base, stride_vsb,
+    k_desc, v_desc, k_row0, v_row0, offs_d, lo, hi, Sk,
+    KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
+    USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The unmasked pass of ``_attn_tiles`` (no mask, no bias, scalar K scale per tile) with the
+    loop rotated: tile j+1's Q·Kᵀ is issued before tile j's softmax, so the asynchronous MMA can
+    run under the exp2 work. Needs ``lo < hi`` (whole tiles)."""
+    qk, ks = _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, lo, Sk,
+                      KIND, K_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
+        qk_next, ks_next = _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d,
+                                    start_n + BLOCK_N, Sk, KIND, K_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD,
+                                    BLOCK_N)
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, start_n,
+                                    v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
+                                    KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+        qk = qk_next
+        ks = ks_next
+    acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, hi - BLOCK_N,
+                                v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
+                                KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attn_fwd_kernel(
-    Q, K, V, QS, KS, VS, Mask, Bias, VMean, LseCorr, Out, Lse,
+    Q, K, V, QS, KS, VS, Mask, Bias, VMean, LseCorr, Out, Lse, KDesc, VDesc,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -217,12 +309,16 @@ def attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BLOCK: tl.constexpr,
     SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_LSE_CORR: tl.constexpr,
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
+    USE_TMA: tl.constexpr, ROTATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
 
     The channel dim of Q, K, V and Out is contiguous (stride 1, so loads vectorise); for FP8 P·V,
     V holds Vᵀ codes (B, Hkv, D, Sk_pad) and ``stride_vn`` is the stride between channels.
+    ``USE_TMA``: K codes and Vᵀ codes are read through the tensor descriptors KDesc
+    ((B·Hkv·Sk, D) rows, block [BLOCK_N, D]) and VDesc ((B·Hkv·D, Sk_pad), block [D, BLOCK_N]).
+    ``ROTATE``: in the unmasked pass, the next tile's Q·Kᵀ is issued before this tile's softmax.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -288,17 +384,32 @@ def attn_fwd_kernel(
         hi = Sk
         full_end = (Sk // BLOCK_N) * BLOCK_N
     full_end = tl.minimum(full_end, hi)
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, q_mult,
-        k_base, stride_kn, ks_base, stride_kss,
-        v_base, stride_vn, vs_base, stride_vss,
-        mask_base, stride_mm, stride_mn, bias_base,
-        offs_m, offs_d, 0, full_end, Sq, Sk, causal_off,
-        k_mean, v_mean, q_mean, qk_mult,
-        KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
-        FUSED_QUANT, SMOOTH_K, SMOOTH_V,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
-    )
+    k_row0 = ((b * (Hq // GQA_GROUP) + hk) * Sk).to(tl.int32)
+    v_row0 = ((b * (Hq // GQA_GROUP) + hk) * HEAD_DIM).to(tl.int32)
+    if ROTATE:
+        if full_end > 0:
+            acc, l_i, m_i = _attn_tiles_rotated(
+                acc, l_i, m_i, q, q_mult,
+                k_base, stride_kn, ks_base, stride_kss,
+                v_base, stride_vn, vs_base, stride_vss,
+                k_desc=KDesc, v_desc=VDesc, k_row0=k_row0, v_row0=v_row0,
+                offs_d=offs_d, lo=0, hi=full_end, Sk=Sk,
+                KIND=KIND, K_SCALE_BLOCK=K_SCALE_BLOCK, PV_FP8=PV_FP8, V_SCALE_BLOCK=V_SCALE_BLOCK,
+                USE_TMA=USE_TMA, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
+            )
+    else:
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, q_mult,
+            k_base, stride_kn, ks_base, stride_kss,
+            v_base, stride_vn, vs_base, stride_vss,
+            mask_base, stride_mm, stride_mn, bias_base,
+            offs_m, offs_d, 0, full_end, Sq, Sk, causal_off,
+            k_mean, v_mean, q_mean, qk_mult,
+            KDesc, VDesc, k_row0, v_row0,
+            KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
+            FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
+        )
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, q_mult,
         k_base, stride_kn, ks_base, stride_kss,
@@ -306,8 +417,9 @@ def attn_fwd_kernel(
         mask_base, stride_mm, stride_mn, bias_base,
         offs_m, offs_d, full_end, hi, Sq, Sk, causal_off,
         k_mean, v_mean, q_mean, qk_mult,
+        KDesc, VDesc, k_row0, v_row0,
         KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
-        FUSED_QUANT, SMOOTH_K, SMOOTH_V,
+        FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
     )
 

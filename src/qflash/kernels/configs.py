@@ -20,12 +20,19 @@ __all__ = ["KernelConfig", "pick_config", "gpu_key", "TABLES", "DEFAULT", "user_
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters of the attention forward kernel."""
+    """Launch parameters of the attention forward kernel.
+
+    ``tma``: read K and Vᵀ codes through TMA tensor descriptors (8-bit Q·K with FP8 P·V, power-of-two
+    head dims; ignored elsewhere). ``rotate``: issue the next tile's Q·Kᵀ before this tile's softmax
+    in the unmasked pass (no mask, no bias, one K scale per tile; ignored elsewhere).
+    """
 
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):

@@ -12,11 +12,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ..config import GranularityKind, Precision, QuantConfig
 from . import attn_fwd, quantize
 from .configs import KernelConfig, fused_quant_limits, pick_config
+from .fastlaunch import FastLauncher, cdiv, next_pow2
+
+_QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel)
+_ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel)
 
 __all__ = ["attention_fwd", "quantize_qkv", "QKVCodes", "kernel_support"]
 
@@ -64,7 +67,7 @@ def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq
     if not cfg.quantizes_qk or _fused_blocks(cfg, block_m, 64) is None:
         return False
     limits = fused_quant_limits(device)
-    return programs_bh * triton.cdiv(sq, block_m) <= limits["max_programs"] and sk <= limits["max_sk"]
+    return programs_bh * cdiv(sq, block_m) <= limits["max_programs"] and sk <= limits["max_sk"]
 
 
 def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, int] | None:
@@ -123,13 +126,13 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     k_per_token = cfg.k.granularity.kind is GranularityKind.TOKEN
     qc = torch.empty((B, Hq, Sq, d_codes), dtype=code_dtype, device=dev)
     kc = torch.empty((B, Hkv, Sk, d_codes), dtype=code_dtype, device=dev)
-    qs = torch.empty((B, Hq, Sq if q_per_token else triton.cdiv(Sq, q_rows)), dtype=torch.float32, device=dev)
-    ks = torch.empty((B, Hkv, Sk if k_per_token else triton.cdiv(Sk, k_rows)), dtype=torch.float32, device=dev)
-    qm = torch.empty((B, Hq, triton.cdiv(Sq, q_rows), D), dtype=torch.float32, device=dev) if cfg.smooth_q else None
+    qs = torch.empty((B, Hq, Sq if q_per_token else cdiv(Sq, q_rows)), dtype=torch.float32, device=dev)
+    ks = torch.empty((B, Hkv, Sk if k_per_token else cdiv(Sk, k_rows)), dtype=torch.float32, device=dev)
+    qm = torch.empty((B, Hq, cdiv(Sq, q_rows), D), dtype=torch.float32, device=dev) if cfg.smooth_q else None
     km = torch.mean(k, dim=2, dtype=torch.float32) if cfg.smooth_k else None  # (B, Hkv, D)
     v_rows = cfg.v.granularity.size if cfg.quantizes_pv else _DEFAULT_ROWS
     if cfg.quantizes_pv:
-        sk_pad = triton.cdiv(Sk, v_rows) * v_rows
+        sk_pad = cdiv(Sk, v_rows) * v_rows
         vt = torch.empty((B, Hkv, D, sk_pad), dtype=torch.float8_e4m3fn, device=dev)
         vs = torch.empty((B, Hkv, sk_pad // v_rows, D), dtype=torch.float32, device=dev)
         vm = torch.mean(v, dim=2, dtype=torch.float32) if cfg.smooth_v else None
@@ -137,10 +140,10 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
         vt = vs = vm = None
     dummy = qs  # stands in for absent tensors; never dereferenced (guarded by constexprs)
     qm_, km_, vt_, vs_, vm_ = (t if t is not None else dummy for t in (qm, km, vt, vs, vm))
-    nblocks = max(triton.cdiv(Sq, q_rows), triton.cdiv(Sk, k_rows), triton.cdiv(Sk, v_rows) if cfg.quantizes_pv else 0)
+    nblocks = max(cdiv(Sq, q_rows), cdiv(Sk, k_rows), cdiv(Sk, v_rows) if cfg.quantizes_pv else 0)
     grid = (max(nblocks, 1), B * Hq)
     if Sq or Sk:
-        quantize.quantize_qkv_kernel[grid](
+        _QUANTIZE(grid, (
             q, k, v, qc, qs, qm_, kc, ks, km_, vt_, vs_, vm_,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *qc.stride()[:3], *qs.stride(),
@@ -151,12 +154,12 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
             *(vs.stride()[:3] if vs is not None else (0, 0, 0)),
             *(vm.stride()[:2] if vm is not None else (0, 0)),
             Hq, Hkv, Sq, Sk,
-            KIND=kind, Q_PER_TOKEN=q_per_token, K_PER_TOKEN=k_per_token,
-            Q_ROWS=q_rows, K_ROWS=k_rows, V_ROWS=v_rows,
-            SMOOTH_Q=cfg.smooth_q, SMOOTH_K=cfg.smooth_k, QUANT_V=cfg.quantizes_pv, SMOOTH_V=cfg.smooth_v,
-            HEAD_DIM=D, HEAD_DIM_PAD=max(triton.next_power_of_2(D), 32),
-            num_warps=8,
-        )
+            # constexprs, in the kernel's order: KIND, Q_PER_TOKEN, K_PER_TOKEN, Q_ROWS, K_ROWS, V_ROWS,
+            # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, HEAD_DIM, HEAD_DIM_PAD
+            kind, q_per_token, k_per_token, q_rows, k_rows, v_rows,
+            cfg.smooth_q, cfg.smooth_k, cfg.quantizes_pv, cfg.smooth_v,
+            D, max(next_pow2(D), 32),
+        ), num_warps=8, num_stages=3)
     return QKVCodes(qc, qs, qm, kc, ks, km, vt, vs, vm, q_rows, k_rows, v_rows)
 
 
@@ -212,7 +215,7 @@ def attention_fwd(
 
     kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, Sk)
     block_m, block_n = kc.block_m, kc.block_n
-    head_dim_pad = max(triton.next_power_of_2(D), 32)
+    head_dim_pad = max(next_pow2(D), 32)
     if fused_quant is None:
         fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, Sk, block_m)
     fused = bool(fused_quant) and cfg.quantizes_qk and Sk > 0
@@ -277,14 +280,27 @@ def attention_fwd(
     else:
         m4, mask_kind, mask_strides = q, attn_fwd.MASK_NONE, (0, 0, 0, 0)
 
+    use_tma = (kc.tma and codes is not None and cfg.quantizes_pv and kind in (quantize.QK_INT8, quantize.QK_FP8)
+               and D == head_dim_pad)
+    rotate = (kc.rotate and not fused and mask_kind == attn_fwd.MASK_NONE and not has_bias
+              and (kind == quantize.QK_FLOAT or k_scale_block % block_n == 0))
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc = TensorDescriptor(ka, [B * Hkv * Sk, D], [D, 1], [block_n, D])
+        sk_pad = va.shape[-1]
+        v_desc = TensorDescriptor(va, [B * Hkv * D, sk_pad], [sk_pad, 1], [D, block_n])
+    else:
+        k_desc = v_desc = None
+
     dummy = qs
-    grid = (triton.cdiv(Sq, block_m), B * Hq)
-    attn_fwd.attn_fwd_kernel[grid](
+    grid = (cdiv(Sq, block_m), B * Hq)
+    _ATTN_FWD(grid, (
         qa, ka, va, qs, ks, vs, m4,
         bias if bias is not None else dummy,
         codes.v_mean if codes is not None and codes.v_mean is not None else dummy,
         lse_corr if lse_corr is not None else dummy,
-        out, lse if lse is not None else dummy,
+        out, lse if lse is not None else dummy, k_desc, v_desc,
         *qa.stride()[:3], *ka.stride()[:3],
         *v_bh, stride_vn,
         *(qs.stride()[:3] if codes is not None else (0, 0, 0)),
@@ -295,13 +311,14 @@ def attention_fwd(
         *(codes.v_mean.stride()[:2] if codes is not None and codes.v_mean is not None else (0, 0)),
         *out.stride()[:3],
         Hq, Hq // Hkv, Sq, Sk, Sk - Sq, qk_mult,
-        KIND=kind, Q_SCALE_BLOCK=q_scale_block, K_SCALE_BLOCK=k_scale_block,
-        PV_FP8=cfg.quantizes_pv, V_SCALE_BLOCK=v_scale_block,
-        IS_CAUSAL=causal, MASK_KIND=mask_kind, HAS_BIAS=has_bias,
-        BIAS_BLOCK=codes.q_rows if bias is not None else 1,
-        SMOOTH_V=cfg.smooth_v, RETURN_LSE=lse is not None, HAS_LSE_CORR=has_lse_corr,
-        FUSED_QUANT=fused, SMOOTH_K=cfg.smooth_k, SMOOTH_Q=cfg.smooth_q,
-        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=kc.num_warps, num_stages=kc.num_stages,
-    )
+        # constexprs, in the kernel's order
+        kind, q_scale_block, k_scale_block,  # KIND, Q_SCALE_BLOCK, K_SCALE_BLOCK
+        cfg.quantizes_pv, v_scale_block,  # PV_FP8, V_SCALE_BLOCK
+        causal, mask_kind, has_bias,  # IS_CAUSAL, MASK_KIND, HAS_BIAS
+        codes.q_rows if bias is not None else 1,  # BIAS_BLOCK
+        cfg.smooth_v, lse is not None, has_lse_corr,  # SMOOTH_V, RETURN_LSE, HAS_LSE_CORR
+        fused, cfg.smooth_k, cfg.smooth_q,  # FUSED_QUANT, SMOOTH_K, SMOOTH_Q
+        use_tma, rotate,  # USE_TMA, ROTATE
+        D, head_dim_pad, block_m, block_n,  # HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N
+    ), num_warps=kc.num_warps, num_stages=kc.num_stages)
     return out, lse

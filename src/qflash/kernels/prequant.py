@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fastlaunch import cdiv, next_pow2
+
 __all__ = ["rmsnorm_rope", "rmsnorm_rope_reference", "rmsnorm_rope_triton"]
 
 
@@ -148,8 +150,8 @@ def rmsnorm_rope_triton(x, weight, cos, sin, eps, *, x_prefix=None, weight_prefi
     has_rope = cos is not None
     c = cos.float().contiguous() if has_rope else out
     s = sin.float().contiguous() if has_rope else out
-    block_h = min(block_h, triton.next_power_of_2(H))
-    grid = (S_p + S, B, triton.cdiv(H, block_h))
+    block_h = min(block_h, next_pow2(H))
+    grid = (S_p + S, B, cdiv(H, block_h))
     _rmsnorm_rope_kernel[grid](
         xa, wa, x, weight, c, s, out,
         S_p, H,

@@ -1,0 +1,93 @@
+"""A cheaper way to relaunch an already-compiled Triton kernel.
+
+``kernel[grid](...)`` costs 30–60 µs of CPU per launch in Triton 3.6: the binder specialises
+every one of ~50 arguments (48 ``native_specialize_impl`` calls) before it finds the compiled
+kernel. At the seed's single-head shapes the GPU work is ~5 µs, so that CPU time *is* the
+latency. ``FastLauncher`` keys its own cache on the exact argument values instead (ints, floats
+and bools as they are; a tensor by dtype and 16-byte alignment, the two things Triton
+specialises a pointer on), so a repeated call with the same shapes and strides is one dict lookup
+and a direct call of the compiled kernel's launcher. A miss, the interpreter, or a registered
+launch hook (profilers) goes through ``kernel[grid](...)`` as usual.
+
+The value key is at least as fine as Triton's own specialisation key (equal values specialise
+equally), so a hit launches exactly the binary Triton would have picked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FastLauncher", "cdiv", "next_pow2"]
+
+_MAX_ENTRIES = 4096  # distinct (shape, stride, flag) combinations kept per kernel
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` goes through the JIT's call machinery: ~4 µs)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if hasattr(a, "block_shape"):  # a host-side triton TensorDescriptor (an unhashable dataclass)
+        return ("desc", a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.padding)
+    return a
+
+
+class FastLauncher:
+    """Launch ``fn`` (a ``triton.jit`` function) with every parameter passed positionally.
+
+    ``launcher(grid, args, num_warps=, num_stages=)``: ``args`` lists every parameter of ``fn``
+    in order, constexprs included; ``grid`` is a tuple of 1–3 ints.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.names = list(fn.arg_names)
+        self._cache: dict = {}
+        self._knobs = None
+        try:
+            from triton import knobs
+
+            self._knobs = knobs.runtime
+        except ImportError:  # older Triton: no hooks object, fast path off
+            self._knobs = None
+
+    def __call__(self, grid, args, *, num_warps: int, num_stages: int):
+        if len(args) != len(self.names):
+            raise TypeError(f"{self.fn.__name__} takes {len(self.names)} arguments, got {len(args)}")
+        dev = args[0].device
+        fast = (self._knobs is not None and dev.type == "cuda" and self._knobs.launch_enter_hook is None
+                and dev.index == torch.cuda.current_device())
+        if fast:
+            key = (dev.index, num_warps, num_stages, *map(_arg_key, args))
+            kernel = self._cache.get(key)
+            if kernel is not None:
+                g = (*grid, 1, 1)
+                stream = torch._C._cuda_getCurrentRawStream(dev.index)
+                kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+                return
+        kwargs = dict(zip(self.names, args))
+        with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
+            kernel = self.fn[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
+        if fast and kernel is not None and hasattr(kernel, "packed_metadata"):
+            if len(self._cache) >= _MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[key] = kernel
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
