@@ -38,10 +38,10 @@ from qflash.config import resolve_quant
 class _LowbitAttention(torch.autograd.Function):
     """Attention with a chosen forward preset and the INT8 backward.
 
-    ``torch.ops.qflash.attention_fwd`` does not take a backward option yet, so this calls the
-    launchers directly: the forward kernel of ``quant``, then the INT8 backward. After an exact
-    forward only INT8 codes of q and k are kept (``quantize_for_backward`` at forward time, about
-    half the bytes of bf16 q and k); after a quantised one q, k, v are kept and the backward
+    ``torch.ops.qflash.attention_fwd(..., bwd_lowbit="int8")`` runs the same INT8 backward but
+    keeps q and k in the input dtype; this calls the launchers directly to keep less: after an
+    exact forward only INT8 codes of q and k are kept (``quantize_for_backward`` at forward time,
+    about half the bytes of bf16 q and k); after a quantised one q, k, v are kept and the backward
     recomputes the exact O and lse (``ste_backward``).
     """
 

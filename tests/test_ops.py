@@ -46,6 +46,15 @@ def test_opcheck(gen, shape, mask, causal, lse, layout, quant):
     torch.library.opcheck(attention_fwd, (q, k, v, key, causal, m, 0.17, lse, layout, "auto"))
 
 
+@pytest.mark.parametrize("bwd_lowbit,bwd_recompute", [("int8", False), ("none", True)], ids=["int8bwd-reuse", "recompute"])
+def test_opcheck_backward_options(gen, bwd_lowbit, bwd_recompute):
+    """The two trailing backward arguments (schema defaults "none" / None) go through opcheck."""
+    q = rnd(gen, 1, 4, 9, 32, requires_grad=True)
+    k, v = rnd(gen, 1, 2, 12, 32, requires_grad=True), rnd(gen, 1, 2, 12, 32, requires_grad=True)
+    args = (q, k, v, "int8", True, None, None, True, "HND", "auto", bwd_lowbit, bwd_recompute)
+    torch.library.opcheck(attention_fwd, args)
+
+
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("return_lse", [False, True])
 def test_fake_matches_real_metadata(gen, layout, return_lse):

@@ -3,7 +3,8 @@
 One op is registered here, ``torch.ops.qflash.attention_fwd``::
 
     qflash::attention_fwd(Tensor q, Tensor k, Tensor v, str quant, bool causal, Tensor? attn_mask,
-                          float? scale, bool return_lse, str out_layout, str backend) -> (Tensor, Tensor)
+                          float? scale, bool return_lse, str out_layout, str backend,
+                          str bwd_lowbit="none", bool? bwd_recompute=None) -> (Tensor, Tensor)
 
 It wraps ``qflash.backend.attention_forward`` (Triton kernels on CUDA, the fake-quant reference
 elsewhere) and gives it what ``torch.compile`` / ``torch.export`` / CUDA graphs need:
@@ -37,11 +38,22 @@ useless. The registered backward instead returns the gradients of *exact* attent
 ``softmax(q·kᵀ·scale + mask)·v`` evaluated at the unquantised q, k, v — the straight-through
 estimator used for quantisation-aware training. Where the forward runs the Triton kernels, so
 does the backward: ``qflash::attention_bwd`` (FlashAttention-2 style kernels in
-``qflash.kernels.attn_bwd``, O(S) memory; for quantised presets it first recomputes the exact O
-and lse with one ``none`` forward, so only q, k, v are saved). Elsewhere it is computed in plain
-PyTorch in fp32 (``reference_backward``), materialising the (B, Hq, Sq, Sk) probability matrix.
-Gradients flow to q, k, v and to a floating-point ``attn_mask`` (bool masks get none). With
-``quant="none"`` this is simply the gradient of attention.
+``qflash.kernels.attn_bwd``, O(S) memory). Elsewhere it is computed in plain PyTorch in fp32
+(``reference_backward``, exact whatever the two options below say), materialising the
+(B, Hq, Sq, Sk) probability matrix. Gradients flow to q, k, v and to a floating-point
+``attn_mask`` (bool masks get none). With ``quant="none"`` this is simply the gradient of attention.
+
+The two backward arguments (forward outputs are unchanged by them; they only steer autograd):
+
+- ``bwd_lowbit``: "none" (the kernels' matmuls in the input dtype) or "int8" (INT8 Q·Kᵀ, Pᵀ·dO,
+  dSᵀ·Q, dS·K; ~1.5-2% gradient relL2, see ``qflash.kernels.bwd_launch``).
+- ``bwd_recompute`` (quantised presets; ignored for ``none``, whose O and lse are exact): True
+  runs one extra exact (``none``) forward in the backward to get the exact O and lse and saves
+  only q, k, v; False reuses the quantised forward's own O and lse (saved with q, k, v), skipping
+  that forward (~0.6-0.8 ms at the Flux shape on an H100, where SDPA's whole fwd+bwd is 1.67 ms)
+  at the cost of part of the forward's error leaking into the gradient; None picks
+  ``bwd_recompute_default`` (measured numbers there). Reuse needs the forward's lse:
+  ``call_attention_fwd`` asks for it.
 """
 
 from __future__ import annotations
@@ -56,9 +68,12 @@ from .config import Granularity, OperandQuant, QuantConfig, resolve_quant
 
 __all__ = [
     "BACKENDS",
+    "BWD_LOWBIT_MODES",
     "OUT_LAYOUTS",
     "attention_fwd",
+    "bwd_recompute_default",
     "call_attention_fwd",
+    "check_bwd_args",
     "config_from_key",
     "config_key",
     "reference_backward",
@@ -66,6 +81,7 @@ __all__ = [
 
 OUT_LAYOUTS = ("HND", "NHD")
 BACKENDS = ("auto", "triton", "reference")
+BWD_LOWBIT_MODES = ("none", "int8")  # == qflash.kernels.bwd_launch.LOWBIT_MODES (that module needs triton)
 
 _KEY_PREFIX = "cfg:"
 
@@ -169,13 +185,23 @@ def _empty_out(q: torch.Tensor, v: torch.Tensor, out_layout: str) -> torch.Tenso
     return q.new_empty((B, H, Sq, Dv))
 
 
-def _check_op_args(q, out_layout: str, backend: str) -> None:
+def check_bwd_args(bwd_lowbit, bwd_recompute) -> None:
+    """ValueError/TypeError naming the argument unless ``bwd_lowbit`` is one of
+    ``BWD_LOWBIT_MODES`` and ``bwd_recompute`` is a bool or None."""
+    if not isinstance(bwd_lowbit, str) or bwd_lowbit not in BWD_LOWBIT_MODES:
+        raise ValueError(f"bwd_lowbit must be one of {BWD_LOWBIT_MODES}, got {bwd_lowbit!r}")
+    if bwd_recompute is not None and not isinstance(bwd_recompute, bool):
+        raise TypeError(f"bwd_recompute must be a bool or None, got {type(bwd_recompute).__name__}")
+
+
+def _check_op_args(q, out_layout: str, backend: str, bwd_lowbit: str, bwd_recompute) -> None:
     if q.dim() != 4:
         raise ValueError(f"qflash::attention_fwd takes HND tensors (B, H, S, D); got q of shape {tuple(q.shape)}")
     if out_layout not in OUT_LAYOUTS:
         raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_bwd_args(bwd_lowbit, bwd_recompute)
 
 
 @torch.library.custom_op("qflash::attention_fwd", mutates_args=())
@@ -190,14 +216,17 @@ def attention_fwd(
     return_lse: bool,
     out_layout: str,
     backend: str,
+    bwd_lowbit: str = "none",
+    bwd_recompute: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantised attention forward on validated HND tensors; see the module docstring.
 
     ``quant`` is a ``config_key`` string. Inputs are expected to have passed
     ``qflash.api.validate_inputs`` (the public functions do that); the op itself only checks
-    what it needs to pick a code path.
+    what it needs to pick a code path. ``bwd_lowbit`` / ``bwd_recompute`` only configure the
+    backward (module docstring).
     """
-    _check_op_args(q, out_layout, backend)
+    _check_op_args(q, out_layout, backend, bwd_lowbit, bwd_recompute)
     from .backend import attention_forward
 
     cfg = config_from_key(quant)
@@ -218,8 +247,9 @@ def attention_fwd(
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, quant, causal, attn_mask, scale, return_lse, out_layout, backend):
-    _check_op_args(q, out_layout, backend)
+def _attention_fwd_fake(q, k, v, quant, causal, attn_mask, scale, return_lse, out_layout, backend,
+                        bwd_lowbit="none", bwd_recompute=None):
+    _check_op_args(q, out_layout, backend, bwd_lowbit, bwd_recompute)
     out = _empty_out(q, v, out_layout)
     B, H, Sq, _ = q.shape
     lse = q.new_empty((B, H, Sq) if return_lse else (0,), dtype=torch.float32)
@@ -295,8 +325,45 @@ def reference_backward(
 # Where the forward runs the Triton kernels (CUDA, or backend="triton"), the backward does too:
 # ``qflash::attention_bwd`` below wraps ``qflash.kernels.bwd_launch.ste_backward`` (FlashAttention-2
 # style kernels recomputing P from the lse, O(S) memory). Same STE semantics as
-# ``reference_backward``; for quantised presets the launcher first recomputes the exact O and lse
-# (one ``none`` forward), so only q, k, v are saved. Elsewhere ``reference_backward`` runs.
+# ``reference_backward``; for quantised presets it either reuses the forward's O and lse or first
+# recomputes the exact ones (one ``none`` forward, only q, k, v saved): ``bwd_recompute``.
+# Elsewhere ``reference_backward`` runs (exact; the backward options change nothing there).
+
+# (preset, bwd_lowbit) pairs whose backward reuses the quantised forward's O and lse by default.
+# Rule: reuse where the gradient relL2 vs fp64 exact stays <= 1% or within 1.5x of the recompute
+# mode's, causal and not. Measured on N(0,1) bf16 inputs, Triton kernels on the CPU interpreter,
+# B1 H2 S256 D64 and S512 D128, dq/dk/dv worst of the two (recompute: 0.24% bf16 bwd, 1.5-1.8% INT8):
+#   bwd "none"  reuse: int8 0.30% full / 0.52% causal     int8-fp8 0.62% / 1.47% (5.9x recompute)
+#                      fp8 1.13% / 2.19%                   int4 3.4% / 9.3%
+#   bwd "int8"  reuse vs recompute, worst ratio: int8 1.0x / 1.0x   int8-fp8 1.03x / 1.34x
+#                      fp8 1.17x / 1.78x (2.64% vs 1.48%)  int4 2.2x / 5.9x
+# Pure-PyTorch (fake-quant forward's O/lse, FA2 backward math in fp64) at the Flux shape's S:
+# B1 H2 S4608 D128 full: int8 0.11%, int8-fp8 0.36%, fp8 0.63%, int4 2.4%; causal B1 H4 S1024 D64:
+# int8 0.49%, int8-fp8 1.50%, fp8 2.69%, int4 8.4% (the first rows see few keys: error is larger).
+# Custom QuantConfigs (not equal to a preset) recompute unless told otherwise.
+_BWD_REUSE_DEFAULT = frozenset({("int8", "none"), ("int8", "int8"), ("int8-fp8", "int8")})
+
+
+def bwd_recompute_default(quant: str | QuantConfig, bwd_lowbit: str = "none") -> bool:
+    """Whether the backward recomputes the exact O and lse by default (``bwd_recompute=None``).
+
+    False for ``quant="none"`` (its O and lse are exact) and for the (preset, bwd_lowbit) pairs in
+    ``_BWD_REUSE_DEFAULT`` (measured numbers beside it); True otherwise.
+    """
+    from .config import PRESETS
+
+    cfg = quant if isinstance(quant, QuantConfig) else config_from_key(quant)
+    if not (cfg.quantizes_qk or cfg.quantizes_pv):
+        return False
+    return not any(lowbit == bwd_lowbit and cfg == PRESETS[name] for name, lowbit in _BWD_REUSE_DEFAULT)
+
+
+def _bwd_recompute(key: str, bwd_lowbit: str, bwd_recompute: bool | None) -> bool:
+    """The resolved ``bwd_recompute`` for a ``config_key``: never for exact forwards."""
+    if not _quantizes(key):
+        return False
+    return bwd_recompute_default(key, bwd_lowbit) if bwd_recompute is None else bool(bwd_recompute)
+
 
 def _grad_buffer(t: torch.Tensor) -> torch.Tensor:
     """Uninitialised gradient with t's strides when its channel dim is contiguous (the kernels
@@ -323,17 +390,20 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """STE gradients of ``qflash::attention_fwd`` with the Triton backward kernels.
 
-    ``out`` / ``lse``: the forward's, when it was the exact (``none``) one and returned its lse;
-    otherwise None and they are recomputed. ``lowbit``: "none" (input-dtype matmuls) or "int8".
+    ``out`` / ``lse``: the forward's (exact for ``none``, the quantised ones when the forward ran
+    with ``bwd_recompute`` False), used as they are; None: the exact O and lse are recomputed
+    first (one ``none`` forward). ``lowbit``: "none" (input-dtype matmuls) or "int8".
     Returns (dq like q, dk like k, dv like v, dmask): dmask has ``attn_mask``'s shape and dtype
     when ``mask_grad`` (float masks only), else an empty (0,) tensor.
     """
     from .kernels.bwd_launch import ste_backward
 
     cfg = config_from_key(quant)
+    recompute = out is None or lse is None or lse.numel() == 0
     dq, dk, dv, dmask = ste_backward(
         q, k, v, grad_out, grad_lse, cfg, out=out, lse=lse, causal=causal, attn_mask=attn_mask, scale=scale,
-        lowbit=lowbit, mask_grad=mask_grad, grad_buffers=(_grad_buffer(q), _grad_buffer(k), _grad_buffer(v)),
+        recompute=recompute, lowbit=lowbit, mask_grad=mask_grad,
+        grad_buffers=(_grad_buffer(q), _grad_buffer(k), _grad_buffer(v)),
     )
     if dmask is None:
         dmask = q.new_empty((0,), dtype=torch.float32)
@@ -361,14 +431,14 @@ def _bwd_uses_kernels(q: torch.Tensor, backend: str) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, quant, causal, attn_mask, scale, return_lse, _out_layout, backend = inputs
+    q, k, v, quant, causal, attn_mask, scale, return_lse, _out_layout, backend, bwd_lowbit, bwd_recompute = inputs
     ctx.causal = causal
     ctx.scale = scale
     ctx.quant = quant
+    ctx.lowbit = bwd_lowbit
     ctx.kernels = _bwd_uses_kernels(q, backend)
-    cfg = config_from_key(quant)
-    if ctx.kernels and return_lse and not (cfg.quantizes_qk or cfg.quantizes_pv):
-        out, lse = output  # exact forward: its O and lse are what the backward needs
+    if ctx.kernels and return_lse and not _bwd_recompute(quant, bwd_lowbit, bwd_recompute):
+        out, lse = output  # exact forward, or a quantised one whose O and lse the backward reuses
         ctx.save_for_backward(q, k, v, attn_mask, out, lse)
     else:  # quantised forward (O, lse recomputed exactly in the backward) or reference backward
         ctx.save_for_backward(q, k, v, attn_mask, None, None)
@@ -382,14 +452,14 @@ def _backward(ctx, grad_out, grad_lse):
         needs = getattr(ctx, "needs_input_grad", None)
         mask_grad = attn_mask is not None and attn_mask.is_floating_point() and (needs is None or bool(needs[5]))
         dq, dk, dv, dmask = torch.ops.qflash.attention_bwd(
-            q, k, v, out, lse, grad_out, grad_lse, attn_mask, ctx.quant, ctx.causal, ctx.scale, "none", mask_grad
+            q, k, v, out, lse, grad_out, grad_lse, attn_mask, ctx.quant, ctx.causal, ctx.scale, ctx.lowbit, mask_grad
         )
         dmask = dmask if mask_grad else None
     else:
         dq, dk, dv, dmask = reference_backward(
             q, k, v, grad_out, grad_lse, causal=ctx.causal, attn_mask=attn_mask, scale=ctx.scale
         )
-    return dq, dk, dv, None, None, dmask, None, None, None, None
+    return dq, dk, dv, None, None, dmask, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -425,16 +495,20 @@ def call_attention_fwd(
     return_lse: bool = False,
     out_layout: str = "HND",
     backend: str = "auto",
+    bwd_lowbit: str = "none",
+    bwd_recompute: bool | None = None,
 ):
     """Call ``torch.ops.qflash.attention_fwd`` with Python-friendly arguments.
 
     Same contract as ``qflash.backend.attention_forward`` (HND inputs, validated): returns
-    ``(out, lse)`` with ``lse`` None unless ``return_lse``.
+    ``(out, lse)`` with ``lse`` None unless ``return_lse``. ``bwd_lowbit`` / ``bwd_recompute``
+    configure the backward (module docstring).
 
     Plain eager inference (no autograd, not tracing, ordinary tensors) skips the op dispatcher,
     which costs ~100 µs of CPU per call — as much as a whole small attention. Everything else
     (torch.compile, autograd, tensor subclasses, modes) goes through the op.
     """
+    check_bwd_args(bwd_lowbit, bwd_recompute)
     if _eager_fast_path(q, k, v, attn_mask):
         from .backend import attention_forward
 
@@ -442,13 +516,15 @@ def call_attention_fwd(
         return attention_forward(q, k, v, cfg, causal=bool(causal), attn_mask=attn_mask, scale=scale,
                                  return_lse=bool(return_lse), out_layout=out_layout, backend=backend)
     # With gradients on, an exact forward also returns its lse so the backward need not rerun it
-    # (2.9 ms instead of 3.7 ms fwd+bwd at the Flux shape on an H100, benchmarks/bwd_bench.py).
+    # (2.9 ms instead of 3.7 ms fwd+bwd at the Flux shape on an H100, benchmarks/bwd_bench.py);
+    # so does a quantised one whose backward reuses its O and lse (bwd_recompute resolved False).
     key = config_key(quant)
     want_lse = bool(return_lse) or (
-        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not _quantizes(key))
+        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        and not _bwd_recompute(key, bwd_lowbit, bwd_recompute))
     out, lse = torch.ops.qflash.attention_fwd(
         q, k, v, key, bool(causal), attn_mask, None if scale is None else float(scale),
-        want_lse, out_layout, backend,
+        want_lse, out_layout, backend, bwd_lowbit, bwd_recompute,
     )
     return out, (lse if return_lse else None)
 

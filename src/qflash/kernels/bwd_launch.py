@@ -8,14 +8,18 @@ incoming ``grad_out`` (and ``grad_lse``). For ``quant="none"`` that is simply th
 Which O and lse the backward uses (``ste_backward``):
 
 - ``none`` forward: its own O and lse (exact up to the input dtype) — nothing is recomputed.
-- quantised forwards: the forward's O and lse belong to the *quantised* scores. Recomputing
-  P = exp(q·kᵀ·scale - lse_quant) from the bf16 q, k would not sum to 1 per row, and
-  delta = rowsum(dO ⊙ O_quant) carries the forward's quantisation error (1-20% relL2) straight
-  into dS. So the backward first runs the ``none`` forward (one extra forward launch) to get the
-  exact O and lse, and then the exact backward: gradients are as accurate as ``none``'s, and the
-  quantised forward's O and lse need not be saved at all (``saved_bytes``).
-  ``recompute=False`` uses the forward's O and lse instead (cheaper, less accurate; measured in
-  ``benchmarks/bwd_bench.py`` and ``tests/test_backward.py``).
+- quantised forwards, two modes (``recompute``):
+
+  * recompute (``True``, this launcher's default): the forward's O and lse belong to the
+    *quantised* scores, so the backward first runs the ``none`` forward (one extra forward
+    launch, ~0.6-0.8 ms at the Flux shape on an H100) to get the exact O and lse, then the
+    exact backward: gradients as accurate as ``none``'s; only q, k, v are saved.
+  * reuse (``False``): the forward's own O and lse. P = exp(q·kᵀ·scale - lse_quant) from the
+    unquantised q, k then does not quite sum to 1 per row, and delta = rowsum(dO ⊙ O_quant)
+    carries part of the forward's error into dS: on N(0,1) inputs the gradient relL2 of the
+    bf16 backward goes from 0.24% to 0.3% (int8) / 0.6% (int8-fp8) / 1.1% (fp8) / 3.4% (int4),
+    2-3x that with ``causal`` (S 256-512). ``qflash.ops`` reuses by default where that stays small
+    (``qflash.ops.bwd_recompute_default``, numbers there).
 
 Low-bit option (``lowbit="int8"``): INT8 Q·Kᵀ, Pᵀ·dO, dSᵀ·Q and dS·K with per-token scales of
 Q, K (smoothed: mean over tokens removed) and dO, and on-the-fly per-row scales of P and dS (see
@@ -344,8 +348,8 @@ def ste_backward(
 
     ``out`` / ``lse``: the forward's output and lse if it kept them. ``recompute`` (default: True
     for quantised presets, and whenever ``out`` or ``lse`` is missing) runs the ``none`` forward
-    first to get the exact O and lse; see the module docstring for why. ``grad_buffers``:
-    optional preallocated (dq, dk, dv).
+    first to get the exact O and lse; False uses ``out`` / ``lse`` as given (the module
+    docstring has both modes' errors). ``grad_buffers``: optional preallocated (dq, dk, dv).
     """
     if recompute is None:
         recompute = not _is_exact(cfg)
@@ -365,27 +369,43 @@ def saved_bytes(
     dtype: torch.dtype = torch.bfloat16,
     lowbit: str = "none",
     return_lse: bool = True,
+    recompute: bool | None = None,
+    codes: bool = False,
 ) -> dict[str, int]:
     """Bytes kept between forward and backward (per attention call).
 
-    The policy of ``qflash.ops``' autograd: an exact forward (``none``) that returned its lse
-    keeps q, k, v, out (input dtype) and lse (fp32); a quantised forward, or an exact one called
-    without ``return_lse``, keeps q, k, v only (O and lse are recomputed exactly in the backward).
-    ``lowbit="int8"`` after an exact forward (``attention_bwd(None, None, ..., codes=...)``, as in
-    ``examples/train_tiny.py``): INT8 q/k codes with an fp32 scale per token, the fp32 K mean and
-    the fp32 row bias replace q and k. The attention mask, if any, is the caller's tensor (not
-    counted). Returns a dict of per-tensor bytes plus ``"total"``.
+    The policy of ``qflash.ops``' autograd (``torch.ops.qflash.attention_fwd`` with
+    ``bwd_lowbit=lowbit``, ``bwd_recompute=recompute``; None: ``qflash.ops.bwd_recompute_default``):
+    q, k, v (input dtype) always; out (input dtype) and lse (fp32) too when the backward uses the
+    forward's own — an exact forward (``none``), or a quantised one with recompute off — and the
+    forward returned its lse (``qflash.attention`` / ``qflash.sdpa`` ask for it then;
+    ``return_lse=False`` models a direct op call without it, whose backward recomputes).
+    ``lowbit`` does not change what the op keeps (the INT8 backward quantises q and k itself).
+
+    ``codes=True`` (needs ``lowbit="int8"``): a caller that quantises q and k at forward time and
+    keeps only their INT8 codes (``quantize_for_backward``; ``attention_bwd(None, None, ...,
+    codes=...)``, as ``examples/train_tiny.py`` after an exact forward): INT8 codes with an fp32
+    scale per token, the fp32 K mean and the fp32 row bias replace q and k, and out and lse are
+    kept (without q and k nothing can be recomputed). The attention mask, if any, is the caller's
+    tensor (not counted). Returns a dict of per-tensor bytes plus ``"total"``.
     """
     from ..config import resolve_quant
+    from ..ops import bwd_recompute_default
 
     cfg = resolve_quant(quant)
     if lowbit not in LOWBIT_MODES:
         raise ValueError(f"lowbit must be one of {LOWBIT_MODES}, got {lowbit!r}")
+    if codes and lowbit != "int8":
+        raise ValueError(f"codes=True needs lowbit='int8' (only the INT8 backward reads codes), got {lowbit!r}")
+    if codes and recompute and not _is_exact(cfg):
+        raise ValueError("codes=True keeps no q and k: the backward cannot recompute O and lse (recompute=True)")
     el = torch.empty((), dtype=dtype).element_size()
     rows_q, rows_k = B * Hq * Sq, B * Hkv * Sk
+    if recompute is None:
+        recompute = bwd_recompute_default(cfg, lowbit)
+    keeps_out = codes or ((_is_exact(cfg) or not recompute) and return_lse)
     res: dict[str, int] = {}
-    keeps_out = _is_exact(cfg) and (return_lse or lowbit == "int8")
-    if lowbit == "int8" and _is_exact(cfg):
+    if codes:
         res["q_codes+scales+row_bias"] = rows_q * (D + 8)
         res["k_codes+scales+mean"] = rows_k * (D + 4) + B * Hkv * D * 4
     else:
