@@ -471,6 +471,59 @@ def test_op_saved_tensors_match_saved_bytes(quant, lowbit, recompute, n_saved):
         assert max(rel_l2(g, w) for g, w in zip(got, want)) > 1e-4  # not the exact gradient
 
 
+def test_api_bwd_lowbit_reaches_int8_kernels(monkeypatch):
+    """``qflash.attention`` / ``qflash.sdpa`` pass ``bwd_lowbit`` to the Triton backward (forced
+    on here: on CPU the public functions otherwise run the exact PyTorch backward)."""
+    import qflash
+    from qflash import ops
+    from qflash.kernels import bwd_launch
+
+    lowbits = []
+    real = bwd_launch.attention_bwd
+    monkeypatch.setattr(bwd_launch, "attention_bwd", lambda *a, **kw: lowbits.append(kw["lowbit"]) or real(*a, **kw))
+    monkeypatch.setattr(ops, "_bwd_uses_kernels", lambda q, backend: True)
+    gen = _gen("api-lowbit")
+    q, k, v, do = make_inputs(1, 2, 2, 64, 64, 64, torch.float32, "NHD", gen)
+    want = reference_grads(q, k, v, do, causal=True)
+
+    def grads(fn, **kw):
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(fn(qg, kg, vg, **kw), (qg, kg, vg), do)
+
+    def attention(q, k, v, **kw):  # NHD in, NHD out
+        return qflash.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="NHD", causal=True,
+                                **kw).transpose(1, 2)
+
+    def sdpa(q, k, v, **kw):
+        return qflash.sdpa(q, k, v, is_causal=True, fallback=False, **kw)
+
+    for fn in (attention, sdpa):
+        lowbits.clear()
+        exact = grads(fn, quant="int8", bwd_recompute=True)
+        low = grads(fn, quant="int8", bwd_lowbit="int8", bwd_recompute=True)
+        assert lowbits == ["none", "int8"]
+        check_grads(exact, want, 1e-5)
+        check_grads(low, want, LOWBIT_TOL)
+        assert min(rel_l2(a, b) for a, b in zip(low, exact)) > 3e-3  # really the INT8 products
+
+
+def test_bad_bwd_arguments():
+    import qflash
+    from qflash import ops
+
+    q, k, v, _ = make_inputs(1, 2, 2, 16, 16, 64, torch.float32, "HND", _gen("bad-bwd"))
+    with pytest.raises(ValueError, match="bwd_lowbit"):
+        qflash.attention(q, k, v, bwd_lowbit="int4")
+    with pytest.raises(ValueError, match="bwd_lowbit"):
+        qflash.sdpa(q, k, v, bwd_lowbit="bf16")  # the caller's error, never a fallback
+    with pytest.raises(TypeError, match="bwd_recompute"):
+        qflash.attention(q, k, v, bwd_recompute="yes")
+    with pytest.raises(ValueError, match="bwd_lowbit"):
+        ops.call_attention_fwd(q, k, v, "int8", bwd_lowbit="fp8")
+    with pytest.raises(ValueError, match="bwd_lowbit"):
+        torch.ops.qflash.attention_fwd(q, k, v, "int8", False, None, None, False, "HND", "auto", "int4", None)
+
+
 def test_opcheck_attention_bwd():
     from qflash import ops  # noqa: F401  (registers the ops)
 

@@ -96,6 +96,8 @@ def attention(
     scale: float | None = None,
     layout: str = "HND",
     return_lse: bool = False,
+    bwd_lowbit: str = "none",
+    bwd_recompute: bool | None = None,
 ):
     """Quantised flash attention: ``softmax(q·kᵀ·scale + mask)·v`` with low-bit operands.
 
@@ -122,18 +124,32 @@ def attention(
         scale: softmax scale; default ``1 / sqrt(D)``.
         layout: "HND" or "NHD" (read by strides; no copy of the inputs).
         return_lse: also return the log-sum-exp (natural log) of each row, fp32 (B, Hq, Sq).
+        bwd_lowbit: the backward's matmuls: "none" (input dtype; gradient relL2 ~0.25% in bf16)
+            or "int8" (INT8 Q·Kᵀ, Pᵀ·dO, dSᵀ·Q, dS·K; ~1.5-2%). Gradients are straight-through
+            (exact attention's at the unquantised inputs) either way.
+        bwd_recompute: quantised presets only. True: the backward recomputes the exact O and lse
+            (one extra forward; gradients as accurate as ``quant="none"``'s). False: it reuses
+            the quantised forward's own O and lse (saved; no extra forward; the forward's error
+            leaks into the gradient). None (default): reuse for ``int8`` (and ``int8-fp8`` with
+            ``bwd_lowbit="int8"``), recompute otherwise — see ``qflash.ops.bwd_recompute_default``.
+
+        The two ``bwd_*`` options steer the Triton backward (CUDA); the pure-PyTorch backward
+        (other devices) is exact whatever they say.
 
     Returns:
         ``out`` in q's dtype and layout, or ``(out, lse)``. Rows with every key masked are zero
         (and their lse is -inf).
     """
+    from .ops import call_attention_fwd, check_bwd_args  # the op: compile / CUDA-graph safe
+
+    check_bwd_args(bwd_lowbit, bwd_recompute)
     validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
-    from .ops import call_attention_fwd  # torch.ops.qflash.attention_fwd: compile / CUDA-graph safe
 
     if layout == "NHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out, lse = call_attention_fwd(
-        q, k, v, quant, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse, out_layout=layout
+        q, k, v, quant, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse, out_layout=layout,
+        bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute,
     )
     if layout == "NHD":
         out = out.transpose(1, 2)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .api import SUPPORTED_DTYPES, validate_inputs
 from .config import QuantConfig, resolve_quant
-from .ops import call_attention_fwd
+from .ops import call_attention_fwd, check_bwd_args
 
 __all__ = [
     "QFlashFallbackWarning",
@@ -199,6 +199,8 @@ def sdpa(
     *,
     quant: str | QuantConfig = "int8",
     fallback: bool = True,
+    bwd_lowbit: str = "none",
+    bwd_recompute: bool | None = None,
 ) -> torch.Tensor:
     """Quantised ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's semantics.
 
@@ -220,6 +222,8 @@ def sdpa(
             ~2% relative L2 of exact attention on N(0, 1) inputs, ``"int8-fp8"`` within ~5%.
         fallback: when qflash cannot run the call, ``True`` hands it to PyTorch's SDPA (warning
             once per reason, ``QFlashFallbackWarning``), ``False`` raises ``ValueError``.
+        bwd_lowbit, bwd_recompute: the backward's options, as in ``qflash.attention`` ("none" |
+            "int8" matmuls; recompute or reuse the forward's O and lse). Unused by fallbacks.
 
     Returns:
         (N, ..., Hq, L, E) in query's dtype. Rows whose keys are all masked are zero (as PyTorch
@@ -227,9 +231,10 @@ def sdpa(
         the output has the same memory order, so transposing back is free.
 
     Gradients are straight-through: those of exact attention at the unquantised inputs
-    (``qflash.ops``). Invalid ``quant`` raises whatever ``fallback`` is.
+    (``qflash.ops``). Invalid ``quant`` / ``bwd_*`` values raise whatever ``fallback`` is.
     """
     cfg = resolve_quant(quant)  # a bad preset name is the caller's error, never a fallback
+    check_bwd_args(bwd_lowbit, bwd_recompute)
     why = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, quant=cfg)
     if why is not None:
         code, message = why
@@ -250,7 +255,8 @@ def sdpa(
         else:  # PyTorch's top-left mask; qflash's `causal` is bottom-right, so spell it out
             m4 = torch.ones(L, S, dtype=torch.bool, device=q4.device).tril()
     out, _ = call_attention_fwd(  # `quant` as given: a preset name stays a plain string under compile
-        q4, k4, v4, quant, causal=causal, attn_mask=m4, scale=scale, out_layout=_memory_layout(q4)
+        q4, k4, v4, quant, causal=causal, attn_mask=m4, scale=scale, out_layout=_memory_layout(q4),
+        bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute,
     )
     if query.dim() == 3:
         return out.squeeze(1)
