@@ -1,28 +1,58 @@
 #!/usr/bin/env bash
-# One GPU session: GPU tests, the kernel targets table (SDPA rerun in the same process), the
-# backward benchmark and the Flux end-to-end run; full logs under $OUT, a short table last.
-#   bash benchmarks/gpu_session.sh            (on the GPU machine, from the repo root)
+# One GPU session: GPU tests, kernel sweeps, the kernel targets table (SDPA rerun in the same
+# process), the backward benchmark and the Flux end-to-end run; full logs under $OUT, a short
+# table last. Pick stages with STAGES (default: tests bench bwd flux; also: sweep launch).
+#   bash benchmarks/gpu_session.sh                     (on the GPU machine, from the repo root)
+#   STAGES="tests sweep launch" bash benchmarks/gpu_session.sh
 # diffusers is optional: if a wheel sits in .whl/ it is installed to /tmp/site first.
 set -u -o pipefail
 OUT=${OUT:-results}; mkdir -p "$OUT"
+STAGES=" ${STAGES:-tests bench bwd flux} "
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ls .whl/diffusers-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/diffusers-*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+has() { [[ "$STAGES" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
-TESTS=${TESTS:-"tests/test_kernels.py tests/test_ops.py tests/test_sdpa.py tests/test_backward.py"}
-timeout "${TEST_LIMIT:-420}" python3 -m pytest -q -p no:cacheprovider --tb=line -m "not slow" $TESTS \
-  > "$OUT/tests.log" 2>&1; echo "tests rc=$?" | tee -a "$OUT/tests.log"
-timeout 200 python3 benchmarks/kernel_bench.py --out "$OUT" --quick --presets int8,int8-fp8,fp8,int4,none \
-  > "$OUT/kernel_bench.log" 2>&1
-if [ -f benchmarks/bwd_bench.py ]; then
-  timeout 120 python3 benchmarks/bwd_bench.py --no-sweep > "$OUT/bwd_bench.log" 2>&1
+
+if has tests; then
+  # four shards in parallel: Triton compiles (CPU) dominate the GPU test time
+  T=${TEST_LIMIT:-300}
+  run_shard() { timeout "$T" python3 -m pytest -q -p no:cacheprovider --tb=line -m "not slow" "$@"; }
+  run_shard tests/test_kernels.py -k "fp8" > "$OUT/tests_1.log" 2>&1 &
+  run_shard tests/test_kernels.py -k "not fp8" > "$OUT/tests_2.log" 2>&1 &
+  run_shard tests/test_ops.py tests/test_sdpa.py tests/test_attention_api.py > "$OUT/tests_3.log" 2>&1 &
+  run_shard tests/test_backward.py tests/test_training.py tests/test_diffusers.py > "$OUT/tests_4.log" 2>&1 &
+  wait
+  cat "$OUT"/tests_[1-4].log > "$OUT/tests.log"
 fi
-if python3 -c "import diffusers" 2>/dev/null; then
+if has sweep; then
+  timeout "${SWEEP_LIMIT:-200}" python3 benchmarks/sweep.py --out "$OUT" --presets int8-fp8 --variants "${SWEEP_N:-6}" \
+    > "$OUT/sweep.log" 2>&1
+  timeout 120 python3 benchmarks/sweep.py --out "$OUT" --presets fp8,none --variants 2 >> "$OUT/sweep.log" 2>&1
+fi
+if has launch; then
+  timeout 60 python3 benchmarks/launch_overhead.py --profile > "$OUT/launch.log" 2>&1
+fi
+if has bench; then
+  timeout 200 python3 benchmarks/kernel_bench.py --out "$OUT" --quick --presets int8,int8-fp8,fp8,int4,none \
+    > "$OUT/kernel_bench.log" 2>&1
+fi
+if has bwd; then
+  timeout "${BWD_LIMIT:-120}" python3 benchmarks/bwd_bench.py ${BWD_ARGS:---no-sweep} > "$OUT/bwd_bench.log" 2>&1
+fi
+if has flux && python3 -c "import diffusers" 2>/dev/null; then
   timeout "${FLUX_LIMIT:-200}" python3 examples/flux/run.py --out "$OUT" ${FLUX_ARGS:-} > "$OUT/flux.log" 2>&1
 fi
-echo "== tests"; grep -E "passed|failed|rc=" "$OUT/tests.log" | tail -3; grep -E "^FAILED|Error" "$OUT/tests.log" | head -8
-echo "== backward"; tail -8 "$OUT/bwd_bench.log" 2>/dev/null
-echo "== flux"; tail -14 "$OUT/flux.log" 2>/dev/null
-echo "== kernels (forward, quantisation included)"; grep -E "^\|" "$OUT/kernel_bench.log" | tail -40
+
+if has tests; then
+  echo "== tests"; for f in "$OUT"/tests_[1-4].log; do tail -1 "$f"; done
+  grep -hE "^FAILED|^ERROR|Error" "$OUT"/tests_[1-4].log | head -12
+fi
+has sweep && { echo "== sweep"; grep -E "^BEST|^shape" "$OUT/sweep.log"; }
+has launch && { echo "== launch (CPU us per call)"; grep -E "us/call|torch.mean" "$OUT/launch.log"; }
+has bwd && { echo "== backward"; tail -8 "$OUT/bwd_bench.log" 2>/dev/null; }
+has flux && { echo "== flux"; tail -14 "$OUT/flux.log" 2>/dev/null; }
+has bench && { echo "== kernels (forward, quantisation included)"; grep -E "^\|" "$OUT/kernel_bench.log" | tail -40; }
+exit 0

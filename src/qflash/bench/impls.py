@@ -66,7 +66,9 @@ def _sage(device: torch.device) -> list[Impl]:
     except Exception:
         return []
     out = []
-    for fname in ("sageattn", "sageattn_qk_int8_pv_fp8_cuda"):
+    # the Hopper kernel by name where it exists (the peer issue 3 measures), else the dispatcher
+    names = ("sageattn_qk_int8_pv_fp8_cuda_sm90",) if hasattr(sa, "sageattn_qk_int8_pv_fp8_cuda_sm90") else ("sageattn",)
+    for fname in names:
         f = getattr(sa, fname, None)
         if f is not None:
             out.append(Impl(f"sageattention {fname}", "baseline", None, "sageattention",

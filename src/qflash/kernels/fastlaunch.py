@@ -32,6 +32,14 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook (a ``HookChain`` in 3.6, a callable or None before) is set."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else True
+
+
 def _arg_key(a):
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
@@ -63,8 +71,8 @@ class FastLauncher:
         if len(args) != len(self.names):
             raise TypeError(f"{self.fn.__name__} takes {len(self.names)} arguments, got {len(args)}")
         dev = args[0].device
-        fast = (self._knobs is not None and dev.type == "cuda" and self._knobs.launch_enter_hook is None
-                and dev.index == torch.cuda.current_device())
+        fast = (self._knobs is not None and dev.type == "cuda" and not _hooked(self._knobs.launch_enter_hook)
+                and not _hooked(self._knobs.launch_exit_hook) and dev.index == torch.cuda.current_device())
         if fast:
             key = (dev.index, num_warps, num_stages, *map(_arg_key, args))
             kernel = self._cache.get(key)
