@@ -171,14 +171,19 @@ def main(argv=None) -> int:
 
     backend = "auto" if CUDA else "triton"
 
-    def qf_op(quant, lse_kept):
-        return lambda: call_attention_fwd(qg, kg, vg, quant, causal=causal, return_lse=lse_kept, backend=backend)[0]
+    def qf_op(quant, lse_kept, **bwd):
+        return lambda: call_attention_fwd(qg, kg, vg, quant, causal=causal, return_lse=lse_kept, backend=backend,
+                                          **bwd)[0]
 
     # the op's autograd picks pick_bwd_config; the sweep's best is used in the bwd-only rows
-    for label, quant, lse_kept in (("qflash none", "none", True), ("qflash none (no lse: recompute)", "none", False),
-                                   ("qflash int8 fwd + STE bwd", "int8", False),
-                                   ("qflash int8-fp8 fwd + STE bwd", "int8-fp8", False)):
-        fn = qf_op(quant, lse_kept)
+    for label, quant, lse_kept, bwd in (
+            ("qflash none", "none", True, {}), ("qflash none (no lse: recompute)", "none", False, {}),
+            ("qflash int8 fwd + STE bwd (reuses fwd O/lse)", "int8", False, {"bwd_recompute": False}),
+            ("qflash int8 fwd + STE bwd (exact recompute)", "int8", False, {"bwd_recompute": True}),
+            ("qflash int8-fp8 fwd + STE bwd (exact recompute)", "int8-fp8", False, {"bwd_recompute": True}),
+            ("qflash int8-fp8 fwd + INT8 bwd (reuses fwd O/lse)", "int8-fp8", False,
+             {"bwd_recompute": False, "bwd_lowbit": "int8"})):
+        fn = qf_op(quant, lse_kept, **bwd)
         grads = torch.autograd.grad(fn(), (qg, kg, vg), do)
         rows.append((label, bench(fwd_bwd(fn)), None, grads))
 
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
         print(f"- {preset}: {sb['total'] / 2**20:.1f} MiB ({', '.join(f'{k}' for k in sb if k != 'total')})")
     sb = saved_bytes(B, H, H, S, S, D, quant="none", dtype=dtype, return_lse=False)
     print(f"- none called without return_lse (O, lse recomputed): {sb['total'] / 2**20:.1f} MiB")
-    sb = saved_bytes(B, H, H, S, S, D, quant="none", dtype=dtype, lowbit="int8")
+    sb = saved_bytes(B, H, H, S, S, D, quant="none", dtype=dtype, lowbit="int8", codes=True)
     print(f"- none + INT8 backward (q/k codes saved): {sb['total'] / 2**20:.1f} MiB")
     print(f"\n## {name}: forward+backward vs SDPA default, gradient relL2 vs fp32 exact")
     print(f"bwd kernel tiles: {kc}; fwd+bwd FLOPs counted as 3.5 x 4·B·H·S²·D{' / 2' if causal else ''}")

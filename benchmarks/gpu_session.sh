@@ -51,7 +51,7 @@ if has tests; then
   grep -hE "^FAILED|^ERROR|Error" "$OUT"/tests_[1-4].log | head -12
 fi
 has sweep && { echo "== sweep"; grep -E "^BEST|^shape" "$OUT/sweep.log"; }
-has launch && { echo "== launch (CPU us per call)"; grep -E "us/call|torch.mean" "$OUT/launch.log"; }
+has launch && { echo "== launch (CPU us per call)"; grep -E "us/call|torch.mean|GPU us" "$OUT/launch.log"; }
 has bwd && { echo "== backward"; tail -8 "$OUT/bwd_bench.log" 2>/dev/null; }
 has flux && { echo "== flux"; tail -14 "$OUT/flux.log" 2>/dev/null; }
 has bench && { echo "== kernels (forward, quantisation included)"; grep -E "^\|" "$OUT/kernel_bench.log" | tail -40; }

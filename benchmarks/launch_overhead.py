@@ -34,6 +34,35 @@ for p in ("none", "int8", "int8-fp8"):
 print(f"torch.mean: {per_call_us(lambda: torch.mean(k, dim=2, dtype=torch.float32)):.1f} us; "
       f"torch.empty: {per_call_us(lambda: torch.empty(1, 1, 64, 64, device='cuda')):.1f} us")
 
+
+
+def graph_us(fn, n=200):
+    """GPU time per call without the CPU launch cost: the call captured once in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n * 1e3
+
+
+for shape in ((1, 1, 64, 64), (1, 1, 512, 64), (1, 1, 1024, 128)):
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    row = [f"sdpa {graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)):.1f}"]
+    for p in ("none", "int8", "int8-fp8", "fp8"):
+        cfg = qflash.resolve_quant(p)
+        row.append(f"{p} {graph_us(lambda: attention_fwd(q, k, v, cfg)):.1f}")
+    print(f"GPU us per call (CUDA graph replay) {shape}: " + ", ".join(row))
+q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
 if "--profile" in sys.argv:
     import cProfile
     import pstats

@@ -56,9 +56,9 @@ def test_second_launch_skips_the_binder(fake_cuda):
     fn = _FakeJit()
     launcher = FastLauncher(fn)
     x = _FakeDevTensor()
-    launcher((4, 2), (x, 7, True), num_warps=4, num_stages=2)
+    launcher((4, 2), (x,), (7, True), num_warps=4, num_stages=2)
     assert fn.slow_calls == 1 and not fn.compiled.launches
-    launcher((4, 2), (x, 7, True), num_warps=4, num_stages=2)
+    launcher((4, 2), (x,), (7, True), num_warps=4, num_stages=2)
     assert fn.slow_calls == 1
     (g0, g1, g2, stream, function, meta, *rest), = fn.compiled.launches
     assert (g0, g1, g2, stream, function, meta) == (4, 2, 1, 1234, "fn-handle", ("meta",))
@@ -69,9 +69,9 @@ def test_new_values_and_options_miss_the_cache(fake_cuda):
     fn = _FakeJit()
     launcher = FastLauncher(fn)
     x = _FakeDevTensor()
-    launcher((1,), (x, 7, True), num_warps=4, num_stages=2)
-    launcher((1,), (x, 8, True), num_warps=4, num_stages=2)  # another int value: another key
-    launcher((1,), (x, 7, True), num_warps=8, num_stages=2)  # another launch option
+    launcher((1,), (x,), (7, True), num_warps=4, num_stages=2)
+    launcher((1,), (x,), (8, True), num_warps=4, num_stages=2)  # another int value: another key
+    launcher((1,), (x,), (7, True), num_warps=8, num_stages=2)  # another launch option
     assert fn.slow_calls == 3 and not fn.compiled.launches
 
 
@@ -81,13 +81,13 @@ def test_launch_hooks_force_the_slow_path(fake_cuda, monkeypatch):
     monkeypatch.setattr(fastlaunch, "_hooked", lambda hook: True)
     x = _FakeDevTensor()
     for _ in range(2):
-        launcher((1,), (x, 7, True), num_warps=4, num_stages=2)
+        launcher((1,), (x,), (7, True), num_warps=4, num_stages=2)
     assert fn.slow_calls == 2 and not fn.compiled.launches
 
 
 def test_wrong_argument_count_is_an_error(fake_cuda):
     with pytest.raises(TypeError, match="takes 3 arguments, got 2"):
-        FastLauncher(_FakeJit())((1,), (_FakeDevTensor(), 7), num_warps=4, num_stages=2)
+        FastLauncher(_FakeJit())((1,), (_FakeDevTensor(),), (7,), num_warps=4, num_stages=2)
 
 
 def test_host_helpers():

@@ -96,7 +96,7 @@ class BwdConfig:
 # bwd_bench.py sweeps candidates and prints the best — tune here from its output.
 DEFAULT_BWD: dict[int, BwdConfig] = {
     64: BwdConfig(32, 128, 128, 32, 4, 4, 4, 4),
-    128: BwdConfig(64, 128, 128, 64, 8, 2, 8, 2),
+    128: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3),  # bwd_bench.py sweep, H100 run 14: 1.861 ms at Flux
     256: BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
 }
 _CPU_DEFAULT = BwdConfig(64, 64, 64, 64, 4, 1, 4, 1)  # the interpreter: fewer, larger tiles are cheapest

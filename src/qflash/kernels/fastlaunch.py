@@ -42,7 +42,7 @@ def _hooked(hook) -> bool:
 
 def _arg_key(a):
     if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
+        return (a.dtype, a.data_ptr() & 15 == 0)
     if hasattr(a, "block_shape"):  # a host-side triton TensorDescriptor (an unhashable dataclass)
         return ("desc", a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.padding)
     return a
@@ -51,8 +51,10 @@ def _arg_key(a):
 class FastLauncher:
     """Launch ``fn`` (a ``triton.jit`` function) with every parameter passed positionally.
 
-    ``launcher(grid, args, num_warps=, num_stages=)``: ``args`` lists every parameter of ``fn``
-    in order, constexprs included; ``grid`` is a tuple of 1–3 ints.
+    ``launcher(grid, pointers, scalars, num_warps=, num_stages=)``: ``pointers`` are the leading
+    parameters of ``fn`` (tensors, tensor descriptors or None), ``scalars`` every parameter after
+    them in order, constexprs included (ints, floats, bools); ``grid`` is a tuple of 1–3 ints.
+    Keeping the two apart makes the key cheap: the scalars are hashed as one tuple.
     """
 
     def __init__(self, fn):
@@ -67,21 +69,23 @@ class FastLauncher:
         except ImportError:  # older Triton: no hooks object, fast path off
             self._knobs = None
 
-    def __call__(self, grid, args, *, num_warps: int, num_stages: int):
-        if len(args) != len(self.names):
-            raise TypeError(f"{self.fn.__name__} takes {len(self.names)} arguments, got {len(args)}")
-        dev = args[0].device
+    def __call__(self, grid, pointers: tuple, scalars: tuple, *, num_warps: int, num_stages: int):
+        dev = pointers[0].device
         fast = (self._knobs is not None and dev.type == "cuda" and not _hooked(self._knobs.launch_enter_hook)
                 and not _hooked(self._knobs.launch_exit_hook) and dev.index == torch.cuda.current_device())
         if fast:
-            key = (dev.index, num_warps, num_stages, *map(_arg_key, args))
+            key = (dev.index, num_warps, num_stages, scalars, tuple(map(_arg_key, pointers)))
             kernel = self._cache.get(key)
             if kernel is not None:
                 g = (*grid, 1, 1)
                 stream = torch._C._cuda_getCurrentRawStream(dev.index)
-                kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args)
+                kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+                           *pointers, *scalars)
                 return
-        kwargs = dict(zip(self.names, args))
+        if len(pointers) + len(scalars) != len(self.names):
+            raise TypeError(f"{self.fn.__name__} takes {len(self.names)} arguments, "
+                            f"got {len(pointers) + len(scalars)}")
+        kwargs = dict(zip(self.names, (*pointers, *scalars)))
         with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
             kernel = self.fn[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
         if fast and kernel is not None and hasattr(kernel, "packed_metadata"):

@@ -143,8 +143,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     nblocks = max(cdiv(Sq, q_rows), cdiv(Sk, k_rows), cdiv(Sk, v_rows) if cfg.quantizes_pv else 0)
     grid = (max(nblocks, 1), B * Hq)
     if Sq or Sk:
-        _QUANTIZE(grid, (
-            q, k, v, qc, qs, qm_, kc, ks, km_, vt_, vs_, vm_,
+        _QUANTIZE(grid, (q, k, v, qc, qs, qm_, kc, ks, km_, vt_, vs_, vm_), (
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *qc.stride()[:3], *qs.stride(),
             *(qm.stride()[:3] if qm is not None else (0, 0, 0)),
@@ -301,6 +300,7 @@ def attention_fwd(
         codes.v_mean if codes is not None and codes.v_mean is not None else dummy,
         lse_corr if lse_corr is not None else dummy,
         out, lse if lse is not None else dummy, k_desc, v_desc,
+    ), (
         *qa.stride()[:3], *ka.stride()[:3],
         *v_bh, stride_vn,
         *(qs.stride()[:3] if codes is not None else (0, 0, 0)),
