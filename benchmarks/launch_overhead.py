@@ -60,6 +60,9 @@ for shape in ((1, 1, 64, 64), (1, 1, 512, 64), (1, 1, 1024, 128)):
     for p in ("none", "int8", "int8-fp8", "fp8"):
         cfg = qflash.resolve_quant(p)
         row.append(f"{p} {graph_us(lambda: attention_fwd(q, k, v, cfg)):.1f}")
+        if p != "none":  # the other mode: two launches (quantiser + attention) vs one (fused)
+            row.append(f"{p}/2-launch {graph_us(lambda: attention_fwd(q, k, v, cfg, fused_quant=False)):.1f}")
+            row.append(f"{p}/fused {graph_us(lambda: attention_fwd(q, k, v, cfg, fused_quant=True)):.1f}")
     print(f"GPU us per call (CUDA graph replay) {shape}: " + ", ".join(row))
 q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 

@@ -24,7 +24,8 @@ class KernelConfig:
 
     ``tma``: read K and Vᵀ codes through TMA tensor descriptors (8-bit Q·K with FP8 P·V, power-of-two
     head dims; ignored elsewhere). ``rotate``: issue the next tile's Q·Kᵀ before this tile's softmax
-    in the unmasked pass (no mask, no bias, one K scale per tile; ignored elsewhere).
+    in the unmasked pass (no mask, no bias, one K scale per tile; ignored elsewhere). ``fold``
+    (with ``rotate``, integer Q·K): one FADD less per score where the scales allow it exactly enough.
     """
 
     block_m: int = 128
@@ -33,6 +34,7 @@ class KernelConfig:
     num_stages: int = 3
     tma: bool = False
     rotate: bool = False
+    fold: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):

@@ -69,18 +69,31 @@ class FastLauncher:
         except ImportError:  # older Triton: no hooks object, fast path off
             self._knobs = None
 
+    def fast_ok(self, dev: torch.device) -> bool:
+        """Whether a cached kernel may be launched directly on ``dev`` now (no hooks, current device)."""
+        return (self._knobs is not None and dev.type == "cuda" and not _hooked(self._knobs.launch_enter_hook)
+                and not _hooked(self._knobs.launch_exit_hook) and dev.index == torch.cuda.current_device())
+
+    def cached(self, dev: torch.device, pointers: tuple, scalars: tuple, num_warps: int, num_stages: int):
+        """The compiled kernel a previous launch with these arguments left in the cache, or None."""
+        return self._cache.get((dev.index, num_warps, num_stages, scalars, tuple(map(_arg_key, pointers))))
+
+    @staticmethod
+    def launch_compiled(kernel, grid, dev_index: int, pointers: tuple, scalars: tuple) -> None:
+        """Launch a compiled kernel on the current stream of device ``dev_index`` (see ``fast_ok``)."""
+        g = (*grid, 1, 1)
+        stream = torch._C._cuda_getCurrentRawStream(dev_index)
+        kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+                   *pointers, *scalars)
+
     def __call__(self, grid, pointers: tuple, scalars: tuple, *, num_warps: int, num_stages: int):
         dev = pointers[0].device
-        fast = (self._knobs is not None and dev.type == "cuda" and not _hooked(self._knobs.launch_enter_hook)
-                and not _hooked(self._knobs.launch_exit_hook) and dev.index == torch.cuda.current_device())
+        fast = self.fast_ok(dev)
         if fast:
             key = (dev.index, num_warps, num_stages, scalars, tuple(map(_arg_key, pointers)))
             kernel = self._cache.get(key)
             if kernel is not None:
-                g = (*grid, 1, 1)
-                stream = torch._C._cuda_getCurrentRawStream(dev.index)
-                kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
-                           *pointers, *scalars)
+                self.launch_compiled(kernel, grid, dev.index, pointers, scalars)
                 return
         if len(pointers) + len(scalars) != len(self.names):
             raise TypeError(f"{self.fn.__name__} takes {len(self.names)} arguments, "
