@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--kblock", type=int, default=0, help="override K granularity to block(N)")
     ap.add_argument("--short", action="store_true", help="only the shortlist of configs")
     ap.add_argument("--configs", default="",
-                    help="explicit configs 'bm,bn,warps,stages[,tma][,rot][,fold];...' (overrides the lists)")
+                    help="explicit configs 'bm,bn,warps,stages[,tma][,rot];...' (overrides the lists)")
     ap.add_argument("--variants", type=int, default=0,
                     help="N: the first N of VARIANT_BASES, each plain / tma / rotate / tma+rotate")
     args = ap.parse_args(argv)
@@ -63,8 +63,7 @@ def main(argv=None):
             cands = []
             for spec in args.configs.split(";"):
                 parts = spec.split(",")
-                cands.append(KernelConfig(*(int(x) for x in parts[:4]), tma="tma" in parts, rotate="rot" in parts,
-                                          fold="fold" in parts))
+                cands.append(KernelConfig(*(int(x) for x in parts[:4]), tma="tma" in parts, rotate="rot" in parts))
         elif args.variants:
             cands = [KernelConfig(b.block_m, b.block_n, b.num_warps, b.num_stages, tma=t, rotate=r)
                      for b in VARIANT_BASES[:args.variants] for t in (False, True) for r in (False, True)]
@@ -84,7 +83,7 @@ def main(argv=None):
             if best is None or ms < best[0]:
                 best = (ms, kc)
             print(f"  {p:9s} bm{kc.block_m} bn{kc.block_n} w{kc.num_warps} s{kc.num_stages}"
-                  f"{' tma' if kc.tma else ''}{' rot' if kc.rotate else ''}{' fold' if kc.fold else ''}: {ms:.4f} ms "
+                  f"{' tma' if kc.tma else ''}{' rot' if kc.rotate else ''}: {ms:.4f} ms "
                   f"x{sdpa / ms:.3f} (compile+first {time.time() - t0:.1f}s)", flush=True)
         if best:
             print(f"BEST {p}: {best[0]:.4f} ms x{sdpa / best[0]:.3f} {best[1]} quant {quant_ms:.4f} ms", flush=True)

@@ -12,7 +12,7 @@ import torch
 from helpers import PRESET_NAMES, make_qkv, randn, rel_l2, to_hnd
 
 import qflash
-from qflash.config import Granularity, OperandQuant, QuantConfig
+from qflash.config import Granularity, OperandQuant, QuantConfig, resolve_quant
 from qflash.reference import exact_attention, fake_quant_attention
 
 # (B, Hq, Hkv, Sq, Sk, D, causal, dtype)
@@ -300,4 +300,6 @@ def test_cuda_dispatch(gen, preset, layout):
     assert torch.isfinite(out_h).all()
     ref = exact_attention(qh.double(), kh.double(), vh.double(), causal=True)
     assert rel_l2(out_h, ref) < SMALL_BUDGET[preset]
-    assert rel_l2(out_h, fake_quant_attention(qh, kh, vh, preset, causal=True)) < 1e-2
+    # FP8 P rounds per key tile: the one-launch mode at this size tiles keys by the V block (128)
+    block_n = 128 if resolve_quant(preset).quantizes_pv else 64
+    assert rel_l2(out_h, fake_quant_attention(qh, kh, vh, preset, causal=True, block_n=block_n)) < 1e-2

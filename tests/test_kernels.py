@@ -45,8 +45,7 @@ BUDGET = {"none": 0.005, "int8": 0.02, "int8-fp8": 0.05, "int4": 0.22, "fp8": 0.
 PRESETS = list(TIGHT)
 # lse: fp8 Q·K — rounding ties the interpreter resolves in fp64 (one fp8 step), and on Hopper the
 # FP8 MMA's reduced-precision accumulation (measured up to 1.6e-2)
-# (the interpreter: up to 3.1e-2 seen on one seed of the MQA variant shape, so 4e-2 there)
-LSE_TOL = {p: ((3e-2 if CUDA else 4e-2) if p == "fp8" else 5e-3) for p in TIGHT}
+LSE_TOL = {p: (3e-2 if p == "fp8" else 5e-3) for p in TIGHT}
 SMALL_CFG = KernelConfig(32, 32, 4, 1)  # interpreter: small tiles keep programs cheap
 
 
@@ -293,9 +292,8 @@ VARIANT_SHAPES = [(1, 4, 2, 130, 200, 64), (2, 2, 1, 96, 64, 128)] if not CUDA e
 @pytest.mark.parametrize("preset", ["none", "int8-fp8", "fp8"])
 @pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=["GQA", "MQA"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("variant", [dict(tma=True), dict(rotate=True), dict(tma=True, rotate=True),
-                                     dict(tma=True, rotate=True, fold=True)],
-                         ids=["tma", "rotate", "tma+rotate", "tma+rotate+fold"])
+@pytest.mark.parametrize("variant", [dict(tma=True), dict(rotate=True), dict(tma=True, rotate=True)],
+                         ids=["tma", "rotate", "tma+rotate"])
 def test_kernel_variants(preset, shape, causal, variant):
     """TMA descriptor loads and the rotated (Q·Kᵀ issued one tile ahead) loop: same references."""
     gen = torch.Generator().manual_seed(zlib.crc32(repr((preset, shape, causal, variant)).encode()))

@@ -228,10 +228,10 @@ def _exp_scores(x, c, m_i, P_LOG2_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _softmax_pv(acc, l_i, m_i, qk, c, fold_ok, start_n,
+def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
                 v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
                 KIND: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
-                FOLD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     """One unmasked tile's online-softmax update and P·V (the FMA form of ``_attn_tiles``)."""
     if PV_FP8:
         P_LOG2_SCALE: tl.constexpr = 8.807354922057604
@@ -239,17 +239,7 @@ def _softmax_pv(acc, l_i, m_i, qk, c, fold_ok, start_n,
         P_LOG2_SCALE: tl.constexpr = 0.0
     if KIND == 1 or KIND == 2:
         xi = (qk + 0x4B400000).to(tl.float32, bitcast=True)  # qk + 1.5·2²³, exact (see _attn_tiles)
-        if FOLD:
-            if fold_ok:
-                # the -1.5·2²³ folded into the exp2 FMA's per-row constant: one FADD less per score.
-                # That constant rounds with an absolute error of ~1.5·2²³·c·2⁻²⁴; fold_ok (c < 4e-3)
-                # keeps it under 3e-3 in log2 units (P off by < 0.2 %). Large scales: the exact form.
-                m_new = tl.maximum(m_i, (tl.max(xi, axis=1) - 12582912.0) * c)
-                p = tl.math.exp2(xi * c[:, None] - (m_new + 12582912.0 * c - P_LOG2_SCALE)[:, None])
-            else:
-                m_new, p = _exp_scores(xi - 12582912.0, c, m_i, P_LOG2_SCALE)
-        else:
-            m_new, p = _exp_scores(xi - 12582912.0, c, m_i, P_LOG2_SCALE)
+        m_new, p = _exp_scores(xi - 12582912.0, c, m_i, P_LOG2_SCALE)
     else:
         m_new, p = _exp_scores(qk, c, m_i, P_LOG2_SCALE)
     alpha = tl.math.exp2(m_i - m_new)
@@ -284,27 +274,25 @@ def _attn_tiles_rotated(
     v_base, stride_vn, vs_base, stride_vsb,
     k_desc, v_desc, k_row0, v_row0, offs_d, lo, hi, Sk,
     KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
-    USE_TMA: tl.constexpr, FOLD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The unmasked pass of ``_attn_tiles`` (no mask, no bias, scalar K scale per tile) with the
     loop rotated: tile j+1's Q·Kᵀ is issued before tile j's softmax, so the asynchronous MMA can
     run under the exp2 work. Needs ``lo < hi`` (whole tiles)."""
     qk, ks = _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, lo, Sk,
                       KIND, K_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
-    q_mult_max = tl.max(q_mult, axis=0)  # the row multipliers are positive
     for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
         qk_next, ks_next = _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d,
                                     start_n + BLOCK_N, Sk, KIND, K_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD,
                                     BLOCK_N)
-        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, q_mult_max * ks < 4e-3, start_n,
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, start_n,
                                     v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
-                                    KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, FOLD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+                                    KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
         qk = qk_next
         ks = ks_next
-    acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, q_mult_max * ks < 4e-3, hi - BLOCK_N,
+    acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, hi - BLOCK_N,
                                 v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
-                                KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, FOLD, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+                                KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -327,7 +315,7 @@ def attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BLOCK: tl.constexpr,
     SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_LSE_CORR: tl.constexpr,
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
-    USE_TMA: tl.constexpr, ROTATE: tl.constexpr, FOLD: tl.constexpr,
+    USE_TMA: tl.constexpr, ROTATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
@@ -337,7 +325,6 @@ def attn_fwd_kernel(
     ``USE_TMA``: K codes and Vᵀ codes are read through the tensor descriptors KDesc
     ((B·Hkv·Sk, D) rows, block [BLOCK_N, D]) and VDesc ((B·Hkv·D, Sk_pad), block [D, BLOCK_N]).
     ``ROTATE``: in the unmasked pass, the next tile's Q·Kᵀ is issued before this tile's softmax.
-    ``FOLD`` (with ROTATE, integer Q·K): fold the int→float offset into the exp2 FMA where safe.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -414,7 +401,7 @@ def attn_fwd_kernel(
                 k_desc=KDesc, v_desc=VDesc, k_row0=k_row0, v_row0=v_row0,
                 offs_d=offs_d, lo=0, hi=full_end, Sk=Sk,
                 KIND=KIND, K_SCALE_BLOCK=K_SCALE_BLOCK, PV_FP8=PV_FP8, V_SCALE_BLOCK=V_SCALE_BLOCK,
-                USE_TMA=USE_TMA, FOLD=FOLD, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
+                USE_TMA=USE_TMA, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
             )
     else:
         acc, l_i, m_i = _attn_tiles(

@@ -357,7 +357,7 @@ def attention_fwd(
         codes.q_rows if bias is not None else 1,  # BIAS_BLOCK
         cfg.smooth_v, lse is not None, has_lse_corr,  # SMOOTH_V, RETURN_LSE, HAS_LSE_CORR
         fused, cfg.smooth_k, cfg.smooth_q,  # FUSED_QUANT, SMOOTH_K, SMOOTH_Q
-        use_tma, rotate, rotate and kc.fold,  # USE_TMA, ROTATE, FOLD
+        use_tma, rotate,  # USE_TMA, ROTATE
         D, head_dim_pad, block_m, block_n,  # HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N
     )
     _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages)
