@@ -42,10 +42,14 @@ def main(argv=None):
     for spec in args.configs.split(";"):
         kc = parse(spec)
         fns[spec] = lambda kc=kc: attention_fwd(q, k, v, cfg, causal=args.causal, kernel_config=kc)
+    for name, fn in list(fns.items()):
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except Exception as exc:  # e.g. OutOfResources: tiles that do not fit shared memory
+            print(f"  {name}: {type(exc).__name__}: {str(exc)[:100]}")
+            del fns[name]
     times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
     for _ in range(args.rounds):
         for name, fn in fns.items():
             times[name].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
