@@ -138,7 +138,7 @@ def test_kernel_matches_reference(preset, shape, causal, layout):
 
 def _picked(q, k, cfg):
     from qflash.kernels.configs import pick_config
-    return pick_config(q.device, q.shape[-1], cfg.quantizes_pv, q.shape[2], k.shape[2])
+    return pick_config(q.device, q.shape[-1], cfg.quantizes_pv, q.shape[2], k.shape[2], cfg.quantizes_qk)
 
 
 @pytest.mark.parametrize("preset", ["none", "int8", "int8-fp8"])
@@ -376,3 +376,15 @@ def test_auto_backend_falls_back_for_configs_without_kernels():
     assert rel_l2(out, fake_quant_attention(q, k, v, cfg)) <= 1e-3
     with pytest.raises(NotImplementedError, match="symmetric"):
         attention_forward(q, k, v, cfg, backend="triton")
+
+
+def test_config_keys_separate_exact_from_quantised():
+    """The tuning key tells the none preset (exact) from 8-bit Q·K with float P·V and FP8 P·V;
+    'exact' falls back to the 'float' row where a table has none of its own."""
+    from qflash.kernels import configs
+
+    assert configs.config_key(128, False, 4608, 4608, qk_quant=False) == (128, "exact", "long")
+    assert configs.config_key(128, False, 4608, 4608) == (128, "float", "long")
+    assert configs.config_key(64, True, 512, 512) == (64, "fp8", "short")
+    sm90 = configs.TABLES["sm90"]
+    assert (64, "exact", "long") not in sm90 and (64, "float", "long") in sm90  # the fallback case exists

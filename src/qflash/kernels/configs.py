@@ -47,7 +47,9 @@ class KernelConfig:
 
 DEFAULT = KernelConfig(64, 64, 4, 2)
 
-# (gpu family) -> {(head-dim bucket, "fp8" | "float", seq bucket): KernelConfig}
+# (gpu family) -> {(head-dim bucket, operand kind, seq bucket): KernelConfig}
+# operand kind: "fp8" (FP8 P·V), "float" (8/4-bit Q·K, P·V in the input dtype) or "exact" (no
+# quantisation; falls back to the "float" row where it has none of its own).
 # seq bucket: "short" (Sq * Sk <= 1024 * 1024, a handful of tiles) or "long".
 TABLES: dict[str, dict[tuple[int, str, str], KernelConfig]] = {
     "sm90": {
@@ -56,7 +58,10 @@ TABLES: dict[str, dict[tuple[int, str, str], KernelConfig]] = {
         (64, "fp8", "short"): KernelConfig(64, 64, 4, 2),
         (64, "fp8", "long"): KernelConfig(128, 128, 8, 3),
         (128, "float", "short"): KernelConfig(64, 64, 4, 2),
-        (128, "float", "long"): KernelConfig(64, 128, 4, 2),  # 0.622 ms at Flux 1024 (run 8)
+        # interleaved A/B at Flux 1024 (benchmarks/ab.py, run 16): int8 0.611 ms here vs 0.622 at
+        # (64, 128, 4, 2); none 0.612 ms at (128, 64, 4, 2) vs 0.852 at (64, 128, 4, 2)
+        (128, "float", "long"): KernelConfig(128, 64, 4, 3),
+        (128, "exact", "long"): KernelConfig(128, 64, 4, 2),
         (128, "fp8", "short"): KernelConfig(64, 64, 4, 2),
         # TMA K/Vᵀ loads + rotated loop: 0.507 ms at Flux 1024 vs 0.539 plain, same run (run 13)
         (128, "fp8", "long"): KernelConfig(64, 128, 4, 3, tma=True, rotate=True),
@@ -114,26 +119,30 @@ def load_user_table(path: str) -> dict[tuple[int, str, str], KernelConfig]:
     return rows
 
 
-def config_key(head_dim: int, pv_fp8: bool, sq: int, sk: int) -> tuple[int, str, str]:
+def config_key(head_dim: int, pv_fp8: bool, sq: int, sk: int, qk_quant: bool = True) -> tuple[int, str, str]:
     d = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
     bucket = "short" if sq * sk <= 1024 * 1024 else "long"
-    return d, "fp8" if pv_fp8 else "float", bucket
+    return d, "fp8" if pv_fp8 else "float" if qk_quant else "exact", bucket
 
 
-def pick_config(device: torch.device, head_dim: int, pv_fp8: bool, sq: int, sk: int) -> KernelConfig:
+def pick_config(device: torch.device, head_dim: int, pv_fp8: bool, sq: int, sk: int,
+                qk_quant: bool = True) -> KernelConfig:
     """The tuned config for this GPU and problem: ``qflash tune``'s table, the built-in one, or ``DEFAULT``."""
-    return _pick(device.type, device.index, *config_key(head_dim, pv_fp8, sq, sk))
+    return _pick(device.type, device.index, *config_key(head_dim, pv_fp8, sq, sk, qk_quant))
 
 
 @functools.lru_cache(maxsize=256)
 def _pick(dev_type: str, dev_index: int | None, d: int, pv: str, bucket: str) -> KernelConfig:
     device = torch.device(dev_type, dev_index) if dev_index is not None else torch.device(dev_type)
-    key = (d, pv, bucket)
+    keys = [(d, pv, bucket)] + ([(d, "float", bucket)] if pv == "exact" else [])
+    tables = [TABLES.get(gpu_key(device), {})]
     if device.type == "cuda":
-        user = load_user_table(str(user_table_path(device)))
-        if key in user:
-            return user[key]
-    return TABLES.get(gpu_key(device), {}).get(key, DEFAULT)
+        tables.insert(0, load_user_table(str(user_table_path(device))))
+    for key in keys:
+        for table in tables:
+            if key in table:
+                return table[key]
+    return DEFAULT
 
 
 def config_to_json(rows: dict[tuple[int, str, str], KernelConfig]) -> dict:

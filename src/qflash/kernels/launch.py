@@ -250,7 +250,7 @@ def attention_fwd(
     if Sq == 0:
         return out, lse
 
-    kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, Sk)
+    kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, Sk, cfg.quantizes_qk)
     block_m, block_n = kc.block_m, kc.block_n
     head_dim_pad = max(next_pow2(D), 32)
     if fused_quant is None:
