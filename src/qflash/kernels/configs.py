@@ -58,12 +58,13 @@ TABLES: dict[str, dict[tuple[int, str, str], KernelConfig]] = {
         (64, "fp8", "short"): KernelConfig(64, 64, 4, 2),
         (64, "fp8", "long"): KernelConfig(128, 128, 8, 3),
         (128, "float", "short"): KernelConfig(64, 64, 4, 2),
-        # interleaved A/B at Flux 1024 (benchmarks/ab.py, run 16): int8 0.611 ms here vs 0.622 at
+        # interleaved A/B at Flux 1024 (benchmarks/ab.py, run 18): int8 0.611 ms here vs 0.622 at
         # (64, 128, 4, 2); none 0.612 ms at (128, 64, 4, 2) vs 0.852 at (64, 128, 4, 2)
         (128, "float", "long"): KernelConfig(128, 64, 4, 3),
         (128, "exact", "long"): KernelConfig(128, 64, 4, 2),
         (128, "fp8", "short"): KernelConfig(64, 64, 4, 2),
-        # TMA K/Vᵀ loads + rotated loop: 0.507 ms at Flux 1024 vs 0.539 plain, same run (run 13)
+        # TMA K/Vᵀ loads + rotated loop: 0.507 vs 0.539 ms plain at Flux 1024 (sweep, run 13); interleaved
+        # A/B on one machine (run 17): 0.535 vs 0.550 ms
         (128, "fp8", "long"): KernelConfig(64, 128, 4, 3, tma=True, rotate=True),
         (256, "float", "short"): KernelConfig(64, 32, 4, 2),
         (256, "float", "long"): KernelConfig(64, 64, 8, 2),
@@ -77,7 +78,7 @@ TABLES: dict[str, dict[tuple[int, str, str], KernelConfig]] = {
 # every program re-quantises the keys it reads, which is free while the grid is a single wave
 # (the GPU is underused anyway) and saves two launches. Keyed like TABLES.
 FUSED_QUANT: dict[str, dict[str, int]] = {
-    # run 15 (GPU time per call, CUDA-graph replay, int8-fp8): fused 9.2 / 24.5 / 106.9 µs against
+    # run 16 (GPU time per call, CUDA-graph replay, int8-fp8): fused 9.2 / 24.5 / 106.9 µs against
     # two launches 14.9 / 20.6 / 35.8 µs at Sk 64 / 512 / 1024 — past ~512 keys every program's
     # re-quantisation of all of K and V costs more than the second launch.
     "sm90": {"max_programs": 132, "max_sk": 512},
