@@ -66,6 +66,26 @@ def _token_mean(base, stride_n, S, offs_d, dmask, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _pv_fp8_tile(acc, alpha, p, v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d, start_n,
+                 V_SCALE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc·α + (P·V)·v_scale`` for one key tile of FP8 Vᵀ codes (keys contiguous, channels
+    ``stride_vn`` apart, zero-padded to whole V blocks, so no key bounds); the tile's product
+    starts from a fresh accumulator (see the module doc)."""
+    dmask = offs_d < HEAD_DIM
+    if USE_TMA:
+        v = tl.trans(v_desc.load([v_row0, start_n]))
+    else:
+        v_ptrs = v_base + offs_d[None, :].to(tl.int64) * stride_vn + (start_n + tl.arange(0, BLOCK_N))[:, None]
+        if HEAD_DIM == HEAD_DIM_PAD:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
+    v_scale = tl.load(vs_base + (start_n // V_SCALE_BLOCK) * stride_vsb + offs_d, mask=dmask, other=0.0)
+    return acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
+
+
+@triton.jit
 def _attn_tiles(
     acc, l_i, m_i, q, q_mult,
     k_base, stride_kn, ks_base, stride_ks,
@@ -166,11 +186,6 @@ def _attn_tiles(
             p = tl.math.exp2(x - (m_use - P_LOG2_SCALE)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if PV_FP8 and not FUSED_QUANT:
-            # Vᵀ codes: keys contiguous (stride 1), channels stride_vn apart
-            v_ptrs = v_base + offs_d[None, :].to(tl.int64) * stride_vn + offs_n[:, None]
-        else:
-            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
         if PV_FP8:
             # V is stored transposed and zero-padded to whole V blocks: no bounds needed.
             # Each tile's product starts from zero (fresh FP8 accumulator) and is flushed into the
@@ -181,16 +196,12 @@ def _attn_tiles(
                 if SMOOTH_V:
                     vf = tl.where((offs_n < Sk)[:, None], vf - v_mean[None, :], 0.0)
                 v, v_scale = fp8_channel_codes(vf)  # V_SCALE_BLOCK == BLOCK_N: the tile is the block
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
             else:
-                if USE_TMA:
-                    v = tl.trans(v_desc.load([v_row0, start_n]))
-                elif HEAD_DIM == HEAD_DIM_PAD:
-                    v = tl.load(v_ptrs)
-                else:
-                    v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
-                v_scale = tl.load(vs_base + (start_n // V_SCALE_BLOCK) * stride_vsb + offs_d, mask=dmask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
+                acc = _pv_fp8_tile(acc, alpha, p, v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
+                                   start_n, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
         else:
+            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
             if MASKED or HEAD_DIM != HEAD_DIM_PAD:
                 vmask = dmask[None, :]
                 if MASKED:
@@ -247,16 +258,8 @@ def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
     if PV_FP8:
-        if USE_TMA:
-            v = tl.trans(v_desc.load([v_row0, start_n]))
-        else:
-            v_ptrs = v_base + offs_d[None, :].to(tl.int64) * stride_vn + offs_n[:, None]
-            if HEAD_DIM == HEAD_DIM_PAD:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
-        v_scale = tl.load(vs_base + (start_n // V_SCALE_BLOCK) * stride_vsb + offs_d, mask=dmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
+        acc = _pv_fp8_tile(acc, alpha, p, v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
+                           start_n, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
     else:
         v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
         if HEAD_DIM == HEAD_DIM_PAD:
