@@ -25,7 +25,15 @@ def _version(module: str) -> str | None:
         mod = __import__(module)
     except Exception:
         return None
-    return getattr(mod, "__version__", "unknown")
+    version = getattr(mod, "__version__", None)
+    if version is None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version(module)
+        except metadata.PackageNotFoundError:  # imported from a source/build folder on sys.path
+            version = f"no package metadata, from {getattr(mod, '__path__', ['?'])[0]}"
+    return version
 
 
 def collect_env(device: torch.device) -> dict:

@@ -39,10 +39,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ..config import PRESETS, QuantConfig
 from . import attn_bwd
+from .fastlaunch import cdiv, next_pow2
 
 __all__ = [
     "LOWBIT_MODES",
@@ -116,7 +116,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _hpad(d: int) -> int:
-    return max(triton.next_power_of_2(d), 16)
+    return max(next_pow2(d), 16)
 
 
 def _rowmajor(t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def _rowquant(x: torch.Tensor, mean: torch.Tensor, group: int, *, sub_mean: bool
     rb = torch.empty((B, H, S), dtype=torch.float32, device=x.device) if rb_mult is not None else scales
     if x.numel():
         block = 64
-        attn_bwd.rowquant_int8_kernel[(triton.cdiv(S, block), B * H)](
+        attn_bwd.rowquant_int8_kernel[(cdiv(S, block), B * H)](
             x, codes, scales, mean, rb, *x.stride()[:3], H, S, group, 0.0 if rb_mult is None else rb_mult,
             SUB_MEAN=sub_mean, ROW_BIAS=rb_mult is not None,
             HEAD_DIM=D, HEAD_DIM_PAD=_hpad(D), BLOCK=block, num_warps=4,
@@ -274,7 +274,7 @@ def attention_bwd(
     else:
         doc, dos = delta, delta  # dummies, never dereferenced
     pre_block = 64
-    attn_bwd.bwd_preprocess_kernel[(triton.cdiv(Sq, pre_block), B * Hq)](
+    attn_bwd.bwd_preprocess_kernel[(cdiv(Sq, pre_block), B * Hq)](
         out, grad_out, dlse, lse, delta, lse2, doc, dos,
         *out.stride()[:3], *grad_out.stride()[:3], Hq, Sq,
         HAS_DLSE=has_dlse, QUANT_DO=pdo_int8,
@@ -306,7 +306,7 @@ def attention_bwd(
     q_str = qa.stride()[:3] if q is not None else (0, 0, 0)
     k_str = ka.stride()[:3] if k is not None else (0, 0, 0)
 
-    attn_bwd.bwd_dkdv_kernel[(triton.cdiv(Sk, kc.block_n1), B * Hkv)](
+    attn_bwd.bwd_dkdv_kernel[(cdiv(Sk, kc.block_n1), B * Hkv)](
         qa, ka, v, grad_out, qc, qs, kcodes, ks, rb, doc, dos, lse2, delta, m4, dk, dv,
         *q_str, *k_str, *v.stride()[:3], *grad_out.stride()[:3], *mask_strides,
         *dk.stride()[:3], *dv.stride()[:3],
@@ -315,7 +315,7 @@ def attention_bwd(
         BLOCK_M=kc.block_m1, BLOCK_N=kc.block_n1, num_warps=kc.num_warps1, num_stages=kc.num_stages1, **common,
         default_dot_input_precision=_dot_precision(v.dtype),
     )
-    attn_bwd.bwd_dq_kernel[(triton.cdiv(Sq, kc.block_m2), B * Hq)](
+    attn_bwd.bwd_dq_kernel[(cdiv(Sq, kc.block_m2), B * Hq)](
         qa, ka, v, grad_out, qc, qs, kcodes, ks, km, rb, dlse, lse2, delta, m4, dq, ds_buf,
         *q_str, *k_str, *v.stride()[:3], *grad_out.stride()[:3], *mask_strides,
         *dq.stride()[:3],
