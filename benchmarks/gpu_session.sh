@@ -17,13 +17,15 @@ has() { [[ "$STAGES" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if has tests; then
-  # four shards in parallel: Triton compiles (CPU) dominate the GPU test time
+  # four shards in parallel: Triton compiles (CPU) dominate the GPU test time. `python3 -u`: a
+  # shard that `timeout` kills keeps the output it printed (block-buffered output was lost).
   T=${TEST_LIMIT:-300}
-  run_shard() { timeout "$T" python3 -m pytest -q -p no:cacheprovider --tb=line -m "not slow" "$@"; }
+  run_shard() { timeout "$T" python3 -u -m pytest -q -p no:cacheprovider --tb=line -rfE -m "not slow" "$@"; }
   run_shard tests/test_kernels.py -k "fp8" > "$OUT/tests_1.log" 2>&1 &
   run_shard tests/test_kernels.py -k "not fp8" > "$OUT/tests_2.log" 2>&1 &
   run_shard tests/test_ops.py tests/test_sdpa.py tests/test_attention_api.py > "$OUT/tests_3.log" 2>&1 &
-  run_shard tests/test_backward.py tests/test_training.py tests/test_diffusers.py > "$OUT/tests_4.log" 2>&1 &
+  run_shard tests/test_backward.py tests/test_training.py tests/test_diffusers.py --durations=10 \
+    > "$OUT/tests_4.log" 2>&1 &
   wait
   cat "$OUT"/tests_[1-4].log > "$OUT/tests.log"
 fi
