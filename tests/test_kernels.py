@@ -353,6 +353,44 @@ def test_small_call_plans(preset, layout):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["none", "int8-fp8"])
+def test_plan_not_shared_between_aliased_and_distinct_inputs(preset):
+    """attention(x, x, x) stores a plan whose pointers all map to q; a later attention(q, k, v) of
+    the same shape must not replay it (found in review: it computed attention(q, q, q))."""
+    from qflash.kernels import launch
+
+    cfg = resolve_quant(preset)
+    gen = torch.Generator().manual_seed(11)
+    x, _, _ = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, "HND", gen)
+    launch.attention_fwd(x, x, x, cfg)
+    launch.attention_fwd(x, x, x, cfg)
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, "HND", gen)
+    o, l = launch.attention_fwd(q, k, v, cfg, return_lse=True)
+    block_n = cfg.v.granularity.size if cfg.quantizes_pv else _picked(q, k, cfg).block_n
+    check(o, l, q, k, v, preset, block_n=block_n)
+
+
+@pytest.mark.parametrize("preset", ["none", "int8", "int8-fp8"])
+def test_negative_scale(preset):
+    """softmax(s·QKᵀ) with s < 0 (the kernel's FMA-form running max needs a positive multiplier;
+    the launcher negates Q instead). Found in review: int8-fp8 gave relL2 1.0."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = make_qkv(1, 2, 2, 40, 70, 64, torch.bfloat16, "HND", gen)
+    cfg = resolve_quant(preset)
+    o, l = run_kernel(q, k, v, cfg, scale=-0.1, causal=True)
+    exact = exact_attention(q, k, v, scale=-0.1, causal=True)
+    assert rel_l2(o, exact) <= BUDGET[preset]
+
+
+def test_empty_batch():
+    q = torch.zeros(0, 2, 16, 64, device=DEVICE, dtype=torch.bfloat16)
+    out, lse = attention_fwd(q, q, q, resolve_quant("int8-fp8"), return_lse=True,
+                             kernel_config=KernelConfig(64, 128, 4, 3, tma=True, rotate=True))
+    assert out.shape == q.shape and lse.shape == (0, 2, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("preset", ["int8", "int8-fp8"])
 def test_flux_shape(preset):
     """The Flux 1024px shape with the tuned config the library picks, against both references."""
@@ -376,6 +414,18 @@ def test_auto_backend_falls_back_for_configs_without_kernels():
     assert rel_l2(out, fake_quant_attention(q, k, v, cfg)) <= 1e-3
     with pytest.raises(NotImplementedError, match="symmetric"):
         attention_forward(q, k, v, cfg, backend="triton")
+
+
+def test_fp32_tiles_fit_shared_memory():
+    """fp32 doubles every tile: the backward drops to 2 stages at D128 and 1 at D256 (296 KB of
+    shared memory with the 3-stage bf16 tiles; sm_90 has 227 KB)."""
+    from qflash.kernels.bwd_launch import pick_bwd_config
+
+    cuda = torch.device("cuda", 0)
+    bf16, fp32 = pick_bwd_config(cuda, 128, torch.bfloat16), pick_bwd_config(cuda, 128, torch.float32)
+    assert (fp32.num_stages1, fp32.num_stages2) == (2, 2) and (fp32.block_m1, fp32.block_n1) == (bf16.block_m1, bf16.block_n1)
+    assert pick_bwd_config(cuda, 256, torch.float32).num_stages1 == 1
+    assert pick_bwd_config(cuda, 64, torch.float32) == pick_bwd_config(cuda, 64, torch.bfloat16)
 
 
 def test_config_keys_separate_exact_from_quantised():

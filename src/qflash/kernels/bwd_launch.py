@@ -102,11 +102,18 @@ DEFAULT_BWD: dict[int, BwdConfig] = {
 _CPU_DEFAULT = BwdConfig(64, 64, 64, 64, 4, 1, 4, 1)  # the interpreter: fewer, larger tiles are cheapest
 
 
-def pick_bwd_config(device: torch.device, head_dim: int) -> BwdConfig:
+def pick_bwd_config(device: torch.device, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> BwdConfig:
+    """Tiles for the backward kernels. fp32 inputs double every tile's shared memory: the tuned
+    3-stage D128 tiles would need 296 KB (sm_90 has 227 KB), so fp32 uses 2 stages there (230 KB)
+    and 1 stage at D256 (sizes from compiling for sm_90a)."""
     if device.type != "cuda":
         return _CPU_DEFAULT
     d = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    return DEFAULT_BWD[d]
+    kc = DEFAULT_BWD[d]
+    if dtype == torch.float32 and d > 64:
+        stages = 2 if d == 128 else 1
+        kc = dataclasses.replace(kc, num_stages1=min(kc.num_stages1, stages), num_stages2=min(kc.num_stages2, stages))
+    return kc
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -258,7 +265,7 @@ def attention_bwd(
             dmask = torch.zeros_like(attn_mask)
         return dq, dk, dv, dmask
 
-    kc = kernel_config or pick_bwd_config(dev, D)
+    kc = kernel_config or pick_bwd_config(dev, D, v.dtype)
     if pdo_int8 and (kc.block_m1 < 32 or kc.block_n2 < 32):
         # INT8 MMAs reduce over block_m1 (Pᵀ·dO, dSᵀ·Q) and block_n2 (dS·K): Hopper's INT8 MMA
         # wants K >= 32. Both are loop steps, not grid dims, so raising them is always safe.

@@ -10,7 +10,11 @@ and a direct call of the compiled kernel's launcher. A miss, the interpreter, or
 launch hook (profilers) goes through ``kernel[grid](...)`` as usual.
 
 The value key is at least as fine as Triton's own specialisation key (equal values specialise
-equally), so a hit launches exactly the binary Triton would have picked.
+equally), so a hit launches exactly the binary Triton would have picked — provided each
+parameter position always receives one Python type (``True == 1 == 1.0`` compare equal but
+Triton types them u1 / i32 / fp32; qflash's launchers pass fixed types per position). Triton's
+debug and instrumentation knobs and a JIT function's ``pre_run_hooks`` are not part of the key:
+the fast path assumes they stay as they were when the kernel was first launched.
 """
 
 from __future__ import annotations

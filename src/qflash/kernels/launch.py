@@ -7,6 +7,7 @@ kernel — plus, only when a preset asks for them, small PyTorch reductions that
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -47,8 +48,12 @@ _MAX_PLANS = 1024
 
 
 def _plan_key(q, k, v, cfg, causal, scale, return_lse, out_layout, kernel_config, fused_quant):
+    # aliasing matters: a plan maps each pointer to the first of (q, k, v, out, lse) it *is*, so
+    # attention(x, x, x) and attention(q, k, v) must not share one; alignment is per pointer,
+    # as Triton specialises it
     return (cfg, causal, scale, return_lse, out_layout, kernel_config, fused_quant, q.dtype, q.device.index,
-            q.shape, q.stride(), k.shape, k.stride(), v.stride(), (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15)
+            q.shape, q.stride(), k.shape, k.stride(), v.stride(), q is k, k is v, q is v,
+            q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0)
 
 
 def _alloc_out(q: torch.Tensor, out_layout: str) -> torch.Tensor:
@@ -237,6 +242,10 @@ def attention_fwd(
     given = (q, k, v)  # a plan replays only calls whose pointers are the caller's own tensors
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if scale < 0:
+        # the kernel's running max is max(x)·c, which needs c >= 0; softmax(s·QKᵀ) = softmax(|s|·(-Q)Kᵀ)
+        # (symmetric quantisation of -Q gives the negated codes, so quantised results agree too)
+        q, scale = -q, -scale
     qk_mult = scale * attn_fwd.LOG2E
     dev = q.device
 
@@ -248,10 +257,12 @@ def attention_fwd(
         lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
     elif lse is not None and (lse.shape != (B, Hq, Sq) or lse.dtype != torch.float32 or not lse.is_contiguous()):
         raise ValueError(f"lse must be a contiguous fp32 tensor of shape {(B, Hq, Sq)}")
-    if Sq == 0:
+    if Sq == 0 or B * Hq == 0:
         return out, lse
 
     kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, Sk, cfg.quantizes_qk)
+    if q.dtype == torch.float32 and kernel_config is None and D > 128:
+        kc = dataclasses.replace(kc, num_stages=1)  # fp32 K/V tiles at D256: two stages exceed sm_90's 227 KB
     block_m, block_n = kc.block_m, kc.block_n
     head_dim_pad = max(next_pow2(D), 32)
     if fused_quant is None:
@@ -319,7 +330,7 @@ def attention_fwd(
         m4, mask_kind, mask_strides = q, attn_fwd.MASK_NONE, (0, 0, 0, 0)
 
     use_tma = (kc.tma and codes is not None and cfg.quantizes_pv and kind in (quantize.QK_INT8, quantize.QK_FP8)
-               and D == head_dim_pad)
+               and D == head_dim_pad and Sk > 0)
     rotate = (kc.rotate and not fused and mask_kind == attn_fwd.MASK_NONE and not has_bias
               and (kind == quantize.QK_FLOAT or k_scale_block % block_n == 0))
     if use_tma:

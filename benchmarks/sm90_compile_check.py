@@ -1,0 +1,95 @@
+"""Compile the forward and backward kernels for sm_90a without a GPU and check shared memory.
+
+    python benchmarks/sm90_compile_check.py        (TRITON_INTERPRET must be unset)
+
+Uses the ptxas bundled with Triton. Every launch the launchers would make, for head dims 64, 96,
+128 and 256, fp32 and bf16, presets none / int8 / int8-fp8 and short and long sequences, with the
+configs the sm90 tables pick, is captured instead of launched, compiled for sm_90a, and its
+shared memory is compared with the H100's per-block limit (232,448 bytes). It finds compile errors
+and tiles that would fail with OutOfResources at launch; it says nothing about speed or results.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: this compiles for the GPU")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
+
+import qflash  # noqa: E402
+from qflash.kernels import bwd_launch, configs, fastlaunch, launch  # noqa: E402
+
+SMEM_LIMIT = 232448
+TARGET = GPUTarget("cuda", 90, 32)
+captured: list = []
+
+
+def _capture_jit(self, grid):
+    def run(*args, **kwargs):
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "default_dot_input_precision") if k in kwargs}
+        bound = dict(zip(self.arg_names, args))
+        bound.update(kwargs)
+        captured.append((self, [bound.get(n) for n in self.arg_names], opts))
+    return run
+
+
+def _capture_fast(self, grid, pointers, scalars, *, num_warps, num_stages, dot_precision="tf32"):
+    captured.append((self.fn, list(pointers + scalars),
+                     {"num_warps": num_warps, "num_stages": num_stages, "default_dot_input_precision": dot_precision}))
+
+
+def compile_one(fn, args, opts):
+    sig = {p.name: ("constexpr" if (p.is_constexpr or a is None) else mangle_type(a)) for p, a in zip(fn.params, args)}
+    consts = {p.name: a for p, a in zip(fn.params, args) if p.is_constexpr or a is None}
+    return triton.compile(ASTSource(fn, sig, consts), target=TARGET, options=opts).metadata.shared
+
+
+def main() -> int:
+    JITFunction.__getitem__ = _capture_jit
+    fastlaunch.FastLauncher.__call__ = _capture_fast
+    configs.gpu_key = lambda device=None: "sm90"  # the sm90 table, as on an H100
+    configs.load_user_table = lambda path: {}
+    configs.user_table_path = lambda device: "none"
+    cuda = torch.device("cuda", 0)
+    bad, n = [], 0
+    for D in (64, 96, 128, 256):
+        for dtype in (torch.float32, torch.bfloat16):
+            for preset in ("none", "int8", "int8-fp8"):
+                cfg = qflash.resolve_quant(preset)
+                for S in (512, 4096):
+                    kc = configs._pick.__wrapped__("cuda", 0, *configs.config_key(D, cfg.quantizes_pv, S, S,
+                                                                                  cfg.quantizes_qk))
+                    if dtype == torch.float32 and D > 128:  # as launch.attention_fwd does
+                        kc = configs.KernelConfig(kc.block_m, kc.block_n, kc.num_warps, 1, kc.tma, kc.rotate)
+                    q, k, v = (torch.randn(1, 2, S, D, dtype=dtype) for _ in range(3))
+                    captured.clear()
+                    launch.attention_fwd(q, k, v, cfg, kernel_config=kc, fused_quant=False, causal=S == 512)
+                    for fn, args, opts in list(captured):
+                        smem = compile_one(fn, args, opts)
+                        n += 1
+                        if smem > SMEM_LIMIT:
+                            bad.append((fn.__name__, D, str(dtype), preset, S, smem))
+            q, k, v, do = (torch.randn(1, 2, 256, D, dtype=dtype) for _ in range(4))
+            captured.clear()
+            bwd_launch.attention_bwd(q, k, v, torch.randn_like(q), torch.randn(1, 2, 256), do,
+                                     kernel_config=bwd_launch.pick_bwd_config(cuda, D, dtype))
+            for fn, args, opts in list(captured):
+                smem = compile_one(fn, args, opts)
+                n += 1
+                if smem > SMEM_LIMIT:
+                    bad.append((fn.__name__, D, str(dtype), "backward", 256, smem))
+    print(f"compiled {n} launches for sm_90a; over the shared-memory limit: {bad or 'none'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
