@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader | te
 if has tests; then
   # five shards in parallel: Triton compiles (CPU) dominate the GPU test time. `python3 -u`: a
   # shard that `timeout` kills keeps the output it printed (block-buffered output was lost).
-  T=${TEST_LIMIT:-300}
+  T=${TEST_LIMIT:-400}
   run_shard() { timeout "$T" python3 -u -m pytest -q -p no:cacheprovider --tb=line -rfE -m "not slow" "$@"; }
   run_shard tests/test_kernels.py -k "fp8" > "$OUT/tests_1.log" 2>&1 &
   run_shard tests/test_kernels.py -k "not fp8" > "$OUT/tests_2.log" 2>&1 &
