@@ -130,8 +130,8 @@ def attention(
         bwd_recompute: quantised presets only. True: the backward recomputes the exact O and lse
             (one extra forward; gradients as accurate as ``quant="none"``'s). False: it reuses
             the quantised forward's own O and lse (saved; no extra forward; the forward's error
-            leaks into the gradient). None (default): reuse for ``int8`` (and ``int8-fp8`` with
-            ``bwd_lowbit="int8"``), recompute otherwise — see ``qflash.ops.bwd_recompute_default``.
+            leaks into the gradient). None (default): reuse for ``int8`` with bf16 inputs, recompute
+            otherwise — see ``qflash.ops.bwd_recompute_default``.
 
         The two ``bwd_*`` options steer the Triton backward (CUDA); the pure-PyTorch backward
         (other devices) is exact whatever they say.

@@ -341,28 +341,35 @@ def reference_backward(
 # B1 H2 S4608 D128 full: int8 0.11%, int8-fp8 0.36%, fp8 0.63%, int4 2.4%; causal B1 H4 S1024 D64:
 # int8 0.49%, int8-fp8 1.50%, fp8 2.69%, int4 8.4% (the first rows see few keys: error is larger).
 # Custom QuantConfigs (not equal to a preset) recompute unless told otherwise.
-_BWD_REUSE_DEFAULT = frozenset({("int8", "none"), ("int8", "int8"), ("int8-fp8", "int8")})
+# Review (helper, interpreter): int8-fp8 with the INT8 backward is 1.6-1.9x worse than recompute
+# on square causal shapes (above the 1.5x rule), and in fp16/fp32 the exact recompute is 8-10^4x
+# more accurate than reuse (0.03% / 4e-7 vs 0.23-0.46%): the default reuses for bf16 inputs only.
+_BWD_REUSE_DEFAULT = frozenset({("int8", "none"), ("int8", "int8")})
+_BWD_REUSE_DTYPES = (torch.bfloat16,)
 
 
-def bwd_recompute_default(quant: str | QuantConfig, bwd_lowbit: str = "none") -> bool:
+def bwd_recompute_default(quant: str | QuantConfig, bwd_lowbit: str = "none",
+                          dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the backward recomputes the exact O and lse by default (``bwd_recompute=None``).
 
-    False for ``quant="none"`` (its O and lse are exact) and for the (preset, bwd_lowbit) pairs in
-    ``_BWD_REUSE_DEFAULT`` (measured numbers beside it); True otherwise.
+    False for ``quant="none"`` (its O and lse are exact) and, for bf16 inputs, for the
+    (preset, bwd_lowbit) pairs in ``_BWD_REUSE_DEFAULT`` (measured numbers beside it); True otherwise.
     """
     from .config import PRESETS
 
     cfg = quant if isinstance(quant, QuantConfig) else config_from_key(quant)
     if not (cfg.quantizes_qk or cfg.quantizes_pv):
         return False
+    if dtype not in _BWD_REUSE_DTYPES:
+        return True
     return not any(lowbit == bwd_lowbit and cfg == PRESETS[name] for name, lowbit in _BWD_REUSE_DEFAULT)
 
 
-def _bwd_recompute(key: str, bwd_lowbit: str, bwd_recompute: bool | None) -> bool:
+def _bwd_recompute(key: str, bwd_lowbit: str, bwd_recompute: bool | None, dtype: torch.dtype) -> bool:
     """The resolved ``bwd_recompute`` for a ``config_key``: never for exact forwards."""
     if not _quantizes(key):
         return False
-    return bwd_recompute_default(key, bwd_lowbit) if bwd_recompute is None else bool(bwd_recompute)
+    return bwd_recompute_default(key, bwd_lowbit, dtype) if bwd_recompute is None else bool(bwd_recompute)
 
 
 def _grad_buffer(t: torch.Tensor) -> torch.Tensor:
@@ -437,7 +444,7 @@ def _setup_context(ctx, inputs, output):
     ctx.quant = quant
     ctx.lowbit = bwd_lowbit
     ctx.kernels = _bwd_uses_kernels(q, backend)
-    if ctx.kernels and return_lse and not _bwd_recompute(quant, bwd_lowbit, bwd_recompute):
+    if ctx.kernels and return_lse and not _bwd_recompute(quant, bwd_lowbit, bwd_recompute, q.dtype):
         out, lse = output  # exact forward, or a quantised one whose O and lse the backward reuses
         ctx.save_for_backward(q, k, v, attn_mask, out, lse)
     else:  # quantised forward (O, lse recomputed exactly in the backward) or reference backward
@@ -519,9 +526,9 @@ def call_attention_fwd(
     # (2.9 ms instead of 3.7 ms fwd+bwd at the Flux shape on an H100, benchmarks/bwd_bench.py);
     # so does a quantised one whose backward reuses its O and lse (bwd_recompute resolved False).
     key = config_key(quant)
+    needs_grad = any(t.requires_grad for t in (q, k, v)) or (attn_mask is not None and attn_mask.requires_grad)
     want_lse = bool(return_lse) or (
-        torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        and not _bwd_recompute(key, bwd_lowbit, bwd_recompute))
+        torch.is_grad_enabled() and needs_grad and not _bwd_recompute(key, bwd_lowbit, bwd_recompute, q.dtype))
     out, lse = torch.ops.qflash.attention_fwd(
         q, k, v, key, bool(causal), attn_mask, None if scale is None else float(scale),
         want_lse, out_layout, backend, bwd_lowbit, bwd_recompute,

@@ -418,7 +418,7 @@ def saved_bytes(
     el = torch.empty((), dtype=dtype).element_size()
     rows_q, rows_k = B * Hq * Sq, B * Hkv * Sk
     if recompute is None:
-        recompute = bwd_recompute_default(cfg, lowbit)
+        recompute = bwd_recompute_default(cfg, lowbit, dtype)
     keeps_out = codes or ((_is_exact(cfg) or not recompute) and return_lse)
     res: dict[str, int] = {}
     if codes:
