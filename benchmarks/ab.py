@@ -21,6 +21,7 @@ from qflash.kernels.launch import attention_fwd  # noqa: E402
 
 
 def parse(spec: str) -> KernelConfig:
+    """'bm,bn,warps,stages[,tma][,rot]' -> KernelConfig (also sweep.py's --configs)."""
     parts = spec.split(",")
     return KernelConfig(*(int(x) for x in parts[:4]), tma="tma" in parts, rotate="rot" in parts)
 

@@ -60,10 +60,9 @@ def main(argv=None):
         quant_ms = do_bench(lambda: quantize_qkv(q, k, v, cfg), warmup=20, rep=100, return_mode="median") if cfg.quantizes_qk else 0.0
         best = None
         if args.configs:
-            cands = []
-            for spec in args.configs.split(";"):
-                parts = spec.split(",")
-                cands.append(KernelConfig(*(int(x) for x in parts[:4]), tma="tma" in parts, rotate="rot" in parts))
+            from ab import parse  # benchmarks/ab.py (this script's folder is on sys.path)
+
+            cands = [parse(spec) for spec in args.configs.split(";")]
         elif args.variants:
             cands = [KernelConfig(b.block_m, b.block_n, b.num_warps, b.num_stages, tma=t, rotate=r)
                      for b in VARIANT_BASES[:args.variants] for t in (False, True) for r in (False, True)]

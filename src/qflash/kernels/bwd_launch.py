@@ -116,12 +116,6 @@ def pick_bwd_config(device: torch.device, head_dim: int, dtype: torch.dtype = to
     return kc
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands: three TF32 products (fp32 accuracy on the tensor cores) instead of Triton's
-    one-TF32 default (~1e-3 relative error, measured on an H100 against fp64 gradients)."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _hpad(d: int) -> int:
     return max(next_pow2(d), 16)
 
@@ -286,7 +280,6 @@ def attention_bwd(
         *out.stride()[:3], *grad_out.stride()[:3], Hq, Sq,
         HAS_DLSE=has_dlse, QUANT_DO=pdo_int8,
         HEAD_DIM_V=Dv, HEAD_DIM_V_PAD=_hpad(Dv), BLOCK_M=pre_block, num_warps=4,
-        default_dot_input_precision=_dot_precision(v.dtype),
     )
 
     if qk_int8 or ds_int8:
@@ -320,7 +313,6 @@ def attention_bwd(
         Hq, Hkv, Hq // Hkv, Sq, Sk, Sk - Sq, qk_mult, scale,
         QK_INT8=qk_int8, PDO_INT8=pdo_int8, DS_INT8=ds_int8, IS_CAUSAL=bool(causal), MASK_KIND=mask_kind,
         BLOCK_M=kc.block_m1, BLOCK_N=kc.block_n1, num_warps=kc.num_warps1, num_stages=kc.num_stages1, **common,
-        default_dot_input_precision=_dot_precision(v.dtype),
     )
     attn_bwd.bwd_dq_kernel[(cdiv(Sq, kc.block_m2), B * Hq)](
         qa, ka, v, grad_out, qc, qs, kcodes, ks, km, rb, dlse, lse2, delta, m4, dq, ds_buf,
@@ -330,7 +322,6 @@ def attention_bwd(
         QK_INT8=qk_int8, DS_INT8=ds_int8, HAS_DLSE=has_dlse,
         IS_CAUSAL=bool(causal), MASK_KIND=mask_kind, WRITE_DS=write_ds,
         BLOCK_M=kc.block_m2, BLOCK_N=kc.block_n2, num_warps=kc.num_warps2, num_stages=kc.num_stages2, **common,
-        default_dot_input_precision=_dot_precision(v.dtype),
     )
     if write_ds:
         dmask = ds_buf.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
