@@ -95,7 +95,13 @@ def gpu_key(device: torch.device | None = None) -> str:
     """"sm90" style key of the current CUDA device ("cpu" without one)."""
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_key(index: int) -> str:
+    # cached: get_device_capability costs several µs, and small calls look this up every time
+    major, minor = torch.cuda.get_device_capability(index)
     return f"sm{major}{minor}"
 
 
