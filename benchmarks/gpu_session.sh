@@ -17,7 +17,7 @@ has() { [[ "$STAGES" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if has tests; then
-  # five shards in parallel: Triton compiles (CPU) dominate the GPU test time. `python3 -u`: a
+  # six shards in parallel: Triton compiles (CPU) dominate the GPU test time. `python3 -u`: a
   # shard that `timeout` kills keeps the output it printed (block-buffered output was lost).
   T=${TEST_LIMIT:-400}
   run_shard() { timeout "$T" python3 -u -m pytest -q -p no:cacheprovider --tb=line -rfE -m "not slow" "$@"; }
@@ -25,10 +25,13 @@ if has tests; then
   run_shard tests/test_kernels.py -k "not fp8" > "$OUT/tests_2.log" 2>&1 &
   run_shard tests/test_ops.py tests/test_sdpa.py tests/test_attention_api.py > "$OUT/tests_3.log" 2>&1 &
   # test_backward.py alone did not finish in 400 s next to three other shards (run 20)
-  run_shard tests/test_backward.py --durations=10 > "$OUT/tests_4.log" 2>&1 &
-  run_shard tests/test_training.py tests/test_diffusers.py --durations=5 > "$OUT/tests_5.log" 2>&1 &
+  # and is split in two here (the big-shape gradient grid and the rest)
+  BIG="test_gpu_grads_vs_fp32 or test_masks or test_grads_match_fp64_autograd"
+  run_shard tests/test_backward.py -k "$BIG" --durations=5 > "$OUT/tests_4.log" 2>&1 &
+  run_shard tests/test_backward.py -k "not ($BIG)" --durations=5 > "$OUT/tests_5.log" 2>&1 &
+  run_shard tests/test_training.py tests/test_diffusers.py tests/test_fastlaunch.py tests/test_cli_bench.py tests/test_flux_example.py tests/test_quant.py tests/test_reference.py tests/test_config.py --durations=5 > "$OUT/tests_6.log" 2>&1 &
   wait
-  cat "$OUT"/tests_[1-5].log > "$OUT/tests.log"
+  cat "$OUT"/tests_[1-6].log > "$OUT/tests.log"
 fi
 if has sweep; then
   timeout "${SWEEP_LIMIT:-200}" python3 benchmarks/sweep.py --out "$OUT" --presets int8-fp8 --variants "${SWEEP_N:-6}" \
@@ -50,8 +53,8 @@ if has flux && python3 -c "import diffusers" 2>/dev/null; then
 fi
 
 if has tests; then
-  echo "== tests"; for f in "$OUT"/tests_[1-5].log; do echo "$(basename "$f"): $(grep -E "passed|failed" "$f" | tail -1)"; done
-  grep -hE "^FAILED|^ERROR" "$OUT"/tests_[1-5].log | head -16
+  echo "== tests"; for f in "$OUT"/tests_[1-6].log; do echo "$(basename "$f"): $(grep -E "passed|failed" "$f" | tail -1)"; done
+  grep -hE "^FAILED|^ERROR" "$OUT"/tests_[1-6].log | head -16
 fi
 has sweep && { echo "== sweep"; grep -E "^BEST|^shape" "$OUT/sweep.log"; }
 has launch && { echo "== launch (CPU us per call)"; grep -E "us/call|torch.mean|GPU us" "$OUT/launch.log"; }
