@@ -1,17 +1,19 @@
-"""Compile the forward and backward kernels for sm_90a without a GPU and check shared memory.
+"""Compile the forward and backward kernels for sm_90a without a GPU; check shared memory and fp32 dots.
 
     python benchmarks/sm90_compile_check.py        (TRITON_INTERPRET must be unset)
 
 Uses the ptxas bundled with Triton. Every launch the launchers would make, for head dims 64, 96,
 128 and 256, fp32 and bf16, presets none / int8 / int8-fp8 and short and long sequences, with the
 configs the sm90 tables pick, is captured instead of launched, compiled for sm_90a, and its
-shared memory is compared with the H100's per-block limit (232,448 bytes). It finds compile errors
-and tiles that would fail with OutOfResources at launch; it says nothing about speed or results.
+shared memory is compared with the H100's per-block limit (232,448 bytes), and fp32 launches must
+not multiply in plain TF32. It finds compile errors, tiles that would fail with OutOfResources at
+launch and lost fp32 precision; it says nothing about speed or results.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import torch
@@ -35,22 +37,36 @@ captured: list = []
 
 def _capture_jit(self, grid):
     def run(*args, **kwargs):
-        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "default_dot_input_precision") if k in kwargs}
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         bound = dict(zip(self.arg_names, args))
         bound.update(kwargs)
         captured.append((self, [bound.get(n) for n in self.arg_names], opts))
     return run
 
 
-def _capture_fast(self, grid, pointers, scalars, *, num_warps, num_stages, dot_precision="tf32"):
-    captured.append((self.fn, list(pointers + scalars),
-                     {"num_warps": num_warps, "num_stages": num_stages, "default_dot_input_precision": dot_precision}))
+def _capture_fast(self, grid, pointers, scalars, *, num_warps, num_stages):
+    captured.append((self.fn, list(pointers + scalars), {"num_warps": num_warps, "num_stages": num_stages}))
 
 
 def compile_one(fn, args, opts):
+    """Shared memory bytes, and the input precisions of the kernel's fp32 dots (from its TTIR)."""
     sig = {p.name: ("constexpr" if (p.is_constexpr or a is None) else mangle_type(a)) for p, a in zip(fn.params, args)}
     consts = {p.name: a for p, a in zip(fn.params, args) if p.is_constexpr or a is None}
-    return triton.compile(ASTSource(fn, sig, consts), target=TARGET, options=opts).metadata.shared
+    compiled = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options=opts)
+    # the precision of dots on fp32 operands ("ieee" is the attribute's default and is not printed)
+    dots = {m.group(1) or "ieee" for m in re.finditer(r"tt\.dot [^:]*?(?:inputPrecision = (\w+))? : tensor<[0-9x]+xf32>",
+                                                      compiled.asm["ttir"])}
+    return compiled.metadata.shared, dots
+
+
+def check(fn, args, opts, dtype, what, bad) -> None:
+    """Compile one captured launch; flag it when over the shared-memory limit, or when an fp32
+    launch multiplies in plain TF32 (~1e-3 relative error; run 20's fp32 gradient failures)."""
+    smem, dots = compile_one(fn, args, opts)
+    if smem > SMEM_LIMIT:
+        bad.append((fn.__name__, *what, f"shared memory {smem}"))
+    if dtype == torch.float32 and "tf32" in dots:
+        bad.append((fn.__name__, *what, f"fp32 dot in TF32 ({sorted(dots)})"))
 
 
 def main() -> int:
@@ -74,20 +90,16 @@ def main() -> int:
                     captured.clear()
                     launch.attention_fwd(q, k, v, cfg, kernel_config=kc, fused_quant=False, causal=S == 512)
                     for fn, args, opts in list(captured):
-                        smem = compile_one(fn, args, opts)
+                        check(fn, args, opts, dtype, (D, str(dtype), preset, S), bad)
                         n += 1
-                        if smem > SMEM_LIMIT:
-                            bad.append((fn.__name__, D, str(dtype), preset, S, smem))
             q, k, v, do = (torch.randn(1, 2, 256, D, dtype=dtype) for _ in range(4))
             captured.clear()
             bwd_launch.attention_bwd(q, k, v, torch.randn_like(q), torch.randn(1, 2, 256), do,
                                      kernel_config=bwd_launch.pick_bwd_config(cuda, D, dtype))
             for fn, args, opts in list(captured):
-                smem = compile_one(fn, args, opts)
+                check(fn, args, opts, dtype, (D, str(dtype), "backward", 256), bad)
                 n += 1
-                if smem > SMEM_LIMIT:
-                    bad.append((fn.__name__, D, str(dtype), "backward", 256, smem))
-    print(f"compiled {n} launches for sm_90a; over the shared-memory limit: {bad or 'none'}")
+    print(f"compiled {n} launches for sm_90a; over the shared-memory limit or fp32 in TF32: {bad or 'none'}")
     return 1 if bad else 0
 
 

@@ -136,6 +136,25 @@ def test_kernel_matches_reference(preset, shape, causal, layout):
     check(o, l, q, k, v, preset, block_n=block_n, causal=causal)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp32_inputs_keep_fp32_accuracy(shape, causal):
+    """fp32 inputs, preset none: O and lse as accurate as fp32 arithmetic (relL2 ~1e-7), not
+    TF32 (~1e-3, what Triton's dots default to on a GPU; run 20's gradient failures)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("fp32", shape, causal)).encode()))
+    B, Hq, Hkv, Sq, Sk, D = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, torch.float32, "NHD", gen)
+    o, l = run_kernel(q, k, v, resolve_quant("none"), layout="NHD", kc=SMALL_CFG if not CUDA else None,
+                      causal=causal)
+    ref, ref_lse = exact_attention(q.double(), k.double(), v.double(), causal=causal, return_lse=True)
+    assert o.dtype == torch.float32
+    assert rel_l2(o, ref) <= 1e-5, f"O relL2 {rel_l2(o, ref):.2e}"
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(l))
+    if fin.any():
+        assert (l[fin].double() - ref_lse[fin]).abs().max().item() <= 1e-5
+
+
 def _picked(q, k, cfg):
     from qflash.kernels.configs import pick_config
     return pick_config(q.device, q.shape[-1], cfg.quantizes_pv, q.shape[2], k.shape[2], cfg.quantizes_qk)

@@ -99,6 +99,7 @@ def _attn_tiles(
     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, USE_TMA: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks.
 
@@ -125,7 +126,10 @@ def _attn_tiles(
             k = k_desc.load([k_row0 + start_n, 0])
         else:
             k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
-        qk = tl.dot(q, tl.trans(k))
+        if KIND == 0:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            qk = tl.dot(q, tl.trans(k))
         if KIND == 1 or KIND == 2:
             # int32 -> fp32 on the full-rate ALUs: reinterpreting qk + 0x4B400000 gives qk + 1.5 * 2**23
             # exactly (|qk| < 2**22); subtracting it back is exact too. (Folding the subtraction into the
@@ -209,7 +213,7 @@ def _attn_tiles(
                 v = tl.load(v_ptrs, mask=vmask, other=0.0)
             else:
                 v = tl.load(v_ptrs)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -217,7 +221,8 @@ def _attn_tiles(
 @triton.jit
 def _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, start_n, Sk,
              KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
-             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+             HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
     """Raw scores of one full key tile (int32 for integer kinds) and the tile's K scale."""
     if USE_TMA:
         k = k_desc.load([k_row0 + start_n, 0])
@@ -225,9 +230,8 @@ def _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, s
         k = _load_k_tile(k_base, start_n + tl.arange(0, BLOCK_N), offs_d, stride_kn, Sk, KIND, HEAD_DIM,
                          HEAD_DIM_PAD, BLOCK_N, False)
     if KIND == 0:
-        k_scale = 1.0
-    else:
-        k_scale = tl.load(ks_base + (start_n // K_SCALE_BLOCK) * stride_ks)
+        return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), 1.0
+    k_scale = tl.load(ks_base + (start_n // K_SCALE_BLOCK) * stride_ks)
     return tl.dot(q, tl.trans(k)), k_scale
 
 
@@ -242,7 +246,8 @@ def _exp_scores(x, c, m_i, P_LOG2_SCALE: tl.constexpr):
 def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
                 v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
                 KIND: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """One unmasked tile's online-softmax update and P·V (the FMA form of ``_attn_tiles``)."""
     if PV_FP8:
         P_LOG2_SCALE: tl.constexpr = 8.807354922057604
@@ -266,7 +271,7 @@ def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -278,24 +283,27 @@ def _attn_tiles_rotated(
     k_desc, v_desc, k_row0, v_row0, offs_d, lo, hi, Sk,
     KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """The unmasked pass of ``_attn_tiles`` (no mask, no bias, scalar K scale per tile) with the
     loop rotated: tile j+1's Q·Kᵀ is issued before tile j's softmax, so the asynchronous MMA can
     run under the exp2 work. Needs ``lo < hi`` (whole tiles)."""
     qk, ks = _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, lo, Sk,
-                      KIND, K_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+                      KIND, K_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, DOT_PRECISION)
     for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
         qk_next, ks_next = _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d,
                                     start_n + BLOCK_N, Sk, KIND, K_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD,
-                                    BLOCK_N)
+                                    BLOCK_N, DOT_PRECISION)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, start_n,
                                     v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
-                                    KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+                                    KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+                                    DOT_PRECISION)
         qk = qk_next
         ks = ks_next
     acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, hi - BLOCK_N,
                                 v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
-                                KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+                                KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
+                                    DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -320,6 +328,7 @@ def attn_fwd_kernel(
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
     USE_TMA: tl.constexpr, ROTATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
 
@@ -328,6 +337,9 @@ def attn_fwd_kernel(
     ``USE_TMA``: K codes and Vᵀ codes are read through the tensor descriptors KDesc
     ((B·Hkv·Sk, D) rows, block [BLOCK_N, D]) and VDesc ((B·Hkv·D, Sk_pad), block [D, BLOCK_N]).
     ``ROTATE``: in the unmasked pass, the next tile's Q·Kᵀ is issued before this tile's softmax.
+    ``DOT_PRECISION``: ``input_precision`` of the float dots (Q·Kᵀ for KIND 0, P·V outside FP8):
+    "tf32x3" or "ieee" for fp32 inputs. It must be explicit: Triton 3.6 takes a missing one from
+    ``knobs.language.fp32_default``, not from the ``default_dot_input_precision`` launch option.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -405,6 +417,7 @@ def attn_fwd_kernel(
                 offs_d=offs_d, lo=0, hi=full_end, Sk=Sk,
                 KIND=KIND, K_SCALE_BLOCK=K_SCALE_BLOCK, PV_FP8=PV_FP8, V_SCALE_BLOCK=V_SCALE_BLOCK,
                 USE_TMA=USE_TMA, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
+                DOT_PRECISION=DOT_PRECISION,
             )
     else:
         acc, l_i, m_i = _attn_tiles(
@@ -417,7 +430,7 @@ def attn_fwd_kernel(
             KDesc, VDesc, k_row0, v_row0,
             KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
             FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, q_mult,
@@ -429,7 +442,7 @@ def attn_fwd_kernel(
         KDesc, VDesc, k_row0, v_row0,
         KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
         FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
 
     has_keys = l_i > 0.0

@@ -78,11 +78,9 @@ class FastLauncher:
         return (self._knobs is not None and dev.type == "cuda" and not _hooked(self._knobs.launch_enter_hook)
                 and not _hooked(self._knobs.launch_exit_hook) and dev.index == torch.cuda.current_device())
 
-    def cached(self, dev: torch.device, pointers: tuple, scalars: tuple, num_warps: int, num_stages: int,
-               dot_precision: str = "tf32"):
+    def cached(self, dev: torch.device, pointers: tuple, scalars: tuple, num_warps: int, num_stages: int):
         """The compiled kernel a previous launch with these arguments left in the cache, or None."""
-        return self._cache.get((dev.index, num_warps, num_stages, dot_precision, scalars,
-                                tuple(map(_arg_key, pointers))))
+        return self._cache.get((dev.index, num_warps, num_stages, scalars, tuple(map(_arg_key, pointers))))
 
     @staticmethod
     def launch_compiled(kernel, grid, dev_index: int, pointers: tuple, scalars: tuple) -> None:
@@ -92,14 +90,11 @@ class FastLauncher:
         kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
                    *pointers, *scalars)
 
-    def __call__(self, grid, pointers: tuple, scalars: tuple, *, num_warps: int, num_stages: int,
-                 dot_precision: str = "tf32"):
-        """``dot_precision``: how fp32 ``tl.dot`` operands are multiplied (Triton's
-        ``default_dot_input_precision``: "tf32", "tf32x3", "ieee"); 8/16-bit operands ignore it."""
+    def __call__(self, grid, pointers: tuple, scalars: tuple, *, num_warps: int, num_stages: int):
         dev = pointers[0].device
         fast = self.fast_ok(dev)
         if fast:
-            key = (dev.index, num_warps, num_stages, dot_precision, scalars, tuple(map(_arg_key, pointers)))
+            key = (dev.index, num_warps, num_stages, scalars, tuple(map(_arg_key, pointers)))
             kernel = self._cache.get(key)
             if kernel is not None:
                 self.launch_compiled(kernel, grid, dev.index, pointers, scalars)
@@ -109,8 +104,7 @@ class FastLauncher:
                             f"got {len(pointers) + len(scalars)}")
         kwargs = dict(zip(self.names, (*pointers, *scalars)))
         with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
-            kernel = self.fn[grid](**kwargs, num_warps=num_warps, num_stages=num_stages,
-                                   default_dot_input_precision=dot_precision)
+            kernel = self.fn[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
         if fast and kernel is not None and hasattr(kernel, "packed_metadata"):
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.clear()

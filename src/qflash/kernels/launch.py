@@ -19,7 +19,7 @@ from . import attn_fwd, quantize
 from .configs import KernelConfig, fused_quant_limits, pick_config
 from .fastlaunch import FastLauncher, cdiv, next_pow2
 
-FP32_DOT_PRECISION = "tf32x3"  # how fp32 inputs are multiplied in tl.dot (see attention_fwd)
+FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the kernel's DOT_PRECISION)
 _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel)
 _ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel)
 
@@ -371,17 +371,16 @@ def attention_fwd(
         fused, cfg.smooth_k, cfg.smooth_q,  # FUSED_QUANT, SMOOTH_K, SMOOTH_Q
         use_tma, rotate,  # USE_TMA, ROTATE
         D, head_dim_pad, block_m, block_n,  # HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N
+        # DOT_PRECISION. fp32 inputs: TF32 products (Triton's default) cost ~1e-3 relative error
+        FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
     )
-    # fp32 inputs: Triton's default multiplies fp32 dot operands in TF32 (~1e-3 relative error);
-    # three TF32 products recover fp32 accuracy on the tensor cores
-    precision = FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32"
-    _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages, dot_precision=precision)
+    _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages)
     if plan_key is not None and codes is None and bias is None and lse_corr is None:
-        _remember_plan(plan_key, grid, pointers, scalars, (*given, out, lse), kc, precision)
+        _remember_plan(plan_key, grid, pointers, scalars, (*given, out, lse), kc)
     return out, lse
 
 
-def _remember_plan(key, grid, pointers, scalars, src, kc, precision) -> None:
+def _remember_plan(key, grid, pointers, scalars, src, kc) -> None:
     """Store a ``_Plan`` when every pointer is one of ``src`` (q, k, v, out, lse) or None."""
     slots = []
     for p in pointers:
@@ -392,7 +391,7 @@ def _remember_plan(key, grid, pointers, scalars, src, kc, precision) -> None:
         if idx is None:
             return  # a buffer made inside this call (codes, a copy): not replayable
         slots.append(idx)
-    kernel = _ATTN_FWD.cached(src[0].device, pointers, scalars, kc.num_warps, kc.num_stages, precision)
+    kernel = _ATTN_FWD.cached(src[0].device, pointers, scalars, kc.num_warps, kc.num_stages)
     if kernel is None:
         return
     if len(_PLANS) >= _MAX_PLANS:
