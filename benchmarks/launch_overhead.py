@@ -26,7 +26,7 @@ def per_call_us(fn, n=300):
 
 q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 print(f"sdpa: {per_call_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)):.1f} us/call")
-for p in ("none", "int8", "int8-fp8"):
+for p in ("none", "int8", "int8-fp8", "fp8"):
     cfg = qflash.resolve_quant(p)
     print(f"{p}: attention_fwd {per_call_us(lambda: attention_fwd(q, k, v, cfg)):.1f} us/call; "
           f"qflash.attention {per_call_us(lambda: qflash.attention(q, k, v, quant=cfg)):.1f} us/call"

@@ -4,10 +4,11 @@
 
 Uses the ptxas bundled with Triton. Every launch the launchers would make, for head dims 64, 96,
 128 and 256, fp32 and bf16, presets none / int8 / int8-fp8 and short and long sequences, with the
-configs the sm90 tables pick, is captured instead of launched, compiled for sm_90a, and its
-shared memory is compared with the H100's per-block limit (232,448 bytes), and fp32 launches must
-not multiply in plain TF32. It finds compile errors, tiles that would fail with OutOfResources at
-launch and lost fp32 precision; it says nothing about speed or results.
+configs the sm90 tables pick (and the TMA / rotated-loop variants at D128), is captured instead
+of launched and compiled for sm_90a. Its shared memory is compared with the H100's per-block limit
+(232,448 bytes), and fp32 launches must not multiply in plain TF32. It finds compile errors, tiles
+that would fail with OutOfResources at launch and lost fp32 precision; it says nothing about speed
+or results.
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def compile_one(fn, args, opts):
 def check(fn, args, opts, dtype, what, bad) -> None:
     """Compile one captured launch; flag it when over the shared-memory limit, or when an fp32
     launch multiplies in plain TF32 (~1e-3 relative error; run 20's fp32 gradient failures)."""
-    smem, dots = compile_one(fn, args, opts)
+    try:
+        smem, dots = compile_one(fn, args, opts)
+    except Exception as e:  # noqa: BLE001 - report every launch that fails, then exit non-zero
+        bad.append((fn.__name__, *what, f"does not compile: {str(e).splitlines()[-1][:160]}"))
+        return
     if smem > SMEM_LIMIT:
         bad.append((fn.__name__, *what, f"shared memory {smem}"))
     if dtype == torch.float32 and "tf32" in dots:
@@ -91,6 +96,15 @@ def main() -> int:
                     launch.attention_fwd(q, k, v, cfg, kernel_config=kc, fused_quant=False, causal=S == 512)
                     for fn, args, opts in list(captured):
                         check(fn, args, opts, dtype, (D, str(dtype), preset, S), bad)
+                        n += 1
+            for preset in ("none", "int8-fp8", "fp8") if D == 128 else ():
+                for tma, rotate in ((False, True), (True, True)):  # the variants test_kernel_variants runs
+                    q, k, v = (torch.randn(1, 2, 512, D, dtype=dtype) for _ in range(3))
+                    captured.clear()
+                    launch.attention_fwd(q, k, v, qflash.resolve_quant(preset), fused_quant=False,
+                                         kernel_config=configs.KernelConfig(64, 64, 4, 2, tma, rotate))
+                    for fn, args, opts in list(captured):
+                        check(fn, args, opts, dtype, (D, str(dtype), preset, f"tma={tma} rotate={rotate}"), bad)
                         n += 1
             q, k, v, do = (torch.randn(1, 2, 256, D, dtype=dtype) for _ in range(4))
             captured.clear()

@@ -230,9 +230,12 @@ def _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, s
         k = _load_k_tile(k_base, start_n + tl.arange(0, BLOCK_N), offs_d, stride_kn, Sk, KIND, HEAD_DIM,
                          HEAD_DIM_PAD, BLOCK_N, False)
     if KIND == 0:
-        return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), 1.0
-    k_scale = tl.load(ks_base + (start_n // K_SCALE_BLOCK) * stride_ks)
-    return tl.dot(q, tl.trans(k)), k_scale
+        k_scale = 1.0
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    else:
+        k_scale = tl.load(ks_base + (start_n // K_SCALE_BLOCK) * stride_ks)
+        qk = tl.dot(q, tl.trans(k))
+    return qk, k_scale
 
 
 @triton.jit
