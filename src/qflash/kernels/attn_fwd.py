@@ -340,9 +340,10 @@ def attn_fwd_kernel(
     ``USE_TMA``: K codes and Vᵀ codes are read through the tensor descriptors KDesc
     ((B·Hkv·Sk, D) rows, block [BLOCK_N, D]) and VDesc ((B·Hkv·D, Sk_pad), block [D, BLOCK_N]).
     ``ROTATE``: in the unmasked pass, the next tile's Q·Kᵀ is issued before this tile's softmax.
-    ``DOT_PRECISION``: ``input_precision`` of the float dots (Q·Kᵀ for KIND 0, P·V outside FP8):
-    "tf32x3" or "ieee" for fp32 inputs. It must be explicit: Triton 3.6 takes a missing one from
-    ``knobs.language.fp32_default``, not from the ``default_dot_input_precision`` launch option.
+    ``DOT_PRECISION``: ``input_precision`` of the float dots (Q·Kᵀ for KIND 0, P·V outside FP8),
+    "ieee" for fp32 inputs (``launch.FP32_DOT_PRECISION``). It must be explicit: Triton 3.6 takes a
+    missing one from ``knobs.language.fp32_default``, not from the ``default_dot_input_precision``
+    launch option.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
