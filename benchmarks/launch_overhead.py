@@ -1,4 +1,11 @@
-"""CPU cost of one qflash call at a tiny shape (where launches, not math, set the time)."""
+"""CPU cost of one qflash call at a tiny shape (where launches, not math, set the time).
+
+    python benchmarks/launch_overhead.py [--profile] [--do-bench] [--torch-profile]
+
+``--profile``: cProfile of ``attention_fwd``. ``--do-bench``: 1x1x64x64 timed as ``qflash bench``
+times it (``do_bench``, L2 cleared before each call, the preset passed by name). ``--torch-profile``:
+torch.profiler tables (launches, allocations, any host synchronisation) of ``qflash.attention``.
+"""
 
 from __future__ import annotations
 
@@ -80,3 +87,30 @@ if "--profile" in sys.argv:
     torch.cuda.synchronize()
     pr.disable()
     pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+
+if "--do-bench" in sys.argv:
+    from triton.testing import do_bench
+
+    for p in ("none", "int8", "int8-fp8", "fp8"):
+        cfg = qflash.resolve_quant(p)
+        api = lambda p=p: qflash.attention(q, k, v, quant=p)  # noqa: E731
+        fwd = lambda cfg=cfg: attention_fwd(q, k, v, cfg)  # noqa: E731
+        api_ms = sorted(do_bench(api, warmup=25, rep=100, return_mode="all"))
+        fwd_ms = sorted(do_bench(fwd, warmup=25, rep=100, return_mode="all"))
+        print(f"{p}: do_bench median api {api_ms[len(api_ms) // 2] * 1e3:.1f} us (min {api_ms[0] * 1e3:.1f}), "
+              f"attention_fwd {fwd_ms[len(fwd_ms) // 2] * 1e3:.1f} us (min {fwd_ms[0] * 1e3:.1f}); "
+              f"CPU api {per_call_us(api):.1f} us, fwd {per_call_us(fwd):.1f} us", flush=True)
+
+if "--torch-profile" in sys.argv:
+    from torch.profiler import ProfilerActivity, profile
+
+    for p in ("int8", "int8-fp8"):
+        for _ in range(10):
+            qflash.attention(q, k, v, quant=p)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                qflash.attention(q, k, v, quant=p)
+            torch.cuda.synchronize()
+        print(f"== torch.profiler {p} (20 calls)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
