@@ -306,7 +306,7 @@ def _attn_tiles_rotated(
     acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, hi - BLOCK_N,
                                 v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
                                 KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-                                    DOT_PRECISION)
+                                DOT_PRECISION)
     return acc, l_i, m_i
 
 
