@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader | te
 if has tests; then
   # six shards in parallel: Triton compiles (CPU) dominate the GPU test time. `python3 -u`: a
   # shard that `timeout` kills keeps the output it printed (block-buffered output was lost).
-  T=${TEST_LIMIT:-400}
+  T=${TEST_LIMIT:-530}  # six shards on a fresh H100 take 330-420 s (runs 21-23); a device call has 600 s
   # faulthandler: a test that runs over 150 s prints every thread's stack (a hang shows where)
   run_shard() { timeout "$T" python3 -u -m pytest -q -p no:cacheprovider --tb=line -rfE -m "not slow" \
     -o faulthandler_timeout=150 "$@"; }
