@@ -140,9 +140,8 @@ def attention(
         ``out`` in q's dtype and layout, or ``(out, lse)``. Rows with every key masked are zero
         (and their lse is -inf).
     """
-    from .ops import call_attention_fwd, check_bwd_args  # the op: compile / CUDA-graph safe
+    from .ops import call_attention_fwd  # the op: compile / CUDA-graph safe; checks the bwd_* options
 
-    check_bwd_args(bwd_lowbit, bwd_recompute)
     validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
 
     if layout == "NHD":
