@@ -1,0 +1,295 @@
+"""Hopper (sm_90a) attention forward in Gluon: FlashAttention-3's schedule for 8-bit operands.
+
+One CTA owns ``2 * QM`` query rows of one (batch, head) and runs three partitions:
+
+* a 1-warp **producer** (24 registers after ``setmaxnreg``): TMA loads of the two Q halves, then
+  K and Vᵀ tiles into a ``STAGES``-deep shared-memory ring guarded by mbarriers;
+* two 4-warp **consumers** (one warpgroup each, QM = 64 rows each): async ``wgmma`` for
+  Q·Kᵀ (A from shared memory) and P·V (P from registers), online softmax with ``exp2``.
+
+Two overlaps hide the softmax under the tensor cores:
+
+* **ping-pong** between the consumers: a pair of mbarriers hands the "issue your GEMMs" turn
+  back and forth, so one warpgroup's softmax runs while the other's MMAs run;
+* **intra-warpgroup**: Q·Kᵀ of tile j and P·V of tile j-1 are issued together;
+  ``warpgroup_mma_wait(1)`` returns with S_j while P_{j-1}·V still runs.
+
+Numbers (the ``int8-fp8`` / ``fp8`` presets; ``qflash.reference.fake_quant_attention`` computes
+the same function):
+
+* ``S = (q_codes · k_codesᵀ)`` exactly (INT8 → int32, FP8 → fp32), in log2 units
+  ``s = S · c_row · k_scale[j]`` with ``c_row = q_scale[row] · softmax_scale · log2(e)``;
+* ``P = exp2(s - m + log2(448))``: one FMA and one ``ex2`` per score, P lands in the e4m3
+  range [0, 448] and is rounded to FP8 per tile (the running max m of that tile);
+* each tile's P·V (FP8 × FP8 → fp32) starts from a fresh accumulator and is added to the fp32
+  output scaled by that V block's per-channel scale (the "two-level" sum: no FP22 drift);
+* ``O = acc / l`` (l sums the scaled P, so the 448 cancels), ``lse = (m + log2 l - log2 448) · ln 2``.
+
+Shapes (all 2-D views the TMA descriptors read):
+
+==========  ==========================  =========  =====================================
+operand     view                        dtype      block
+==========  ==========================  =========  =====================================
+q codes     (B·Hq·Sq, D)                int8/f8   (QM, D)
+k codes     (B·Hkv·Sk, D)               int8/f8   (BLOCK_N, D)
+v codesᵀ    (B·Hkv·D, Sk_pad)           fp8 e4m3   (D, BLOCK_N); zero-padded past Sk
+q scale     (B·Hq, Sq) fp32             per token
+k scale     (B·Hkv, Sk_pad / BLOCK_N)   fp32       one per key tile
+v scale     (B·Hkv, Sk_pad / BLOCK_N, D) fp32      per key tile and channel
+out         strided (b, h, s, d)        bf16/fp16  written with masked stores
+lse         (B·Hq, Sq) fp32             natural log, optional
+==========  ==========================  =========  =====================================
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LOG2_FP8_MAX = gl.constexpr(8.807354922057604)  # log2(448): P is scaled into the e4m3 range
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.constexpr_function
+def _mma_layout(n, bitwidth):
+    """wgmma accumulator layout of one warpgroup for an (M, n) tile with `bitwidth`-bit operands."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 256 // bitwidth])
+
+
+@gluon.jit
+def _alloc_bars(n: gl.constexpr, count: gl.constexpr):
+    bars = gl.allocate_shared_memory(gl.int64, [n, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(n):
+        mbarrier.init(bars.index(i), count=count)
+    return bars
+
+
+# ------------------------------------------------------------------------------------------------
+# producer: 1 warp, TMA only
+# ------------------------------------------------------------------------------------------------
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
+              q_row, k_row, vt_row, n_iters):
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    QM: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_bufs.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + QM, 0], q_bar, q_bufs.index(1))
+    for i in range(n_iters):
+        s = i % STAGES
+        ph = (i // STAGES) & 1
+        # an "empty" barrier starts with its previous phase complete: the first lap does not wait
+        mbarrier.wait(k_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row + i * BLOCK_N, 0], k_ready.index(s), k_bufs.index(s))
+        mbarrier.wait(v_empty.index(s), ph ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [vt_row, i * BLOCK_N], v_ready.index(s), v_bufs.index(s))
+
+
+# ------------------------------------------------------------------------------------------------
+# consumer helpers
+# ------------------------------------------------------------------------------------------------
+@gluon.jit
+def _wait_turn(turn_mine, j, FIRST: gl.constexpr):
+    # consumer 0 issues first: its wait on a fresh barrier (parity 1) passes at once
+    if FIRST:
+        mbarrier.wait(turn_mine, (j & 1) ^ 1)
+    else:
+        mbarrier.wait(turn_mine, j & 1)
+
+
+@gluon.jit
+def _issue_qk(q_smem, k_bufs, s, s_layout: gl.constexpr, ACC_DTYPE: gl.constexpr):
+    BM: gl.constexpr = q_smem.type.shape[0]
+    BN: gl.constexpr = k_bufs.type.shape[1]
+    return warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), gl.zeros([BM, BN], ACC_DTYPE, s_layout),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_pv(p_op, v_bufs, s, o_layout: gl.constexpr):
+    BM: gl.constexpr = p_op.type.shape[0]
+    D: gl.constexpr = v_bufs.type.shape[1]
+    # Vᵀ tile [D, BN] (keys contiguous) viewed as [BN, D] K-major: what the 8-bit wgmma needs
+    return warpgroup_mma(p_op, v_bufs.index(s).permute((1, 0)), gl.zeros([BM, D], gl.float32, o_layout),
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax_tile(qk, m_i, l_i, c_row, k_scale, n_left, MASK_TAIL: gl.constexpr, s_layout: gl.constexpr):
+    """Online-softmax step for one score tile: (P scaled into the fp8 range, new m, new l, alpha).
+
+    qk: [BM, BN] raw scores (int32 or fp32); c_row [BM] row multiplier; k_scale: this tile's K
+    scale; n_left: keys left from this tile's first column (only read when MASK_TAIL).
+    """
+    BN: gl.constexpr = qk.type.shape[1]
+    x = qk.to(gl.float32)
+    if MASK_TAIL:
+        # keys past the end get -inf: a per-column bias (0 on every tile but the last), branch-free
+        # because a runtime `if` yielding the whole tile made ptxas spill
+        cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        x = x + gl.expand_dims(gl.where(cols < n_left, 0.0, float("-inf")), 0)
+    c = c_row * k_scale  # > 0, so max(x·c) = max(x)·c
+    m_new = gl.maximum(m_i, gl.max(x, axis=1) * c)
+    bias = m_new - LOG2_FP8_MAX
+    p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
+    alpha = gl.exp2(m_i - m_new)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_new, alpha
+
+
+@gluon.jit
+def _release(bar):
+    mbarrier.arrive(bar, count=1)
+
+
+@gluon.jit
+def _flush_pv(acc, pv, alpha_prev, vs_ptr, j, D: gl.constexpr, o_layout: gl.constexpr):
+    """acc·α + (P·V)_tile · v_scale[tile, :]: the tile's fp32 partial product joins the output."""
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    v_scale = gl.load(vs_ptr + j * D + offs_d)
+    a = gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout))
+    return acc * gl.expand_dims(a, 1) + pv * gl.expand_dims(v_scale, 0)
+
+
+@gluon.jit
+def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+              qs_ptr, ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult, rows_left, Sk, n_iters,
+              FIRST: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr):
+    BM: gl.constexpr = q_smem.type.shape[0]
+    D: gl.constexpr = q_smem.type.shape[1]
+    BN: gl.constexpr = k_bufs.type.shape[1]
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    QK_INT: gl.constexpr = q_smem.dtype == gl.int8
+    ACC_DTYPE: gl.constexpr = gl.int32 if QK_INT else gl.float32
+    s_layout: gl.constexpr = _mma_layout(BN, 8)
+    o_layout: gl.constexpr = _mma_layout(D, 8)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    rows = gl.arange(0, BM, layout=row_layout)
+    q_scale = gl.load(qs_ptr + rows, mask=rows < rows_left, other=1.0)
+    c_row = q_scale * q_mult
+    acc = gl.zeros([BM, D], gl.float32, o_layout)
+    mbarrier.wait(q_bar, 0)
+
+    # prologue: S_0 and its softmax
+    mbarrier.wait(k_ready.index(0), 0)
+    _wait_turn(turn_mine, 0, FIRST)
+    qk = _issue_qk(q_smem, k_bufs, 0, s_layout, ACC_DTYPE)
+    _release(turn_other)
+    k_scale = gl.load(ks_ptr)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+    _release(k_empty.index(0))
+    m_i = gl.full([BM], float("-inf"), gl.float32, row_layout)
+    l_i = gl.full([BM], 0.0, gl.float32, row_layout)
+    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk, MASK_TAIL, s_layout)
+    p_op = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    alpha_prev = alpha
+
+    for j in range(1, n_iters):
+        s = j % STAGES
+        sp = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+        _wait_turn(turn_mine, j, FIRST)
+        qk = _issue_qk(q_smem, k_bufs, s, s_layout, ACC_DTYPE)
+        pv = _issue_pv(p_op, v_bufs, sp, o_layout)
+        _release(turn_other)
+        k_scale = gl.load(ks_ptr + j)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))  # S_j ready; P_{j-1}·V may still run
+        _release(k_empty.index(s))
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk - j * BN, MASK_TAIL, s_layout)
+        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+        _release(v_empty.index(sp))
+        acc = _flush_pv(acc, pv, alpha_prev, vs_ptr, j - 1, D, o_layout)
+        p_op = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        alpha_prev = alpha
+
+    # tail: P_{n-1}·V
+    sl = (n_iters - 1) % STAGES
+    mbarrier.wait(v_ready.index(sl), ((n_iters - 1) // STAGES) & 1)
+    pv = _issue_pv(p_op, v_bufs, sl, o_layout)
+    pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+    _release(v_empty.index(sl))
+    acc = _flush_pv(acc, pv, alpha_prev, vs_ptr, n_iters - 1, D, o_layout)
+
+    # epilogue: O = acc / l (masked stores: the tile may pass the end of the sequence)
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = acc / gl.expand_dims(l_o, 1)
+    orows = gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
+    ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = o_ptr + gl.expand_dims(orows.to(gl.int64) * stride_om, 1) + gl.expand_dims(ocols, 0)
+    gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(orows < rows_left, 1))
+    if HAS_LSE:
+        lse = (m_i + gl.log2(l_i) - LOG2_FP8_MAX) * LN2
+        gl.store(lse_ptr + rows, lse, mask=rows < rows_left)
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel
+# ------------------------------------------------------------------------------------------------
+@gluon.jit
+def attn_fwd_fa3_kernel(
+    q_desc, k_desc, v_desc,
+    QScale, KScale, VScale, Out, Lse,
+    stride_ob, stride_oh, stride_om,
+    q_mult,  # softmax_scale · log2(e)
+    Hq, Hkv, Sq, Sk, n_kblocks,
+    STAGES: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    """Grid (cdiv(Sq, 2·QM), B·Hq). See the module docstring for operands and numbers."""
+    QM: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    bhk = b * Hkv + h // (Hq // Hkv)
+    m0 = pid_m * (2 * QM)
+    q_row = bh * Sq + m0
+    k_row = bhk * Sk
+    vt_row = bhk * D
+    n_iters = gl.cdiv(Sk, BN)
+
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, QM, D], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, D, BN], v_desc.layout)
+    q_bar = _alloc_bars(1, 1)
+    k_ready = _alloc_bars(STAGES, 1)
+    k_empty = _alloc_bars(STAGES, 2)  # both consumers release each stage
+    v_ready = _alloc_bars(STAGES, 1)
+    v_empty = _alloc_bars(STAGES, 2)
+    turn = _alloc_bars(2, 1)
+    fence_async_shared()
+
+    qs_ptr = QScale + bh.to(gl.int64) * Sq + m0
+    ks_ptr = KScale + bhk.to(gl.int64) * n_kblocks
+    vs_ptr = VScale + bhk.to(gl.int64) * n_kblocks * D
+    o_ptr = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + m0.to(gl.int64) * stride_om
+    lse_ptr = Lse + bh.to(gl.int64) * Sq + m0
+    rows_left = Sq - m0
+    # NB (Triton 3.6): partition argument tuples must be written inline (a tuple bound to a name
+    # turns its constexprs into runtime values), and a partition function cannot be chosen
+    # through a constexpr variable.
+    gl.warp_specialize([
+        (_consumer, (q_bufs.index(0), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready, v_empty,
+                     turn.index(0), turn.index(1), qs_ptr, ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult,
+                     rows_left, Sk, n_iters, True, HAS_LSE, MASK_TAIL)),
+        (_consumer, (q_bufs.index(1), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready, v_empty,
+                     turn.index(1), turn.index(0), qs_ptr + QM, ks_ptr, vs_ptr, o_ptr + QM * stride_om, stride_om,
+                     lse_ptr + QM, q_mult, rows_left - QM, Sk, n_iters, False, HAS_LSE, MASK_TAIL)),
+        (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
+                     v_empty, q_row, k_row, vt_row, n_iters)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -1,0 +1,37 @@
+"""Tuning data of the Hopper family: tile shapes, pipeline depth and register split per head dim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import QuantConfig
+
+__all__ = ["HopperTiles", "tiles_for"]
+
+
+@dataclass(frozen=True)
+class HopperTiles:
+    """qm: query rows per consumer warpgroup (the CTA owns 2·qm); block_n: keys per tile (the
+    K/V scale block); stages: K/V ring depth; registers per thread after ``setmaxnreg``."""
+
+    qm: int = 64
+    block_n: int = 128
+    stages: int = 3
+    consumer_regs: int = 240
+    producer_regs: int = 24
+    maxnreg: int = 168  # register cap at entry: 12 warps · 32 · 168 ≤ 64K
+
+    def __post_init__(self):
+        if 2 * 4 * 32 * self.consumer_regs + 4 * 32 * self.producer_regs > 65536:
+            raise ValueError(f"register split {self.consumer_regs}/{self.producer_regs} exceeds 64K per SM")
+
+
+# head dim -> tiles (8-bit presets); measured on an H200 (docs/perf/NOTES.md, Hopper family)
+_TILES: dict[int, HopperTiles] = {
+    64: HopperTiles(stages=4),
+    128: HopperTiles(stages=3),
+}
+
+
+def tiles_for(cfg: QuantConfig, head_dim: int) -> HopperTiles:
+    return _TILES[head_dim]
