@@ -30,16 +30,30 @@ SHAPES = {  # name: (B, Hq, Hkv, Sq, Sk, D, causal)
     "causal-8k": (1, 32, 32, 8192, 8192, 128, True),
 }
 CHECKS = [  # awkward shapes: (B, Hq, Hkv, Sq, Sk, D, causal, lse)
+    (1, 4, 4, 4608, 4608, 128, False, False),
     (1, 2, 2, 256, 256, 128, False, False),
     (2, 4, 2, 1000, 777, 128, False, True),
     (1, 3, 1, 130, 1025, 64, False, True),
+    (2, 4, 4, 300, 300, 128, False, 'nhd'),
     (1, 2, 2, 64, 4096, 128, False, False),
 ]
-VARIANTS = {
-    "base": dict(stages=3),
-    "stages2": dict(stages=2),
-    "stages4": dict(stages=4),
+VARIANTS = {  # tiles, and whether V has one scale per channel (in-place P·V) or per key tile
+    "flush": dict(tiles=dict(stages=3), v_per_channel=False),
+    "inplace": dict(tiles=dict(stages=3), v_per_channel=True),
+    "inplace-s2": dict(tiles=dict(stages=2), v_per_channel=True),
+    "inplace-s4": dict(tiles=dict(stages=4), v_per_channel=True),
 }
+
+
+def variant_cfg(preset: str, var: dict):
+    import dataclasses
+
+    from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
+
+    cfg = resolve_quant(preset)
+    if var["v_per_channel"]:
+        cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(0)))
+    return cfg
 
 
 def child(args):
@@ -49,17 +63,14 @@ def child(args):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import qflash
-    from qflash.config import resolve_quant
     from qflash.kernels.hopper.launch import attention_fwd_hopper, build_launch
     from qflash.kernels.hopper.tuning import HopperTiles
-    try:
-        from qflash.kernels.portable.launch import quantize_qkv
-    except ImportError:
-        from qflash.kernels.launch import quantize_qkv
+    from qflash.kernels.hopper.launch import quantize_kv
     from qflash.reference import exact_attention, fake_quant_attention
 
-    tiles = HopperTiles(**VARIANTS[args.variant])
-    res = {"variant": args.variant, "tiles": VARIANTS[args.variant], "checks": [], "timings": []}
+    var = VARIANTS[args.variant]
+    tiles = HopperTiles(**var["tiles"])
+    res = {"variant": args.variant, "config": var, "checks": [], "timings": []}
     dev = "cuda"
 
     def rel(a, b):
@@ -67,11 +78,14 @@ def child(args):
         return ((a - b).norm() / b.norm()).item()
 
     for preset in args.presets.split(","):
-        cfg = resolve_quant(preset)
+        cfg = variant_cfg(preset, var)
         for (B, Hq, Hkv, Sq, Sk, D, causal, want_lse) in CHECKS:
             g = torch.Generator(device=dev).manual_seed(Sq * 7 + Sk)
-            q, k, v = (torch.randn(B, h, s, D, device=dev, dtype=torch.bfloat16, generator=g)
+            q, k, v = (torch.randn(B, s, h, D, device=dev, dtype=torch.bfloat16, generator=g).transpose(1, 2)
                        for h, s in ((Hq, Sq), (Hkv, Sk), (Hkv, Sk)))
+            if want_lse != "nhd":
+                q, k, v = (x.contiguous() for x in (q, k, v))
+            want_lse = want_lse is True
             out = torch.full_like(q, float("nan"))
             o, lse = attention_fwd_hopper(q, k, v, cfg, return_lse=want_lse, out=out, tiles=tiles)
             torch.cuda.synchronize()
@@ -100,15 +114,14 @@ def child(args):
             t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         row = dict(shape=name, sdpa_ms=t_sdpa)
         for preset in args.presets.split(","):
-            cfg = resolve_quant(preset)
+            cfg = variant_cfg(preset, var)
             o, _ = attention_fwd_hopper(q, k, v, cfg, tiles=tiles)
-            codes = quantize_qkv(q, k, v, cfg)
+            kc, ks, vt, vs, _ = quantize_kv(k, v, cfg, tiles.block_n)
             out = torch.empty_like(q)
-            launch = build_launch(codes.q, codes.q_scale, codes.k, codes.k_scale, codes.v_t, codes.v_scale, out,
-                                  None, 1 / math.sqrt(D), tiles)
+            launch = build_launch(q, None, kc, ks, vt, vs, out, None, 1 / math.sqrt(D), tiles)
             t_full = bench(lambda: attention_fwd_hopper(q, k, v, cfg, tiles=tiles))
             t_kern = bench(launch)
-            t_quant = bench(lambda: quantize_qkv(q, k, v, cfg))
+            t_quant = bench(lambda: quantize_kv(k, v, cfg, tiles.block_n))
             t_port = bench(lambda: qflash.attention(q, k, v, quant=preset)) if args.portable else None
             row[preset] = dict(full_ms=t_full, kernel_ms=t_kern, quant_ms=t_quant, portable_ms=t_port,
                                speedup=t_sdpa / t_full, kernel_tops=ops / t_kern / 1e9, rel_vs_sdpa=rel(o, ref))

@@ -76,13 +76,13 @@ def _alloc_bars(n: gl.constexpr, count: gl.constexpr):
 # ------------------------------------------------------------------------------------------------
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
-              q_row, k_row, vt_row, n_iters):
+              q_row, q_col, k_row, vt_row, n_iters):
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     QM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_bufs.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row + QM, 0], q_bar, q_bufs.index(1))
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_bufs.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + QM, q_col], q_bar, q_bufs.index(1))
     for i in range(n_iters):
         s = i % STAGES
         ph = (i // STAGES) & 1
@@ -153,23 +153,63 @@ def _release(bar):
 
 
 @gluon.jit
-def _flush_pv(acc, pv, alpha_prev, vs_ptr, j, D: gl.constexpr, o_layout: gl.constexpr):
-    """acc·α + (P·V)_tile · v_scale[tile, :]: the tile's fp32 partial product joins the output."""
+def _load_v_scale(vs_ptr, j, D: gl.constexpr, o_layout: gl.constexpr):
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    v_scale = gl.load(vs_ptr + j * D + offs_d)
+    return gl.load(vs_ptr + j * D + offs_d)
+
+
+@gluon.jit
+def _flush_pv(acc, pv, alpha_prev, v_scale, o_layout: gl.constexpr):
+    """acc·α + (P·V)_tile · v_scale: the tile's fp32 partial product joins the output."""
     a = gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout))
     return acc * gl.expand_dims(a, 1) + pv * gl.expand_dims(v_scale, 0)
 
 
 @gluon.jit
-def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+def _rescale(acc, alpha, o_layout: gl.constexpr):
+    return acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+
+
+@gluon.jit
+def _quantize_q_tile(q_in, q_codes, row_layout: gl.constexpr):
+    """Per-token symmetric codes of the staged Q tile (bf16/fp16 [QM, D] in shared memory) into
+    ``q_codes`` (int8 or fp8 [QM, D] in shared memory); returns the scales [QM] in row_layout.
+
+    The arithmetic is ``qflash.quant.core``'s: ``inv = qmax / amax`` (IEEE), round half to even
+    (INT8) or round-to-nearest conversion (FP8), an all-zero row gets ``amax = 1``.
+    """
+    QM: gl.constexpr = q_in.type.shape[0]
+    D: gl.constexpr = q_in.type.shape[1]
+    IS_INT: gl.constexpr = q_codes.dtype == gl.int8
+    QMAX: gl.constexpr = 127.0 if IS_INT else 448.0
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    x = q_in.load(blocked).to(gl.float32)
+    amax = gl.max(gl.abs(x), axis=1)
+    amax = gl.where(amax > 1e-30, amax, 1.0)
+    inv = gl.div_rn(gl.full([QM], QMAX, gl.float32, gl.SliceLayout(1, blocked)), amax)
+    scale = gl.div_rn(amax, gl.full([QM], QMAX, gl.float32, gl.SliceLayout(1, blocked)))
+    y = x * gl.expand_dims(inv, 1)
+    if IS_INT:
+        y = (y + 12582912.0) - 12582912.0  # 1.5·2^23: round half to even for |y| < 2^22
+        codes = gl.minimum(gl.maximum(y, -QMAX), QMAX).to(gl.int8)
+    else:
+        codes = gl.minimum(gl.maximum(y, -QMAX), QMAX).to(gl.float8e4nv)
+    q_codes.store(codes)
+    fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
+    gl.thread_barrier()  # every warp of the warpgroup has written its rows
+    return gl.convert_layout(scale, row_layout)
+
+
+@gluon.jit
+def _consumer(q_smem, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
               qs_ptr, ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult, rows_left, Sk, n_iters,
-              FIRST: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr):
+              FIRST: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr,
+              Q_IN_KERNEL: gl.constexpr, V_INPLACE: gl.constexpr):
     BM: gl.constexpr = q_smem.type.shape[0]
     D: gl.constexpr = q_smem.type.shape[1]
     BN: gl.constexpr = k_bufs.type.shape[1]
     STAGES: gl.constexpr = k_bufs.type.shape[0]
-    QK_INT: gl.constexpr = q_smem.dtype == gl.int8
+    QK_INT: gl.constexpr = k_bufs.dtype == gl.int8
     ACC_DTYPE: gl.constexpr = gl.int32 if QK_INT else gl.float32
     s_layout: gl.constexpr = _mma_layout(BN, 8)
     o_layout: gl.constexpr = _mma_layout(D, 8)
@@ -177,15 +217,20 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     rows = gl.arange(0, BM, layout=row_layout)
-    q_scale = gl.load(qs_ptr + rows, mask=rows < rows_left, other=1.0)
-    c_row = q_scale * q_mult
     acc = gl.zeros([BM, D], gl.float32, o_layout)
     mbarrier.wait(q_bar, 0)
+    if Q_IN_KERNEL:
+        q_scale = _quantize_q_tile(q_smem, q_codes, row_layout)
+        q_op = q_codes
+    else:
+        q_scale = gl.load(qs_ptr + rows, mask=rows < rows_left, other=1.0)
+        q_op = q_smem
+    c_row = q_scale * q_mult
 
     # prologue: S_0 and its softmax
     mbarrier.wait(k_ready.index(0), 0)
     _wait_turn(turn_mine, 0, FIRST)
-    qk = _issue_qk(q_smem, k_bufs, 0, s_layout, ACC_DTYPE)
+    qk = _issue_qk(q_op, k_bufs, 0, s_layout, ACC_DTYPE)
     _release(turn_other)
     k_scale = gl.load(ks_ptr)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
@@ -202,26 +247,44 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty,
         mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
         mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
         _wait_turn(turn_mine, j, FIRST)
-        qk = _issue_qk(q_smem, k_bufs, s, s_layout, ACC_DTYPE)
-        pv = _issue_pv(p_op, v_bufs, sp, o_layout)
+        qk = _issue_qk(q_op, k_bufs, s, s_layout, ACC_DTYPE)
+        if V_INPLACE:
+            acc = warpgroup_mma(p_op, v_bufs.index(sp).permute((1, 0)), acc, is_async=True)
+        else:
+            pv = _issue_pv(p_op, v_bufs, sp, o_layout)
         _release(turn_other)
-        k_scale = gl.load(ks_ptr + j)
+        k_scale = gl.load(ks_ptr + j)  # loaded while the MMAs run
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))  # S_j ready; P_{j-1}·V may still run
         _release(k_empty.index(s))
         p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk - j * BN, MASK_TAIL, s_layout)
-        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-        _release(v_empty.index(sp))
-        acc = _flush_pv(acc, pv, alpha_prev, vs_ptr, j - 1, D, o_layout)
+        if V_INPLACE:
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            _release(v_empty.index(sp))
+            acc = _rescale(acc, alpha, o_layout)
+        else:
+            pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+            _release(v_empty.index(sp))
+            # loaded here, not with k_scale: 32 more live registers across the softmax spill
+            v_scale = _load_v_scale(vs_ptr, j - 1, D, o_layout)
+            acc = _flush_pv(acc, pv, alpha_prev, v_scale, o_layout)
         p_op = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
         alpha_prev = alpha
 
     # tail: P_{n-1}·V
     sl = (n_iters - 1) % STAGES
     mbarrier.wait(v_ready.index(sl), ((n_iters - 1) // STAGES) & 1)
-    pv = _issue_pv(p_op, v_bufs, sl, o_layout)
-    pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-    _release(v_empty.index(sl))
-    acc = _flush_pv(acc, pv, alpha_prev, vs_ptr, n_iters - 1, D, o_layout)
+    if V_INPLACE:
+        acc = warpgroup_mma(p_op, v_bufs.index(sl).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        _release(v_empty.index(sl))
+        v_scale = _load_v_scale(vs_ptr, 0, D, o_layout)  # one per-channel scale for all keys
+        acc = acc * gl.expand_dims(v_scale, 0)
+    else:
+        v_scale = _load_v_scale(vs_ptr, n_iters - 1, D, o_layout)
+        pv = _issue_pv(p_op, v_bufs, sl, o_layout)
+        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+        _release(v_empty.index(sl))
+        acc = _flush_pv(acc, pv, alpha_prev, v_scale, o_layout)
 
     # epilogue: O = acc / l (masked stores: the tile may pass the end of the sequence)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -243,12 +306,20 @@ def attn_fwd_fa3_kernel(
     q_desc, k_desc, v_desc,
     QScale, KScale, VScale, Out, Lse,
     stride_ob, stride_oh, stride_om,
+    q_rows_b, q_rows_h, q_col_h,  # Q tile origin in q_desc's 2-D view: row b·q_rows_b + h·q_rows_h + m, col h·q_col_h
     q_mult,  # softmax_scale · log2(e)
     Hq, Hkv, Sq, Sk, n_kblocks,
     STAGES: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr,
+    Q_IN_KERNEL: gl.constexpr, V_INPLACE: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
-    """Grid (cdiv(Sq, 2·QM), B·Hq). See the module docstring for operands and numbers."""
+    """Grid (cdiv(Sq, 2·QM), B·Hq). See the module docstring for operands and numbers.
+
+    Q_IN_KERNEL: q_desc reads the bf16/fp16 input and each consumer quantises its tile per token
+    (QScale unused); else q_desc reads codes and QScale (B·Hq, Sq) their scales.
+    V_INPLACE: one per-channel V scale for all keys (VScale (B·Hkv, D)); P·V accumulates in place
+    and the scale is applied once at the end; else per-tile scales and the two-level sum.
+    """
     QM: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -258,12 +329,18 @@ def attn_fwd_fa3_kernel(
     h = bh % Hq
     bhk = b * Hkv + h // (Hq // Hkv)
     m0 = pid_m * (2 * QM)
-    q_row = bh * Sq + m0
+    q_row = b * q_rows_b + h * q_rows_h + m0
+    q_col = h * q_col_h
     k_row = bhk * Sk
     vt_row = bhk * D
     n_iters = gl.cdiv(Sk, BN)
 
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, QM, D], q_desc.layout)
+    if Q_IN_KERNEL:
+        code_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([QM, D], k_desc.dtype)
+        q_codes = gl.allocate_shared_memory(k_desc.dtype, [2, QM, D], code_layout)
+    else:
+        q_codes = q_bufs
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, D, BN], v_desc.layout)
     q_bar = _alloc_bars(1, 1)
@@ -276,7 +353,10 @@ def attn_fwd_fa3_kernel(
 
     qs_ptr = QScale + bh.to(gl.int64) * Sq + m0
     ks_ptr = KScale + bhk.to(gl.int64) * n_kblocks
-    vs_ptr = VScale + bhk.to(gl.int64) * n_kblocks * D
+    if V_INPLACE:
+        vs_ptr = VScale + bhk.to(gl.int64) * D
+    else:
+        vs_ptr = VScale + bhk.to(gl.int64) * n_kblocks * D
     o_ptr = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + m0.to(gl.int64) * stride_om
     lse_ptr = Lse + bh.to(gl.int64) * Sq + m0
     rows_left = Sq - m0
@@ -284,12 +364,13 @@ def attn_fwd_fa3_kernel(
     # turns its constexprs into runtime values), and a partition function cannot be chosen
     # through a constexpr variable.
     gl.warp_specialize([
-        (_consumer, (q_bufs.index(0), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready, v_empty,
-                     turn.index(0), turn.index(1), qs_ptr, ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult,
-                     rows_left, Sk, n_iters, True, HAS_LSE, MASK_TAIL)),
-        (_consumer, (q_bufs.index(1), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready, v_empty,
-                     turn.index(1), turn.index(0), qs_ptr + QM, ks_ptr, vs_ptr, o_ptr + QM * stride_om, stride_om,
-                     lse_ptr + QM, q_mult, rows_left - QM, Sk, n_iters, False, HAS_LSE, MASK_TAIL)),
+        (_consumer, (q_bufs.index(0), q_codes.index(0), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
+                     v_empty, turn.index(0), turn.index(1), qs_ptr, ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult,
+                     rows_left, Sk, n_iters, True, HAS_LSE, MASK_TAIL, Q_IN_KERNEL, V_INPLACE)),
+        (_consumer, (q_bufs.index(1), q_codes.index(1), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
+                     v_empty, turn.index(1), turn.index(0), qs_ptr + QM, ks_ptr, vs_ptr, o_ptr + QM * stride_om,
+                     stride_om, lse_ptr + QM, q_mult, rows_left - QM, Sk, n_iters, False, HAS_LSE, MASK_TAIL,
+                     Q_IN_KERNEL, V_INPLACE)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
-                     v_empty, q_row, k_row, vt_row, n_iters)),
+                     v_empty, q_row, q_col, k_row, vt_row, n_iters)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

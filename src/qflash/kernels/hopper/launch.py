@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...config import QuantConfig
+from ...config import Precision, QuantConfig
 from .tuning import HopperTiles, tiles_for
 
 LOG2E = 1.4426950408889634
@@ -52,56 +52,101 @@ class Launch:
         return self.kernel[self.grid](**self.kwargs, **self.options)
 
 
-def build_launch(qc, qs, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles) -> Launch:
-    """Launch record for quantised operands (shapes in ``fwd_kernel``'s docstring).
+def q_view(q: torch.Tensor):
+    """A 2-D TMA view of HND-indexed q (B, Hq, Sq, D) and where head (b, h)'s rows start in it:
+    (view, rows per batch, rows per head, columns per head). HND- and NHD-contiguous inputs are
+    read in place; anything else is copied once."""
+    B, Hq, Sq, D = q.shape
+    if q.is_contiguous():
+        return q.reshape(B * Hq * Sq, D), Hq * Sq, Sq, 0
+    if q.transpose(1, 2).is_contiguous():  # an NHD buffer (B, Sq, Hq, D)
+        return q.transpose(1, 2).reshape(B * Sq, Hq * D), Sq, 0, D
+    return q_view(q.contiguous())
 
-    qc (B, Hq, Sq, D) codes; qs (B, Hq, Sq) fp32; kc (B, Hkv, Sk, D) codes; ks (B, Hkv, nb) fp32;
-    vt (B, Hkv, D, nb·BLOCK_N) fp8 codes; vs (B, Hkv, nb, D) fp32; out a (B, Hq, Sq, D) view
-    with unit channel stride; lse (B, Hq, Sq) fp32 or None.
+
+def build_launch(q, qs, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles) -> Launch:
+    """Launch record (operands in ``fwd_kernel``'s docstring).
+
+    q: the bf16/fp16 input (B, Hq, Sq, D), quantised in the kernel (``qs`` None), or its codes
+    with per-token scales ``qs`` (B, Hq, Sq) fp32; kc (B, Hkv, Sk, D) codes; ks (B, Hkv, nb)
+    fp32; vt (B, Hkv, D, nb·BLOCK_N) fp8 codes; vs (B, Hkv, nb, D) per tile and channel or
+    (B, Hkv, D) per channel; out a (B, Hq, Sq, D) view with unit channel stride; lse (B, Hq, Sq)
+    fp32 or None.
     """
     from .fwd_kernel import attn_fwd_fa3_kernel
 
-    B, Hq, Sq, D = qc.shape
+    B, Hq, Sq, D = q.shape
     Hkv, Sk = kc.shape[1], kc.shape[2]
     BN, QM = tiles.block_n, tiles.qm
     nb = ks.shape[-1]
-    q_desc = _desc(qc.reshape(B * Hq * Sq, D), [QM, D])
+    q2d, q_rows_b, q_rows_h, q_col_h = q_view(q)
+    q_desc = _desc(q2d, [QM, D])
     k_desc = _desc(kc.reshape(B * Hkv * Sk, D), [BN, D])
     v_desc = _desc(vt.reshape(B * Hkv * D, vt.shape[-1]), [D, BN])
     kwargs = dict(
         q_desc=q_desc, k_desc=k_desc, v_desc=v_desc,
-        QScale=qs, KScale=ks, VScale=vs, Out=out, Lse=lse if lse is not None else qs,
+        QScale=qs if qs is not None else ks, KScale=ks, VScale=vs, Out=out, Lse=lse if lse is not None else ks,
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+        q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h,
         q_mult=scale * LOG2E,
         Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, n_kblocks=nb,
         STAGES=tiles.stages, HAS_LSE=lse is not None, MASK_TAIL=Sk % BN != 0,
+        Q_IN_KERNEL=qs is None, V_INPLACE=vs.dim() == 3,
         CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
     )
     grid = (math.ceil(Sq / (2 * QM)), B * Hq)
     return Launch(attn_fwd_fa3_kernel, grid, kwargs, dict(num_warps=4, maxnreg=tiles.maxnreg))
 
 
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int):
+    """K codes and scales, Vᵀ codes and scales for the Hopper kernel (``hopper.quantize``'s table).
+
+    Returns (kc, ks, vt, vs, k_mean or None).
+    """
+    from .quantize import KIND_FP8, KIND_INT8, quantize_kv_kernel
+
+    B, Hkv, Sk, D = k.shape
+    dev = k.device
+    nb = -(-Sk // block_n)
+    code_dtype = torch.int8 if cfg.k.precision is Precision.INT8 else torch.float8_e4m3fn
+    per_channel = cfg.v.granularity.size == 0
+    km = torch.mean(k, dim=2, dtype=torch.float32) if cfg.smooth_k else None  # (B, Hkv, D)
+    vmax = v.abs().amax(dim=2).float() if per_channel else None  # (B, Hkv, D)
+    kc = torch.empty((B, Hkv, Sk, D), dtype=code_dtype, device=dev)
+    ks = torch.empty((B, Hkv, nb), dtype=torch.float32, device=dev)
+    vt = torch.empty((B, Hkv, D, nb * block_n), dtype=torch.float8_e4m3fn, device=dev)
+    vs = torch.empty((B, Hkv, D) if per_channel else (B, Hkv, nb, D), dtype=torch.float32, device=dev)
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    quantize_kv_kernel[(nb, B * Hkv)](
+        k, v, km if km is not None else ks, vmax if vmax is not None else ks,
+        kc, ks, vt, vs,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        Hkv, Sk, nb,
+        KIND=KIND_INT8 if code_dtype is torch.int8 else KIND_FP8, SMOOTH_K=cfg.smooth_k,
+        V_PER_CHANNEL=per_channel, BLOCK_N=block_n, HEAD_DIM=D, num_warps=8,
+    )
+    return kc, ks, vt, vs, km
+
+
 def attention_fwd_hopper(q, k, v, cfg: QuantConfig, *, scale: float | None = None, return_lse: bool = False,
                          out: torch.Tensor | None = None, tiles: HopperTiles | None = None):
-    """Quantised forward of HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) on sm_90.
+    """Quantised forward of HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) on sm_90: one quantiser
+    launch for K/V (plus the token statistics it needs), one attention launch that quantises Q.
 
     Returns (out (B,Hq,Sq,D) in q's dtype, lse (B,Hq,Sq) fp32 natural log | None).
     """
-    try:
-        from ..portable.launch import quantize_qkv
-    except ImportError:  # before the portable family moved into its package
-        from ..launch import quantize_qkv
-
     B, Hq, Sq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     tiles = tiles or tiles_for(cfg, D)
-    codes = quantize_qkv(q, k, v, cfg)
+    kc, ks, vt, vs, km = quantize_kv(k, v, cfg, tiles.block_n)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
-    build_launch(codes.q, codes.q_scale, codes.k, codes.k_scale, codes.v_t, codes.v_scale, out, lse, scale, tiles)()
-    if lse is not None and codes.k_mean is not None:
+    build_launch(q, None, kc, ks, vt, vs, out, lse, scale, tiles)()
+    if lse is not None and km is not None:
         # K was smoothed (mean subtracted): softmax is invariant, the log-sum-exp is not
-        km = codes.k_mean.repeat_interleave(Hq // k.shape[1], dim=1)  # (B, Hq, D)
-        lse += scale * torch.einsum("bhsd,bhd->bhs", q.float(), km)
+        lse += scale * torch.einsum("bhsd,bhd->bhs", q.float(), km.repeat_interleave(Hq // k.shape[1], dim=1))
     return out, lse

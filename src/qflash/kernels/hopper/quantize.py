@@ -1,0 +1,94 @@
+"""K/V quantiser of the Hopper family: one Triton launch writes the layouts the Gluon kernel reads.
+
+(Q is quantised inside the attention kernel: each Q tile is read once there.)
+
+==========  ===================================  =========  ========================================
+tensor      shape                                dtype      notes
+==========  ===================================  =========  ========================================
+k codes     (B, Hkv, Sk, D)                      int8/f8    (k - mean_k) / k_scale, symmetric
+k scale     (B, Hkv, nb)                         fp32       one per BLOCK_N keys; nb = cdiv(Sk, BLOCK_N)
+v codesᵀ    (B, Hkv, D, nb·BLOCK_N)              fp8 e4m3   keys contiguous, zero past Sk
+v scale     (B, Hkv, nb, D) or (B, Hkv, D)       fp32       per key block and channel, or per channel
+==========  ===================================  =========  ========================================
+
+The arithmetic is ``qflash.quant.core``'s (fp32, ``inv = qmax / amax`` in IEEE division, round
+half to even for INT8, an all-zero group gets ``amax = 1``), so ``qflash.reference`` reproduces
+the codes exactly. Token statistics that need every key (the K mean for smoothing, the V channel
+maximum for one scale per channel) are computed before the launch.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+KIND_INT8 = 1
+KIND_FP8 = 3
+
+
+@triton.jit
+def _symmetric_codes(x, inv, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    y = x * inv
+    if IS_INT:
+        y = (y + 12582912.0) - 12582912.0  # 1.5·2^23: round half to even for |y| < 2^22
+        return tl.clamp(y, -QMAX, QMAX).to(tl.int8)
+    return tl.clamp(y, -QMAX, QMAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def quantize_kv_kernel(
+    K, V, KMean, VAmax,
+    KC, KS, VT, VS,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    Hkv, Sk, n_blocks,
+    KIND: tl.constexpr, SMOOTH_K: tl.constexpr, V_PER_CHANNEL: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Grid (n_blocks, B·Hkv): one program quantises BLOCK_N keys of K and of V of one head.
+
+    K/V are read through their strides (channel stride 1); codes are written contiguous.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    h = bh % Hkv
+    IS_INT: tl.constexpr = KIND == 1
+    KMAX: tl.constexpr = 127.0 if KIND == 1 else 448.0
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    nmask = offs_n < Sk
+
+    # --- K: one scale per block --------------------------------------------------------------
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=nmask[:, None],
+                other=0.0).to(tl.float32)
+    if SMOOTH_K:
+        mean = tl.load(KMean + bh.to(tl.int64) * HEAD_DIM + offs_d)
+        k = tl.where(nmask[:, None], k - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
+    amax = tl.where(amax > 1e-30, amax, 1.0)
+    k_codes = _symmetric_codes(k, tl.math.div_rn(KMAX, amax), KMAX, IS_INT)
+    kc_base = KC + bh.to(tl.int64) * Sk * HEAD_DIM
+    tl.store(kc_base + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], k_codes, mask=nmask[:, None])
+    tl.store(KS + bh.to(tl.int64) * n_blocks + pid, tl.math.div_rn(amax, KMAX))
+
+    # --- V: FP8 per channel (of this block, or of all keys), stored transposed ----------------
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=nmask[:, None],
+                other=0.0).to(tl.float32)
+    if V_PER_CHANNEL:
+        vmax = tl.load(VAmax + bh.to(tl.int64) * HEAD_DIM + offs_d)
+    else:
+        vmax = tl.max(tl.abs(v), axis=0)
+    vmax = tl.where(vmax > 1e-30, vmax, 1.0)
+    qmax_d = tl.full([HEAD_DIM], 448.0, tl.float32)
+    v_codes = _symmetric_codes(v, tl.math.div_rn(qmax_d, vmax)[None, :], 448.0, False)
+    vt_base = VT + bh.to(tl.int64) * HEAD_DIM * (n_blocks * BLOCK_N)
+    # padded keys (>= Sk) are written as zeros so the attention kernel reads whole tiles
+    tl.store(vt_base + offs_d[:, None].to(tl.int64) * (n_blocks * BLOCK_N) + offs_n[None, :], tl.trans(v_codes))
+    if V_PER_CHANNEL:
+        if pid == 0:
+            tl.store(VS + bh.to(tl.int64) * HEAD_DIM + offs_d, tl.math.div_rn(vmax, qmax_d))
+    else:
+        tl.store(VS + (bh.to(tl.int64) * n_blocks + pid) * HEAD_DIM + offs_d, tl.math.div_rn(vmax, qmax_d))
