@@ -152,7 +152,7 @@ def main():
         t0 = time.time()
         try:
             r = subprocess.run(cmd, timeout=args.timeout, capture_output=True, text=True)
-            tail = "\n".join(line for line in r.stderr.splitlines() if "Warning" not in line)[-3000:]
+            tail = "\n".join(line for line in r.stderr.splitlines() if "Warning" not in line)[-5000:]
             print(f"##### {var} rc={r.returncode} {time.time() - t0:.0f}s\n{r.stdout[-8000:]}\n{tail}", flush=True)
         except subprocess.TimeoutExpired:
             print(f"##### {var}: TIMEOUT after {args.timeout}s (deadlock?)", flush=True)

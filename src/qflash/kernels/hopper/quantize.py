@@ -29,10 +29,13 @@ KIND_FP8 = 3
 @triton.jit
 def _symmetric_codes(x, inv, QMAX: tl.constexpr, IS_INT: tl.constexpr):
     y = x * inv
+    # one return: Triton type-checks every return of a function, constexpr branches included
     if IS_INT:
         y = (y + 12582912.0) - 12582912.0  # 1.5·2^23: round half to even for |y| < 2^22
-        return tl.clamp(y, -QMAX, QMAX).to(tl.int8)
-    return tl.clamp(y, -QMAX, QMAX).to(tl.float8e4nv)
+        codes = tl.clamp(y, -QMAX, QMAX).to(tl.int8)
+    else:
+        codes = tl.clamp(y, -QMAX, QMAX).to(tl.float8e4nv)
+    return codes
 
 
 @triton.jit
