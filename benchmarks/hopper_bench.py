@@ -37,11 +37,11 @@ CHECKS = [  # awkward shapes: (B, Hq, Hkv, Sq, Sk, D, causal, lse)
     (2, 4, 4, 300, 300, 128, False, 'nhd'),
     (1, 2, 2, 64, 4096, 128, False, False),
 ]
-VARIANTS = {  # tiles, and whether V has one scale per channel (in-place P·V) or per key tile
-    "flush": dict(tiles=dict(stages=3), v_per_channel=False),
-    "inplace": dict(tiles=dict(stages=3), v_per_channel=True),
-    "inplace-s2": dict(tiles=dict(stages=2), v_per_channel=True),
-    "inplace-s4": dict(tiles=dict(stages=4), v_per_channel=True),
+VARIANTS = {  # HopperTiles fields (V has one FP8 scale per channel: in-place P·V)
+    "perm": dict(v_permuted=True),
+    "noperm": dict(v_permuted=False),
+    "perm-cvt1": dict(v_permuted=True, int_cvt=1),
+    "perm-cvt2": dict(v_permuted=True, int_cvt=2),
 }
 
 
@@ -51,7 +51,7 @@ def variant_cfg(preset: str, var: dict):
     from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
 
     cfg = resolve_quant(preset)
-    if var["v_per_channel"]:
+    if cfg.v.granularity.size != 0:  # one FP8 scale per V channel: what the Hopper family runs
         cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(0)))
     return cfg
 
@@ -69,7 +69,7 @@ def child(args):
     from qflash.reference import exact_attention, fake_quant_attention
 
     var = VARIANTS[args.variant]
-    tiles = HopperTiles(**var["tiles"])
+    tiles = HopperTiles(**var)
     res = {"variant": args.variant, "config": var, "checks": [], "timings": []}
     dev = "cuda"
 
@@ -116,12 +116,12 @@ def child(args):
         for preset in args.presets.split(","):
             cfg = variant_cfg(preset, var)
             o, _ = attention_fwd_hopper(q, k, v, cfg, tiles=tiles)
-            kc, ks, vt, vs, _ = quantize_kv(k, v, cfg, tiles.block_n)
+            kc, ks, vt, vs, _ = quantize_kv(k, v, cfg, tiles.block_n, tiles.v_permuted)
             out = torch.empty_like(q)
-            launch = build_launch(q, None, kc, ks, vt, vs, out, None, 1 / math.sqrt(D), tiles)
+            launch = build_launch(q, kc, ks, vt, vs, out, None, 1 / math.sqrt(D), tiles)
             t_full = bench(lambda: attention_fwd_hopper(q, k, v, cfg, tiles=tiles))
             t_kern = bench(launch)
-            t_quant = bench(lambda: quantize_kv(k, v, cfg, tiles.block_n))
+            t_quant = bench(lambda: quantize_kv(k, v, cfg, tiles.block_n, tiles.v_permuted))
             t_port = bench(lambda: qflash.attention(q, k, v, quant=preset)) if args.portable else None
             row[preset] = dict(full_ms=t_full, kernel_ms=t_kern, quant_ms=t_quant, portable_ms=t_port,
                                speedup=t_sdpa / t_full, kernel_tops=ops / t_kern / 1e9, rel_vs_sdpa=rel(o, ref))

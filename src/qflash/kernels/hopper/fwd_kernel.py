@@ -116,35 +116,65 @@ def _issue_qk(q_smem, k_bufs, s, s_layout: gl.constexpr, ACC_DTYPE: gl.constexpr
 
 
 @gluon.jit
-def _issue_pv(p_op, v_bufs, s, o_layout: gl.constexpr):
-    BM: gl.constexpr = p_op.type.shape[0]
-    D: gl.constexpr = v_bufs.type.shape[1]
-    # Vᵀ tile [D, BN] (keys contiguous) viewed as [BN, D] K-major: what the 8-bit wgmma needs
-    return warpgroup_mma(p_op, v_bufs.index(s).permute((1, 0)), gl.zeros([BM, D], gl.float32, o_layout),
-                         use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _softmax_tile(qk, m_i, l_i, c_row, k_scale, n_left, MASK_TAIL: gl.constexpr, s_layout: gl.constexpr):
+def _softmax_tile(qk, m_i, l_i, c_row, k_scale, n_left, MASK_TAIL: gl.constexpr, INT_CVT: gl.constexpr,
+                  s_layout: gl.constexpr):
     """Online-softmax step for one score tile: (P scaled into the fp8 range, new m, new l, alpha).
 
     qk: [BM, BN] raw scores (int32 or fp32); c_row [BM] row multiplier; k_scale: this tile's K
     scale; n_left: keys left from this tile's first column (only read when MASK_TAIL).
+    INT_CVT (int32 scores only): how they become fp32. 0: ``I2F``; 1: the magic-number add
+    ``bits(qk + 0x4B400000) - 1.5·2^23`` (integer add + float add, exact for |qk| < 2^22);
+    2: the same add with the ``- 1.5·2^23`` folded into the exp2 FMA's constant (one rounding of
+    ``1.5·2^23·c`` per row and tile: at most one raw integer score unit, far below INT8 noise).
     """
     BN: gl.constexpr = qk.type.shape[1]
-    x = qk.to(gl.float32)
+    MAGIC: gl.constexpr = 12582912.0  # 1.5·2^23
+    if qk.dtype == gl.int32 and INT_CVT > 0:
+        x = (qk + 0x4B400000).to(gl.float32, bitcast=True)  # = MAGIC + qk, exactly
+        if INT_CVT == 1:
+            x = x - MAGIC
+    else:
+        x = qk.to(gl.float32)
     if MASK_TAIL:
         # keys past the end get -inf: a per-column bias (0 on every tile but the last), branch-free
         # because a runtime `if` yielding the whole tile made ptxas spill
         cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
         x = x + gl.expand_dims(gl.where(cols < n_left, 0.0, float("-inf")), 0)
     c = c_row * k_scale  # > 0, so max(x·c) = max(x)·c
-    m_new = gl.maximum(m_i, gl.max(x, axis=1) * c)
-    bias = m_new - LOG2_FP8_MAX
+    if qk.dtype == gl.int32 and INT_CVT == 2:
+        m_new = gl.maximum(m_i, (gl.max(x, axis=1) - MAGIC) * c)  # the subtraction is exact
+        bias = m_new - LOG2_FP8_MAX + MAGIC * c
+    else:
+        m_new = gl.maximum(m_i, gl.max(x, axis=1) * c)
+        bias = m_new - LOG2_FP8_MAX
     p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
     alpha = gl.exp2(m_i - m_new)
     l_new = l_i * alpha + gl.sum(p, axis=1)
     return p, m_new, l_new, alpha
+
+
+@gluon.jit
+def _p_operand(p, p_layout: gl.constexpr, PERMUTED: gl.constexpr):
+    """P (fp32, accumulator layout) as the FP8 A operand of the P·V wgmma.
+
+    PERMUTED: the quantiser stored each 32-key chunk of Vᵀ in the order that makes the
+    accumulator's registers *be* the operand's (key ``32a + 16h + 8i + 2q + e`` of S at operand
+    position ``32a + 16h + 4q + 2i + e``), so the conversion is a relabelling, not a shuffle.
+    """
+    BM: gl.constexpr = p.type.shape[0]
+    BN: gl.constexpr = p.type.shape[1]
+    if PERMUTED:
+        x = gl.reshape(p, [BM, BN // 32, 2, 2, 4, 2])
+        x = gl.permute(x, [0, 1, 2, 4, 3, 5])
+        x = gl.convert_layout(gl.reshape(x, [BM, BN]), p_layout)
+        # four fp32 -> one register of four e4m3 bytes (element order = byte order): Triton's own
+        # conversion unpacks every byte and packs them again (~200 extra ALU ops per tile)
+        p8 = gl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+            "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [x], dtype=gl.float8e4nv, is_pure=True, pack=4)
+    else:
+        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    return p8
 
 
 @gluon.jit
@@ -153,16 +183,8 @@ def _release(bar):
 
 
 @gluon.jit
-def _load_v_scale(vs_ptr, j, D: gl.constexpr, o_layout: gl.constexpr):
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    return gl.load(vs_ptr + j * D + offs_d)
-
-
-@gluon.jit
-def _flush_pv(acc, pv, alpha_prev, v_scale, o_layout: gl.constexpr):
-    """acc·α + (P·V)_tile · v_scale: the tile's fp32 partial product joins the output."""
-    a = gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout))
-    return acc * gl.expand_dims(a, 1) + pv * gl.expand_dims(v_scale, 0)
+def _load_v_scale(vs_ptr, D: gl.constexpr, o_layout: gl.constexpr):
+    return gl.load(vs_ptr + gl.arange(0, D, layout=gl.SliceLayout(0, o_layout)))
 
 
 @gluon.jit
@@ -201,99 +223,94 @@ def _quantize_q_tile(q_in, q_codes, row_layout: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(q_smem, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
-              qs_ptr, ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult, rows_left, Sk, n_iters,
-              FIRST: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr,
-              Q_IN_KERNEL: gl.constexpr, V_INPLACE: gl.constexpr):
-    BM: gl.constexpr = q_smem.type.shape[0]
-    D: gl.constexpr = q_smem.type.shape[1]
+def _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
+          turn_mine, turn_other, ks_ptr, Sk,
+          FIRST: gl.constexpr, MASK_TAIL: gl.constexpr, INT_CVT: gl.constexpr, V_PERMUTED: gl.constexpr):
+    """Key tile j ≥ 1: issue Q·K_jᵀ and P_{j-1}·V_{j-1} together, softmax(S_j) while P·V runs.
+
+    ``p`` is P_{j-1} in fp32 (accumulator layout) and ``acc`` is already rescaled to m_{j-1}.
+    P becomes the FP8 operand here, next to the wgmma that reads it: carried across the loop as
+    FP8 it cost a byte repack per step (~200 ALU ops); issued in the step after the one that
+    made it, ptxas serialised every wgmma (C7512, the operand's registers crossed the back edge).
+    """
     BN: gl.constexpr = k_bufs.type.shape[1]
+    D: gl.constexpr = v_bufs.type.shape[1]
     STAGES: gl.constexpr = k_bufs.type.shape[0]
-    QK_INT: gl.constexpr = k_bufs.dtype == gl.int8
-    ACC_DTYPE: gl.constexpr = gl.int32 if QK_INT else gl.float32
+    ACC_DTYPE: gl.constexpr = gl.int32 if k_bufs.dtype == gl.int8 else gl.float32
     s_layout: gl.constexpr = _mma_layout(BN, 8)
     o_layout: gl.constexpr = _mma_layout(D, 8)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    s = j % STAGES
+    sp = (j - 1) % STAGES
+    p_op = _p_operand(p, p_layout, V_PERMUTED)
+    mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+    mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+    _wait_turn(turn_mine, j, FIRST)
+    # wgmma groups retire in order: Q·K_jᵀ first, so "1 outstanding" returns S_j with P·V running
+    qk = _issue_qk(q_codes, k_bufs, s, s_layout, ACC_DTYPE)
+    acc = warpgroup_mma(p_op, v_bufs.index(sp).permute((1, 0)), acc, is_async=True)
+    _release(turn_other)
+    k_scale = gl.load(ks_ptr + j)
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+    _release(k_empty.index(s))
+    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk - j * BN, MASK_TAIL, INT_CVT, s_layout)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    _release(v_empty.index(sp))
+    acc = _rescale(acc, alpha, o_layout)
+    return p, alpha, acc, m_i, l_i
+
+
+@gluon.jit
+def _consumer(q_in, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+              ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult, rows_left, Sk, n_iters,
+              FIRST: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr, INT_CVT: gl.constexpr,
+              V_PERMUTED: gl.constexpr):
+    BM: gl.constexpr = q_in.type.shape[0]
+    D: gl.constexpr = q_in.type.shape[1]
+    BN: gl.constexpr = k_bufs.type.shape[1]
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    ACC_DTYPE: gl.constexpr = gl.int32 if k_bufs.dtype == gl.int8 else gl.float32
+    s_layout: gl.constexpr = _mma_layout(BN, 8)
+    o_layout: gl.constexpr = _mma_layout(D, 8)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    rows = gl.arange(0, BM, layout=row_layout)
-    acc = gl.zeros([BM, D], gl.float32, o_layout)
     mbarrier.wait(q_bar, 0)
-    if Q_IN_KERNEL:
-        q_scale = _quantize_q_tile(q_smem, q_codes, row_layout)
-        q_op = q_codes
-    else:
-        q_scale = gl.load(qs_ptr + rows, mask=rows < rows_left, other=1.0)
-        q_op = q_smem
-    c_row = q_scale * q_mult
+    c_row = _quantize_q_tile(q_in, q_codes, row_layout) * q_mult
+    m_i = gl.full([BM], float("-inf"), gl.float32, row_layout)
+    l_i = gl.full([BM], 0.0, gl.float32, row_layout)
+    acc = gl.zeros([BM, D], gl.float32, o_layout)
 
-    # prologue: S_0 and its softmax
+    # S_0 and its softmax
     mbarrier.wait(k_ready.index(0), 0)
     _wait_turn(turn_mine, 0, FIRST)
-    qk = _issue_qk(q_op, k_bufs, 0, s_layout, ACC_DTYPE)
+    qk = _issue_qk(q_codes, k_bufs, 0, s_layout, ACC_DTYPE)
     _release(turn_other)
     k_scale = gl.load(ks_ptr)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
     _release(k_empty.index(0))
-    m_i = gl.full([BM], float("-inf"), gl.float32, row_layout)
-    l_i = gl.full([BM], 0.0, gl.float32, row_layout)
-    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk, MASK_TAIL, s_layout)
-    p_op = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
-    alpha_prev = alpha
-
+    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk, MASK_TAIL, INT_CVT, s_layout)
     for j in range(1, n_iters):
-        s = j % STAGES
-        sp = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
-        mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
-        _wait_turn(turn_mine, j, FIRST)
-        qk = _issue_qk(q_op, k_bufs, s, s_layout, ACC_DTYPE)
-        if V_INPLACE:
-            acc = warpgroup_mma(p_op, v_bufs.index(sp).permute((1, 0)), acc, is_async=True)
-        else:
-            pv = _issue_pv(p_op, v_bufs, sp, o_layout)
-        _release(turn_other)
-        k_scale = gl.load(ks_ptr + j)  # loaded while the MMAs run
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))  # S_j ready; P_{j-1}·V may still run
-        _release(k_empty.index(s))
-        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk - j * BN, MASK_TAIL, s_layout)
-        if V_INPLACE:
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            _release(v_empty.index(sp))
-            acc = _rescale(acc, alpha, o_layout)
-        else:
-            pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-            _release(v_empty.index(sp))
-            # loaded here, not with k_scale: 32 more live registers across the softmax spill
-            v_scale = _load_v_scale(vs_ptr, j - 1, D, o_layout)
-            acc = _flush_pv(acc, pv, alpha_prev, v_scale, o_layout)
-        p_op = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
-        alpha_prev = alpha
-
-    # tail: P_{n-1}·V
+        p, alpha, acc, m_i, l_i = _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k_empty,
+                                        v_ready, v_empty, turn_mine, turn_other, ks_ptr, Sk, FIRST, MASK_TAIL,
+                                        INT_CVT, V_PERMUTED)
+    # P_{n-1}·V_{n-1}
     sl = (n_iters - 1) % STAGES
+    p_op = _p_operand(p, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4), V_PERMUTED)
     mbarrier.wait(v_ready.index(sl), ((n_iters - 1) // STAGES) & 1)
-    if V_INPLACE:
-        acc = warpgroup_mma(p_op, v_bufs.index(sl).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        _release(v_empty.index(sl))
-        v_scale = _load_v_scale(vs_ptr, 0, D, o_layout)  # one per-channel scale for all keys
-        acc = acc * gl.expand_dims(v_scale, 0)
-    else:
-        v_scale = _load_v_scale(vs_ptr, n_iters - 1, D, o_layout)
-        pv = _issue_pv(p_op, v_bufs, sl, o_layout)
-        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-        _release(v_empty.index(sl))
-        acc = _flush_pv(acc, pv, alpha_prev, v_scale, o_layout)
+    acc = warpgroup_mma(p_op, v_bufs.index(sl).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    _release(v_empty.index(sl))
 
-    # epilogue: O = acc / l (masked stores: the tile may pass the end of the sequence)
+    # epilogue: O = acc · v_scale / l (masked stores: the tile may pass the end of the sequence)
+    v_scale = _load_v_scale(vs_ptr, D, o_layout)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    out = acc / gl.expand_dims(l_o, 1)
+    out = acc * gl.expand_dims(v_scale, 0) / gl.expand_dims(l_o, 1)
     orows = gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
     ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     o_ptrs = o_ptr + gl.expand_dims(orows.to(gl.int64) * stride_om, 1) + gl.expand_dims(ocols, 0)
     gl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=gl.expand_dims(orows < rows_left, 1))
     if HAS_LSE:
+        rows = gl.arange(0, BM, layout=row_layout)
         lse = (m_i + gl.log2(l_i) - LOG2_FP8_MAX) * LN2
         gl.store(lse_ptr + rows, lse, mask=rows < rows_left)
 
@@ -304,22 +321,15 @@ def _consumer(q_smem, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready,
 @gluon.jit
 def attn_fwd_fa3_kernel(
     q_desc, k_desc, v_desc,
-    QScale, KScale, VScale, Out, Lse,
+    KScale, VScale, Out, Lse,
     stride_ob, stride_oh, stride_om,
     q_rows_b, q_rows_h, q_col_h,  # Q tile origin in q_desc's 2-D view: row b·q_rows_b + h·q_rows_h + m, col h·q_col_h
     q_mult,  # softmax_scale · log2(e)
     Hq, Hkv, Sq, Sk, n_kblocks,
-    STAGES: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr,
-    Q_IN_KERNEL: gl.constexpr, V_INPLACE: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    STAGES: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr, INT_CVT: gl.constexpr,
+    V_PERMUTED: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
-    """Grid (cdiv(Sq, 2·QM), B·Hq). See the module docstring for operands and numbers.
-
-    Q_IN_KERNEL: q_desc reads the bf16/fp16 input and each consumer quantises its tile per token
-    (QScale unused); else q_desc reads codes and QScale (B·Hq, Sq) their scales.
-    V_INPLACE: one per-channel V scale for all keys (VScale (B·Hkv, D)); P·V accumulates in place
-    and the scale is applied once at the end; else per-tile scales and the two-level sum.
-    """
+    """Grid (cdiv(Sq, 2·QM), B·Hq). See the module docstring for operands and numbers."""
     QM: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -335,12 +345,9 @@ def attn_fwd_fa3_kernel(
     vt_row = bhk * D
     n_iters = gl.cdiv(Sk, BN)
 
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, QM, D], q_desc.layout)
-    if Q_IN_KERNEL:
-        code_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([QM, D], k_desc.dtype)
-        q_codes = gl.allocate_shared_memory(k_desc.dtype, [2, QM, D], code_layout)
-    else:
-        q_codes = q_bufs
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, QM, D], q_desc.layout)  # bf16/fp16 input tiles
+    code_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([QM, D], k_desc.dtype)
+    q_codes = gl.allocate_shared_memory(k_desc.dtype, [2, QM, D], code_layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BN, D], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, D, BN], v_desc.layout)
     q_bar = _alloc_bars(1, 1)
@@ -351,12 +358,8 @@ def attn_fwd_fa3_kernel(
     turn = _alloc_bars(2, 1)
     fence_async_shared()
 
-    qs_ptr = QScale + bh.to(gl.int64) * Sq + m0
     ks_ptr = KScale + bhk.to(gl.int64) * n_kblocks
-    if V_INPLACE:
-        vs_ptr = VScale + bhk.to(gl.int64) * D
-    else:
-        vs_ptr = VScale + bhk.to(gl.int64) * n_kblocks * D
+    vs_ptr = VScale + bhk.to(gl.int64) * D
     o_ptr = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + m0.to(gl.int64) * stride_om
     lse_ptr = Lse + bh.to(gl.int64) * Sq + m0
     rows_left = Sq - m0
@@ -365,12 +368,12 @@ def attn_fwd_fa3_kernel(
     # through a constexpr variable.
     gl.warp_specialize([
         (_consumer, (q_bufs.index(0), q_codes.index(0), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
-                     v_empty, turn.index(0), turn.index(1), qs_ptr, ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult,
-                     rows_left, Sk, n_iters, True, HAS_LSE, MASK_TAIL, Q_IN_KERNEL, V_INPLACE)),
+                     v_empty, turn.index(0), turn.index(1), ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult,
+                     rows_left, Sk, n_iters, True, HAS_LSE, MASK_TAIL, INT_CVT, V_PERMUTED)),
         (_consumer, (q_bufs.index(1), q_codes.index(1), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
-                     v_empty, turn.index(1), turn.index(0), qs_ptr + QM, ks_ptr, vs_ptr, o_ptr + QM * stride_om,
-                     stride_om, lse_ptr + QM, q_mult, rows_left - QM, Sk, n_iters, False, HAS_LSE, MASK_TAIL,
-                     Q_IN_KERNEL, V_INPLACE)),
+                     v_empty, turn.index(1), turn.index(0), ks_ptr, vs_ptr, o_ptr + QM * stride_om, stride_om,
+                     lse_ptr + QM, q_mult, rows_left - QM, Sk, n_iters, False, HAS_LSE, MASK_TAIL, INT_CVT,
+                     V_PERMUTED)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
                      v_empty, q_row, q_col, k_row, vt_row, n_iters)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -64,14 +64,13 @@ def q_view(q: torch.Tensor):
     return q_view(q.contiguous())
 
 
-def build_launch(q, qs, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles) -> Launch:
+def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles) -> Launch:
     """Launch record (operands in ``fwd_kernel``'s docstring).
 
-    q: the bf16/fp16 input (B, Hq, Sq, D), quantised in the kernel (``qs`` None), or its codes
-    with per-token scales ``qs`` (B, Hq, Sq) fp32; kc (B, Hkv, Sk, D) codes; ks (B, Hkv, nb)
-    fp32; vt (B, Hkv, D, nb·BLOCK_N) fp8 codes; vs (B, Hkv, nb, D) per tile and channel or
-    (B, Hkv, D) per channel; out a (B, Hq, Sq, D) view with unit channel stride; lse (B, Hq, Sq)
-    fp32 or None.
+    q: the bf16/fp16 input (B, Hq, Sq, D), quantised per token in the kernel; kc (B, Hkv, Sk, D)
+    codes; ks (B, Hkv, nb) fp32; vt (B, Hkv, D, nb·BLOCK_N) fp8 codes (keys in the P-operand
+    order when ``tiles.v_permuted``); vs (B, Hkv, D) fp32 per channel; out a (B, Hq, Sq, D) view
+    with unit channel stride; lse (B, Hq, Sq) fp32 or None.
     """
     from .fwd_kernel import attn_fwd_fa3_kernel
 
@@ -80,54 +79,57 @@ def build_launch(q, qs, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTil
     BN, QM = tiles.block_n, tiles.qm
     nb = ks.shape[-1]
     q2d, q_rows_b, q_rows_h, q_col_h = q_view(q)
-    q_desc = _desc(q2d, [QM, D])
-    k_desc = _desc(kc.reshape(B * Hkv * Sk, D), [BN, D])
-    v_desc = _desc(vt.reshape(B * Hkv * D, vt.shape[-1]), [D, BN])
     kwargs = dict(
-        q_desc=q_desc, k_desc=k_desc, v_desc=v_desc,
-        QScale=qs if qs is not None else ks, KScale=ks, VScale=vs, Out=out, Lse=lse if lse is not None else ks,
+        q_desc=_desc(q2d, [QM, D]),
+        k_desc=_desc(kc.reshape(B * Hkv * Sk, D), [BN, D]),
+        v_desc=_desc(vt.reshape(B * Hkv * D, vt.shape[-1]), [D, BN]),
+        KScale=ks, VScale=vs, Out=out, Lse=lse if lse is not None else ks,
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
         q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h,
         q_mult=scale * LOG2E,
         Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, n_kblocks=nb,
-        STAGES=tiles.stages, HAS_LSE=lse is not None, MASK_TAIL=Sk % BN != 0,
-        Q_IN_KERNEL=qs is None, V_INPLACE=vs.dim() == 3,
-        CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
+        STAGES=tiles.stages, HAS_LSE=lse is not None, MASK_TAIL=Sk % BN != 0, INT_CVT=tiles.int_cvt,
+        V_PERMUTED=tiles.v_permuted, CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
     )
     grid = (math.ceil(Sq / (2 * QM)), B * Hq)
     return Launch(attn_fwd_fa3_kernel, grid, kwargs, dict(num_warps=4, maxnreg=tiles.maxnreg))
 
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int):
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int, v_permuted: bool = False):
     """K codes and scales, Vᵀ codes and scales for the Hopper kernel (``hopper.quantize``'s table).
 
     Returns (kc, ks, vt, vs, k_mean or None).
     """
-    from .quantize import KIND_FP8, KIND_INT8, quantize_kv_kernel
+    from .quantize import KIND_FP8, KIND_INT8, STAT_ROWS, kv_stats_kernel, quantize_kv_kernel
 
     B, Hkv, Sk, D = k.shape
     dev = k.device
     nb = -(-Sk // block_n)
     code_dtype = torch.int8 if cfg.k.precision is Precision.INT8 else torch.float8_e4m3fn
     per_channel = cfg.v.granularity.size == 0
-    km = torch.mean(k, dim=2, dtype=torch.float32) if cfg.smooth_k else None  # (B, Hkv, D)
-    vmax = v.abs().amax(dim=2).float() if per_channel else None  # (B, Hkv, D)
-    kc = torch.empty((B, Hkv, Sk, D), dtype=code_dtype, device=dev)
-    ks = torch.empty((B, Hkv, nb), dtype=torch.float32, device=dev)
-    vt = torch.empty((B, Hkv, D, nb * block_n), dtype=torch.float8_e4m3fn, device=dev)
-    vs = torch.empty((B, Hkv, D) if per_channel else (B, Hkv, nb, D), dtype=torch.float32, device=dev)
     if k.stride(-1) != 1:
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    n_chunks = -(-Sk // STAT_ROWS)
+    kc = torch.empty((B, Hkv, Sk, D), dtype=code_dtype, device=dev)
+    ks = torch.empty((B, Hkv, nb), dtype=torch.float32, device=dev)
+    vt = torch.empty((B, Hkv, D, nb * block_n), dtype=torch.float8_e4m3fn, device=dev)
+    vs = torch.empty((B, Hkv, D) if per_channel else (B, Hkv, nb, D), dtype=torch.float32, device=dev)
+    ksum = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if cfg.smooth_k else ks
+    vmax = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if per_channel else ks
+    if cfg.smooth_k or per_channel:
+        kv_stats_kernel[(n_chunks, B * Hkv)](
+            k, v, ksum, vmax, *strides, Hkv, Sk, n_chunks,
+            SMOOTH_K=cfg.smooth_k, V_PER_CHANNEL=per_channel, ROWS=STAT_ROWS, BLOCK=64, HEAD_DIM=D, num_warps=8,
+        )
     quantize_kv_kernel[(nb, B * Hkv)](
-        k, v, km if km is not None else ks, vmax if vmax is not None else ks,
-        kc, ks, vt, vs,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        Hkv, Sk, nb,
+        k, v, ksum, vmax, kc, ks, vt, vs, *strides, Hkv, Sk, nb, n_chunks,
         KIND=KIND_INT8 if code_dtype is torch.int8 else KIND_FP8, SMOOTH_K=cfg.smooth_k,
-        V_PER_CHANNEL=per_channel, BLOCK_N=block_n, HEAD_DIM=D, num_warps=8,
+        V_PER_CHANNEL=per_channel, V_PERMUTED=v_permuted, BLOCK_N=block_n, HEAD_DIM=D, num_warps=8,
     )
+    km = ksum.sum(dim=2) / Sk if cfg.smooth_k else None  # (B, Hkv, D), for the lse correction only
     return kc, ks, vt, vs, km
 
 
@@ -141,11 +143,11 @@ def attention_fwd_hopper(q, k, v, cfg: QuantConfig, *, scale: float | None = Non
     B, Hq, Sq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     tiles = tiles or tiles_for(cfg, D)
-    kc, ks, vt, vs, km = quantize_kv(k, v, cfg, tiles.block_n)
+    kc, ks, vt, vs, km = quantize_kv(k, v, cfg, tiles.block_n, tiles.v_permuted)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
-    build_launch(q, None, kc, ks, vt, vs, out, lse, scale, tiles)()
+    build_launch(q, kc, ks, vt, vs, out, lse, scale, tiles)()
     if lse is not None and km is not None:
         # K was smoothed (mean subtracted): softmax is invariant, the log-sum-exp is not
         lse += scale * torch.einsum("bhsd,bhd->bhs", q.float(), km.repeat_interleave(Hq // k.shape[1], dim=1))

@@ -14,7 +14,8 @@ v scale     (B, Hkv, nb, D) or (B, Hkv, D)       fp32       per key block and ch
 The arithmetic is ``qflash.quant.core``'s (fp32, ``inv = qmax / amax`` in IEEE division, round
 half to even for INT8, an all-zero group gets ``amax = 1``), so ``qflash.reference`` reproduces
 the codes exactly. Token statistics that need every key (the K mean for smoothing, the V channel
-maximum for one scale per channel) are computed before the launch.
+maximum for one scale per channel) come from a statistics pass before it (``kv_stats_kernel``:
+partials per STAT_ROWS keys, summed in a fixed order by the quantiser).
 """
 
 from __future__ import annotations
@@ -24,6 +25,60 @@ import triton.language as tl
 
 KIND_INT8 = 1
 KIND_FP8 = 3
+
+
+STAT_ROWS = 1024  # keys per program of the statistics pass (few partials for the quantiser to sum)
+
+
+@triton.jit
+def kv_stats_kernel(
+    K, V, KSum, VMax,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    Hkv, Sk, n_chunks,
+    SMOOTH_K: tl.constexpr, V_PER_CHANNEL: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Grid (n_chunks, B·Hkv): partial K sums and V channel maxima over ROWS keys.
+
+    Writes KSum / VMax (B·Hkv, n_chunks, D) fp32; the quantiser sums / maxes the partials in a
+    fixed order, so the statistics are deterministic (no atomics).
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    h = bh % Hkv
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    ksum = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    vmax = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for r in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, Sk), BLOCK):
+        offs_n = r + tl.arange(0, BLOCK)
+        nmask = (offs_n < Sk)[:, None]
+        if SMOOTH_K:
+            ksum += tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=nmask,
+                            other=0.0).to(tl.float32)
+        if V_PER_CHANNEL:
+            vmax = tl.maximum(vmax, tl.abs(tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vs
+                                                   + offs_d[None, :], mask=nmask, other=0.0).to(tl.float32)))
+    out = (bh.to(tl.int64) * n_chunks + pid) * HEAD_DIM + offs_d
+    if SMOOTH_K:
+        tl.store(KSum + out, tl.sum(ksum, axis=0))
+    if V_PER_CHANNEL:
+        tl.store(VMax + out, tl.max(vmax, axis=0))
+
+
+@triton.jit
+def _reduce_partials(base, n_chunks, offs_d, IS_MAX: tl.constexpr, HEAD_DIM: tl.constexpr):
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for c in range(0, n_chunks):
+        x = tl.load(base + c * HEAD_DIM + offs_d)
+        if IS_MAX:
+            acc = tl.maximum(acc, x)
+        else:
+            acc += x
+    return acc
 
 
 @triton.jit
@@ -40,12 +95,12 @@ def _symmetric_codes(x, inv, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 @triton.jit
 def quantize_kv_kernel(
-    K, V, KMean, VAmax,
+    K, V, KSum, VMax,
     KC, KS, VT, VS,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    Hkv, Sk, n_blocks,
-    KIND: tl.constexpr, SMOOTH_K: tl.constexpr, V_PER_CHANNEL: tl.constexpr,
+    Hkv, Sk, n_blocks, n_chunks,
+    KIND: tl.constexpr, SMOOTH_K: tl.constexpr, V_PER_CHANNEL: tl.constexpr, V_PERMUTED: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Grid (n_blocks, B·Hkv): one program quantises BLOCK_N keys of K and of V of one head.
@@ -67,7 +122,7 @@ def quantize_kv_kernel(
     k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=nmask[:, None],
                 other=0.0).to(tl.float32)
     if SMOOTH_K:
-        mean = tl.load(KMean + bh.to(tl.int64) * HEAD_DIM + offs_d)
+        mean = _reduce_partials(KSum + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, False, HEAD_DIM) / Sk
         k = tl.where(nmask[:, None], k - mean[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
     amax = tl.where(amax > 1e-30, amax, 1.0)
@@ -81,7 +136,7 @@ def quantize_kv_kernel(
     v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=nmask[:, None],
                 other=0.0).to(tl.float32)
     if V_PER_CHANNEL:
-        vmax = tl.load(VAmax + bh.to(tl.int64) * HEAD_DIM + offs_d)
+        vmax = _reduce_partials(VMax + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, True, HEAD_DIM)
     else:
         vmax = tl.max(tl.abs(v), axis=0)
     vmax = tl.where(vmax > 1e-30, vmax, 1.0)
@@ -89,7 +144,14 @@ def quantize_kv_kernel(
     v_codes = _symmetric_codes(v, tl.math.div_rn(qmax_d, vmax)[None, :], 448.0, False)
     vt_base = VT + bh.to(tl.int64) * HEAD_DIM * (n_blocks * BLOCK_N)
     # padded keys (>= Sk) are written as zeros so the attention kernel reads whole tiles
-    tl.store(vt_base + offs_d[:, None].to(tl.int64) * (n_blocks * BLOCK_N) + offs_n[None, :], tl.trans(v_codes))
+    if V_PERMUTED:
+        # key 32a + 16h + 8i + 2q + e goes to column 32a + 16h + 4q + 2i + e: the order in which the
+        # attention kernel's P registers are laid out as the wgmma A operand (fwd_kernel._p_operand)
+        r = offs_n % 32
+        col_n = offs_n - r + (r // 16) * 16 + ((r % 8) // 2) * 4 + ((r % 16) // 8) * 2 + r % 2
+    else:
+        col_n = offs_n
+    tl.store(vt_base + offs_d[:, None].to(tl.int64) * (n_blocks * BLOCK_N) + col_n[None, :], tl.trans(v_codes))
     if V_PER_CHANNEL:
         if pid == 0:
             tl.store(VS + bh.to(tl.int64) * HEAD_DIM + offs_d, tl.math.div_rn(vmax, qmax_d))

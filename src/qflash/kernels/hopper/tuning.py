@@ -20,6 +20,8 @@ class HopperTiles:
     consumer_regs: int = 240
     producer_regs: int = 24
     maxnreg: int = 168  # register cap at entry: 12 warps · 32 · 168 ≤ 64K
+    v_permuted: bool = False  # Vᵀ keys stored in the P-operand order (fwd_kernel._p_operand)
+    int_cvt: int = 0  # INT8 scores to fp32: 0 I2F, 1 magic add (exact), 2 magic folded into the FMA
 
     def __post_init__(self):
         if 2 * 4 * 32 * self.consumer_regs + 4 * 32 * self.producer_regs > 65536:
