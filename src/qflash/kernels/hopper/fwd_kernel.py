@@ -116,17 +116,20 @@ def _issue_qk(q_smem, k_bufs, s, s_layout: gl.constexpr, ACC_DTYPE: gl.constexpr
 
 
 @gluon.jit
-def _softmax_tile(qk, m_i, l_i, c_row, k_scale, n_left, MASK_TAIL: gl.constexpr, INT_CVT: gl.constexpr,
-                  s_layout: gl.constexpr):
+def _softmax_tile(qk, m_i, l_i, c_row, k_scale, n_left, diag, MASK_TAIL: gl.constexpr, CAUSAL: gl.constexpr,
+                  INT_CVT: gl.constexpr, s_layout: gl.constexpr):
     """Online-softmax step for one score tile: (P scaled into the fp8 range, new m, new l, alpha).
 
     qk: [BM, BN] raw scores (int32 or fp32); c_row [BM] row multiplier; k_scale: this tile's K
-    scale; n_left: keys left from this tile's first column (only read when MASK_TAIL).
+    scale; n_left: keys left from this tile's first column (read when MASK_TAIL); diag: the
+    causal bound of this tile's first row (key column c is visible to row r iff c <= r + diag;
+    read when CAUSAL, which also makes rows with no visible key yet safe: m = -inf, p = 0).
     INT_CVT (int32 scores only): how they become fp32. 0: ``I2F``; 1: the magic-number add
     ``bits(qk + 0x4B400000) - 1.5·2^23`` (integer add + float add, exact for |qk| < 2^22);
     2: the same add with the ``- 1.5·2^23`` folded into the exp2 FMA's constant (one rounding of
     ``1.5·2^23·c`` per row and tile: at most one raw integer score unit, far below INT8 noise).
     """
+    BM: gl.constexpr = qk.type.shape[0]
     BN: gl.constexpr = qk.type.shape[1]
     MAGIC: gl.constexpr = 12582912.0  # 1.5·2^23
     if qk.dtype == gl.int32 and INT_CVT > 0:
@@ -140,6 +143,11 @@ def _softmax_tile(qk, m_i, l_i, c_row, k_scale, n_left, MASK_TAIL: gl.constexpr,
         # because a runtime `if` yielding the whole tile made ptxas spill
         cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
         x = x + gl.expand_dims(gl.where(cols < n_left, 0.0, float("-inf")), 0)
+    if CAUSAL:
+        cols = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        rows = gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+        visible = gl.expand_dims(cols, 0) <= gl.expand_dims(rows + diag, 1)
+        x = gl.where(visible, x, float("-inf"))
     c = c_row * k_scale  # > 0, so max(x·c) = max(x)·c
     if qk.dtype == gl.int32 and INT_CVT == 2:
         m_new = gl.maximum(m_i, (gl.max(x, axis=1) - MAGIC) * c)  # the subtraction is exact
@@ -147,8 +155,12 @@ def _softmax_tile(qk, m_i, l_i, c_row, k_scale, n_left, MASK_TAIL: gl.constexpr,
     else:
         m_new = gl.maximum(m_i, gl.max(x, axis=1) * c)
         bias = m_new - LOG2_FP8_MAX
+    if CAUSAL:  # a row that has seen no key yet: keep p = 0 and alpha finite
+        bias = gl.where(m_new == float("-inf"), 0.0, bias)
+        alpha = gl.where(m_new == float("-inf"), 1.0, gl.exp2(m_i - m_new))
+    else:
+        alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(gl.fma(x, gl.expand_dims(c, 1), -gl.expand_dims(bias, 1)))
-    alpha = gl.exp2(m_i - m_new)
     l_new = l_i * alpha + gl.sum(p, axis=1)
     return p, m_new, l_new, alpha
 
@@ -224,8 +236,9 @@ def _quantize_q_tile(q_in, q_codes, row_layout: gl.constexpr):
 
 @gluon.jit
 def _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
-          turn_mine, turn_other, ks_ptr, Sk,
-          FIRST: gl.constexpr, MASK_TAIL: gl.constexpr, INT_CVT: gl.constexpr, V_PERMUTED: gl.constexpr):
+          turn_mine, turn_other, ks_ptr, Sk, diag0,
+          FIRST: gl.constexpr, MASK_TAIL: gl.constexpr, MASKED: gl.constexpr, INT_CVT: gl.constexpr,
+          V_PERMUTED: gl.constexpr):
     """Key tile j ≥ 1: issue Q·K_jᵀ and P_{j-1}·V_{j-1} together, softmax(S_j) while P·V runs.
 
     ``p`` is P_{j-1} in fp32 (accumulator layout) and ``acc`` is already rescaled to m_{j-1}.
@@ -253,7 +266,8 @@ def _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k
     k_scale = gl.load(ks_ptr + j)
     qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
     _release(k_empty.index(s))
-    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk - j * BN, MASK_TAIL, INT_CVT, s_layout)
+    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk - j * BN, diag0 - j * BN, MASK_TAIL, MASKED,
+                                       INT_CVT, s_layout)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     _release(v_empty.index(sp))
     acc = _rescale(acc, alpha, o_layout)
@@ -262,9 +276,11 @@ def _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k
 
 @gluon.jit
 def _consumer(q_in, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
-              ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult, rows_left, Sk, n_iters,
-              FIRST: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr, INT_CVT: gl.constexpr,
-              V_PERMUTED: gl.constexpr):
+              ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult, rows_left, Sk, n_iters, n_unmasked, diag0,
+              FIRST: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr, CAUSAL: gl.constexpr,
+              INT_CVT: gl.constexpr, V_PERMUTED: gl.constexpr):
+    """One warpgroup's rows. Tiles [1, n_unmasked) need no causal mask, [n_unmasked, n_iters)
+    do (diag0: the causal bound of this warpgroup's first row at key 0)."""
     BM: gl.constexpr = q_in.type.shape[0]
     D: gl.constexpr = q_in.type.shape[1]
     BN: gl.constexpr = k_bufs.type.shape[1]
@@ -288,11 +304,16 @@ def _consumer(q_in, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v
     k_scale = gl.load(ks_ptr)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
     _release(k_empty.index(0))
-    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk, MASK_TAIL, INT_CVT, s_layout)
-    for j in range(1, n_iters):
+    p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk, diag0, MASK_TAIL, CAUSAL, INT_CVT, s_layout)
+    for j in range(1, n_unmasked):
         p, alpha, acc, m_i, l_i = _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k_empty,
-                                        v_ready, v_empty, turn_mine, turn_other, ks_ptr, Sk, FIRST, MASK_TAIL,
-                                        INT_CVT, V_PERMUTED)
+                                        v_ready, v_empty, turn_mine, turn_other, ks_ptr, Sk, diag0, FIRST, MASK_TAIL,
+                                        False, INT_CVT, V_PERMUTED)
+    if CAUSAL:  # the diagonal tiles
+        for j in range(gl.maximum(n_unmasked, 1), n_iters):
+            p, alpha, acc, m_i, l_i = _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready,
+                                            k_empty, v_ready, v_empty, turn_mine, turn_other, ks_ptr, Sk, diag0, FIRST,
+                                            MASK_TAIL, True, INT_CVT, V_PERMUTED)
     # P_{n-1}·V_{n-1}
     sl = (n_iters - 1) % STAGES
     p_op = _p_operand(p, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4), V_PERMUTED)
@@ -301,9 +322,12 @@ def _consumer(q_in, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
     _release(v_empty.index(sl))
 
-    # epilogue: O = acc · v_scale / l (masked stores: the tile may pass the end of the sequence)
+    # epilogue: O = acc · v_scale / l (masked stores: the tile may pass the end of the sequence);
+    # a row with no visible key (causal, Sq > Sk) gets O = 0 and lse = -inf, as the reference
     v_scale = _load_v_scale(vs_ptr, D, o_layout)
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    if CAUSAL:
+        l_o = gl.where(l_o > 0.0, l_o, float("inf"))
     out = acc * gl.expand_dims(v_scale, 0) / gl.expand_dims(l_o, 1)
     orows = gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
     ocols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
@@ -312,6 +336,8 @@ def _consumer(q_in, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v
     if HAS_LSE:
         rows = gl.arange(0, BM, layout=row_layout)
         lse = (m_i + gl.log2(l_i) - LOG2_FP8_MAX) * LN2
+        if CAUSAL:
+            lse = gl.where(l_i > 0.0, lse, float("-inf"))
         gl.store(lse_ptr + rows, lse, mask=rows < rows_left)
 
 
@@ -325,15 +351,22 @@ def attn_fwd_fa3_kernel(
     stride_ob, stride_oh, stride_om,
     q_rows_b, q_rows_h, q_col_h,  # Q tile origin in q_desc's 2-D view: row b·q_rows_b + h·q_rows_h + m, col h·q_col_h
     q_mult,  # softmax_scale · log2(e)
-    Hq, Hkv, Sq, Sk, n_kblocks,
-    STAGES: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr, INT_CVT: gl.constexpr,
-    V_PERMUTED: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    Hq, Hkv, Sq, Sk, n_kblocks, causal_off,
+    STAGES: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr, CAUSAL: gl.constexpr,
+    INT_CVT: gl.constexpr, V_PERMUTED: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
-    """Grid (cdiv(Sq, 2·QM), B·Hq). See the module docstring for operands and numbers."""
+    """Grid (cdiv(Sq, 2·QM), B·Hq). See the module docstring for operands and numbers.
+
+    CAUSAL: key c is visible to query row r iff c <= r + causal_off (0: top-left as SDPA's
+    is_causal; Sk - Sq: bottom-right as FlashAttention's); query blocks run last-first (they
+    have the most keys), and only the diagonal tiles pay for the mask.
+    """
     QM: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     pid_m = gl.program_id(0)
+    if CAUSAL:
+        pid_m = gl.num_programs(0) - 1 - pid_m
     bh = gl.program_id(1)
     b = bh // Hq
     h = bh % Hq
@@ -344,6 +377,12 @@ def attn_fwd_fa3_kernel(
     k_row = bhk * Sk
     vt_row = bhk * D
     n_iters = gl.cdiv(Sk, BN)
+    n_unmasked = n_iters
+    if CAUSAL:
+        # tiles wholly visible to the first row of the block need no mask; past the last row's
+        # bound none is needed at all (at least one tile runs: its mask then empties the rows)
+        n_unmasked = gl.minimum(gl.maximum((m0 + causal_off + 1) // BN, 0), n_iters)
+        n_iters = gl.maximum(gl.minimum(gl.cdiv(m0 + 2 * QM + causal_off, BN), n_iters), 1)
 
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, QM, D], q_desc.layout)  # bf16/fp16 input tiles
     code_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([QM, D], k_desc.dtype)
@@ -369,11 +408,12 @@ def attn_fwd_fa3_kernel(
     gl.warp_specialize([
         (_consumer, (q_bufs.index(0), q_codes.index(0), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
                      v_empty, turn.index(0), turn.index(1), ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult,
-                     rows_left, Sk, n_iters, True, HAS_LSE, MASK_TAIL, INT_CVT, V_PERMUTED)),
+                     rows_left, Sk, n_iters, n_unmasked, m0 + causal_off, True, HAS_LSE, MASK_TAIL, CAUSAL,
+                     INT_CVT, V_PERMUTED)),
         (_consumer, (q_bufs.index(1), q_codes.index(1), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
                      v_empty, turn.index(1), turn.index(0), ks_ptr, vs_ptr, o_ptr + QM * stride_om, stride_om,
-                     lse_ptr + QM, q_mult, rows_left - QM, Sk, n_iters, False, HAS_LSE, MASK_TAIL, INT_CVT,
-                     V_PERMUTED)),
+                     lse_ptr + QM, q_mult, rows_left - QM, Sk, n_iters, n_unmasked, m0 + QM + causal_off, False,
+                     HAS_LSE, MASK_TAIL, CAUSAL, INT_CVT, V_PERMUTED)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
                      v_empty, q_row, q_col, k_row, vt_row, n_iters)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -64,13 +64,15 @@ def q_view(q: torch.Tensor):
     return q_view(q.contiguous())
 
 
-def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles) -> Launch:
+def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles, causal_offset: int | None = None) -> Launch:
     """Launch record (operands in ``fwd_kernel``'s docstring).
 
     q: the bf16/fp16 input (B, Hq, Sq, D), quantised per token in the kernel; kc (B, Hkv, Sk, D)
     codes; ks (B, Hkv, nb) fp32; vt (B, Hkv, D, nb·BLOCK_N) fp8 codes (keys in the P-operand
     order when ``tiles.v_permuted``); vs (B, Hkv, D) fp32 per channel; out a (B, Hq, Sq, D) view
-    with unit channel stride; lse (B, Hq, Sq) fp32 or None.
+    with unit channel stride; lse (B, Hq, Sq) fp32 or None. causal_offset: None (not causal) or
+    the diagonal's offset (key c visible to row r iff c <= r + offset: 0 top-left, Sk - Sq
+    bottom-right).
     """
     from .fwd_kernel import attn_fwd_fa3_kernel
 
@@ -87,8 +89,9 @@ def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles) 
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
         q_rows_b=q_rows_b, q_rows_h=q_rows_h, q_col_h=q_col_h,
         q_mult=scale * LOG2E,
-        Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, n_kblocks=nb,
-        STAGES=tiles.stages, HAS_LSE=lse is not None, MASK_TAIL=Sk % BN != 0, INT_CVT=tiles.int_cvt,
+        Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, n_kblocks=nb, causal_off=causal_offset or 0,
+        STAGES=tiles.stages, HAS_LSE=lse is not None, MASK_TAIL=Sk % BN != 0, CAUSAL=causal_offset is not None,
+        INT_CVT=tiles.int_cvt,
         V_PERMUTED=tiles.v_permuted, CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
     )
     grid = (math.ceil(Sq / (2 * QM)), B * Hq)
@@ -134,7 +137,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int
 
 
 def attention_fwd_hopper(q, k, v, cfg: QuantConfig, *, scale: float | None = None, return_lse: bool = False,
-                         out: torch.Tensor | None = None, tiles: HopperTiles | None = None):
+                         causal_offset: int | None = None, out: torch.Tensor | None = None,
+                         tiles: HopperTiles | None = None):
     """Quantised forward of HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) on sm_90: one quantiser
     launch for K/V (plus the token statistics it needs), one attention launch that quantises Q.
 
@@ -147,7 +151,7 @@ def attention_fwd_hopper(q, k, v, cfg: QuantConfig, *, scale: float | None = Non
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
-    build_launch(q, kc, ks, vt, vs, out, lse, scale, tiles)()
+    build_launch(q, kc, ks, vt, vs, out, lse, scale, tiles, causal_offset)()
     if lse is not None and km is not None:
         # K was smoothed (mean subtracted): softmax is invariant, the log-sum-exp is not
         lse += scale * torch.einsum("bhsd,bhd->bhs", q.float(), km.repeat_interleave(Hq // k.shape[1], dim=1))
