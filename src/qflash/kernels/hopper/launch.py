@@ -92,7 +92,7 @@ def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles, 
         Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, n_kblocks=nb, causal_off=causal_offset or 0,
         STAGES=tiles.stages, HAS_LSE=lse is not None, MASK_TAIL=Sk % BN != 0, CAUSAL=causal_offset is not None,
         INT_CVT=tiles.int_cvt,
-        V_PERMUTED=tiles.v_permuted, CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
+        V_PERMUTED=tiles.v_permuted, KV_MERGED=tiles.kv_merged, CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
     )
     grid = (math.ceil(Sq / (2 * QM)), B * Hq)
     return Launch(attn_fwd_fa3_kernel, grid, kwargs, dict(num_warps=4, maxnreg=tiles.maxnreg))
@@ -101,9 +101,10 @@ def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles, 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int, v_permuted: bool = False):
     """K codes and scales, Vᵀ codes and scales for the Hopper kernel (``hopper.quantize``'s table).
 
-    Returns (kc, ks, vt, vs, k_mean or None).
+    Returns (kc, ks, vt, vs, K partial sums (B, Hkv, n_chunks, D) fp32 or None); the K mean is
+    ``partials.sum(2) / Sk`` (only the lse correction needs it on the host side).
     """
-    from .quantize import KIND_FP8, KIND_INT8, STAT_ROWS, kv_stats_kernel, quantize_kv_kernel
+    from .quantize import KIND_FP8, KIND_INT8, MAX_CHUNKS, kv_stats_kernel, quantize_kv_kernel, stat_rows
 
     B, Hkv, Sk, D = k.shape
     dev = k.device
@@ -115,7 +116,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int
     if v.stride(-1) != 1:
         v = v.contiguous()
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    n_chunks = -(-Sk // STAT_ROWS)
+    rows = stat_rows(Sk)
+    n_chunks = -(-Sk // rows)
     kc = torch.empty((B, Hkv, Sk, D), dtype=code_dtype, device=dev)
     ks = torch.empty((B, Hkv, nb), dtype=torch.float32, device=dev)
     vt = torch.empty((B, Hkv, D, nb * block_n), dtype=torch.float8_e4m3fn, device=dev)
@@ -124,16 +126,15 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int
     vmax = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if per_channel else ks
     if cfg.smooth_k or per_channel:
         kv_stats_kernel[(n_chunks, B * Hkv)](
-            k, v, ksum, vmax, *strides, Hkv, Sk, n_chunks,
-            SMOOTH_K=cfg.smooth_k, V_PER_CHANNEL=per_channel, ROWS=STAT_ROWS, BLOCK=64, HEAD_DIM=D, num_warps=8,
+            k, v, ksum, vmax, *strides, Hkv, Sk, n_chunks, rows,
+            SMOOTH_K=cfg.smooth_k, V_PER_CHANNEL=per_channel, BLOCK=64, HEAD_DIM=D, num_warps=8,
         )
     quantize_kv_kernel[(nb, B * Hkv)](
         k, v, ksum, vmax, kc, ks, vt, vs, *strides, Hkv, Sk, nb, n_chunks,
         KIND=KIND_INT8 if code_dtype is torch.int8 else KIND_FP8, SMOOTH_K=cfg.smooth_k,
-        V_PER_CHANNEL=per_channel, V_PERMUTED=v_permuted, BLOCK_N=block_n, HEAD_DIM=D, num_warps=8,
+        V_PER_CHANNEL=per_channel, V_PERMUTED=v_permuted, CHUNKS=MAX_CHUNKS, BLOCK_N=block_n, HEAD_DIM=D, num_warps=8,
     )
-    km = ksum.sum(dim=2) / Sk if cfg.smooth_k else None  # (B, Hkv, D), for the lse correction only
-    return kc, ks, vt, vs, km
+    return kc, ks, vt, vs, (ksum if cfg.smooth_k else None)
 
 
 def attention_fwd_hopper(q, k, v, cfg: QuantConfig, *, scale: float | None = None, return_lse: bool = False,
@@ -147,12 +148,13 @@ def attention_fwd_hopper(q, k, v, cfg: QuantConfig, *, scale: float | None = Non
     B, Hq, Sq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     tiles = tiles or tiles_for(cfg, D)
-    kc, ks, vt, vs, km = quantize_kv(k, v, cfg, tiles.block_n, tiles.v_permuted)
+    kc, ks, vt, vs, ksum = quantize_kv(k, v, cfg, tiles.block_n, tiles.v_permuted)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
     build_launch(q, kc, ks, vt, vs, out, lse, scale, tiles, causal_offset)()
-    if lse is not None and km is not None:
+    if lse is not None and ksum is not None:
         # K was smoothed (mean subtracted): softmax is invariant, the log-sum-exp is not
-        lse += scale * torch.einsum("bhsd,bhd->bhs", q.float(), km.repeat_interleave(Hq // k.shape[1], dim=1))
+        km = (ksum.sum(dim=2) / k.shape[2]).repeat_interleave(Hq // k.shape[1], dim=1)  # (B, Hq, D)
+        lse += scale * torch.einsum("bhsd,bhd->bhs", q.float(), km)
     return out, lse

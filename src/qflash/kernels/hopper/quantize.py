@@ -15,7 +15,7 @@ The arithmetic is ``qflash.quant.core``'s (fp32, ``inv = qmax / amax`` in IEEE d
 half to even for INT8, an all-zero group gets ``amax = 1``), so ``qflash.reference`` reproduces
 the codes exactly. Token statistics that need every key (the K mean for smoothing, the V channel
 maximum for one scale per channel) come from a statistics pass before it (``kv_stats_kernel``:
-partials per STAT_ROWS keys, summed in a fixed order by the quantiser).
+at most MAX_CHUNKS partials per head, summed in a fixed order by the quantiser).
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ KIND_INT8 = 1
 KIND_FP8 = 3
 
 
-STAT_ROWS = 256  # keys per program of the statistics pass: enough programs to fill the GPU, few partials
+MAX_CHUNKS = 16  # partials per head of the statistics pass (the quantiser sums them in one load)
+
+
+def stat_rows(sk: int, block: int = 64) -> int:
+    """Keys per statistics program: at most MAX_CHUNKS partials per head, a multiple of ``block``."""
+    per = -(-sk // MAX_CHUNKS)
+    return max(block, -(-per // block) * block)
 
 
 @triton.jit
@@ -35,11 +41,10 @@ def kv_stats_kernel(
     K, V, KSum, VMax,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    Hkv, Sk, n_chunks,
-    SMOOTH_K: tl.constexpr, V_PER_CHANNEL: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    Hkv, Sk, n_chunks, ROWS,
+    SMOOTH_K: tl.constexpr, V_PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Grid (n_chunks, B·Hkv): partial K sums and V channel maxima over ROWS keys.
+    """Grid (n_chunks, B·Hkv): partial K sums and V channel maxima over ROWS keys (a multiple of BLOCK).
 
     Writes KSum / VMax (B·Hkv, n_chunks, D) fp32; the quantiser sums / maxes the partials in a
     fixed order, so the statistics are deterministic (no atomics).
@@ -70,15 +75,14 @@ def kv_stats_kernel(
 
 
 @triton.jit
-def _reduce_partials(base, n_chunks, offs_d, IS_MAX: tl.constexpr, HEAD_DIM: tl.constexpr):
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for c in range(0, n_chunks):
-        x = tl.load(base + c * HEAD_DIM + offs_d)
-        if IS_MAX:
-            acc = tl.maximum(acc, x)
-        else:
-            acc += x
-    return acc
+def _reduce_partials(base, n_chunks, offs_d, IS_MAX: tl.constexpr, CHUNKS: tl.constexpr):
+    """Sum (or max) of the n_chunks ≤ CHUNKS partial rows at ``base`` in one load (no serial chain)."""
+    offs_c = tl.arange(0, CHUNKS)
+    x = tl.load(base + offs_c[:, None] * offs_d.shape[0] + offs_d[None, :], mask=(offs_c < n_chunks)[:, None],
+                other=0.0)
+    if IS_MAX:
+        return tl.max(x, axis=0)
+    return tl.sum(x, axis=0)
 
 
 @triton.jit
@@ -101,7 +105,7 @@ def quantize_kv_kernel(
     stride_vb, stride_vh, stride_vs,
     Hkv, Sk, n_blocks, n_chunks,
     KIND: tl.constexpr, SMOOTH_K: tl.constexpr, V_PER_CHANNEL: tl.constexpr, V_PERMUTED: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Grid (n_blocks, B·Hkv): one program quantises BLOCK_N keys of K and of V of one head.
 
@@ -122,7 +126,7 @@ def quantize_kv_kernel(
     k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=nmask[:, None],
                 other=0.0).to(tl.float32)
     if SMOOTH_K:
-        mean = _reduce_partials(KSum + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, False, HEAD_DIM) / Sk
+        mean = _reduce_partials(KSum + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, False, CHUNKS) / Sk
         k = tl.where(nmask[:, None], k - mean[None, :], 0.0)
     amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
     amax = tl.where(amax > 1e-30, amax, 1.0)
@@ -136,7 +140,7 @@ def quantize_kv_kernel(
     v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=nmask[:, None],
                 other=0.0).to(tl.float32)
     if V_PER_CHANNEL:
-        vmax = _reduce_partials(VMax + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, True, HEAD_DIM)
+        vmax = _reduce_partials(VMax + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, True, CHUNKS)
     else:
         vmax = tl.max(tl.abs(v), axis=0)
     vmax = tl.where(vmax > 1e-30, vmax, 1.0)
