@@ -49,8 +49,9 @@ import triton.compiler.errors  # after TRITON_INTERPRET is set: Triton reads it 
 import triton.runtime.errors
 
 from qflash.config import PRESETS
-from qflash.kernels.bwd_launch import BwdConfig, attention_bwd, pick_bwd_config, saved_bytes
-from qflash.kernels.launch import attention_fwd
+from qflash.autograd import saved_bytes
+from qflash.kernels.portable.bwd_launch import BwdConfig, attention_bwd, pick_bwd_config
+from qflash.kernels.portable.launch import attention_fwd
 from qflash.ops import call_attention_fwd
 
 # Tile candidates for the sweep: (block_m1, block_n1, block_m2, block_n2, warps1, stages1, warps2, stages2)

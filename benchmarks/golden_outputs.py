@@ -33,6 +33,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import qflash  # noqa: E402
 
+# The test suite runs the interpreter with tests/triton_interpreter_shim.py applied (exact fp8/bf16
+# conversions, as on the GPU); so does this script, so its numbers do not depend on test order.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+try:
+    import triton_interpreter_shim  # noqa: E402
+
+    triton_interpreter_shim.apply()
+except ImportError:  # the script copied elsewhere without the tests
+    pass
+
 PRESETS = ("none", "int8", "int8-fp8", "int4", "fp8")
 # (name, B, Hq, Hkv, Sq, Sk, D)
 SHAPES = (

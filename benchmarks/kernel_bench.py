@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import qflash  # noqa: E402
-from qflash.kernels.launch import attention_fwd, quantize_qkv  # noqa: E402
+from qflash.kernels.portable.launch import attention_fwd, quantize_qkv  # noqa: E402
 
 SHAPES = {
     "seed-64": (1, 1, 64, 64, False),

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import qflash  # noqa: E402
-from qflash.kernels.launch import attention_fwd, quantize_qkv  # noqa: E402
+from qflash.kernels.portable.launch import attention_fwd, quantize_qkv  # noqa: E402
 
 
 def per_call_us(fn, n=300):

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import qflash  # noqa: E402
-from qflash.kernels.launch import attention_fwd  # noqa: E402
+from qflash.kernels.portable.launch import attention_fwd  # noqa: E402
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "int8-fp8"
 B, H, S, D = (int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "1x24x4608x128").split("x"))

@@ -29,7 +29,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
 import qflash  # noqa: E402
-from qflash.kernels import bwd_launch, configs, fastlaunch, launch  # noqa: E402
+from qflash.kernels.portable import bwd_launch, fastlaunch, launch  # noqa: E402
+from qflash.kernels.portable import tuning as configs  # noqa: E402
 
 SMEM_LIMIT = 232448
 TARGET = GPUTarget("cuda", 90, 32)
@@ -87,10 +88,11 @@ def main() -> int:
             for preset in ("none", "int8", "int8-fp8"):
                 cfg = qflash.resolve_quant(preset)
                 for S in (512, 4096):
-                    kc = configs._pick.__wrapped__("cuda", 0, *configs.config_key(D, cfg.quantizes_pv, S, S,
-                                                                                  cfg.quantizes_qk))
-                    if dtype == torch.float32 and D > 128:  # as launch.attention_fwd does
-                        kc = configs.KernelConfig(kc.block_m, kc.block_n, kc.num_warps, 1, kc.tma, kc.rotate)
+                    kc = configs._pick(cuda, *configs.config_key(D, cfg.quantizes_pv, S, S, cfg.quantizes_qk))
+                    cap = configs.FP32_STAGE_CAPS["fwd"].get(64 if D <= 64 else 128 if D <= 128 else 256)
+                    if dtype == torch.float32 and cap is not None:  # as launch.attention_fwd does
+                        kc = configs.KernelConfig(kc.block_m, kc.block_n, kc.num_warps, min(kc.num_stages, cap),
+                                                  kc.tma, kc.rotate)
                     q, k, v = (torch.randn(1, 2, S, D, dtype=dtype) for _ in range(3))
                     captured.clear()
                     launch.attention_fwd(q, k, v, cfg, kernel_config=kc, fused_quant=False, causal=S == 512)

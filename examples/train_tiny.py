@@ -47,8 +47,8 @@ class _LowbitAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, quant: str, causal: bool):
-        from qflash.kernels.bwd_launch import quantize_for_backward
-        from qflash.kernels.launch import attention_fwd
+        from qflash.kernels.portable.bwd_launch import quantize_for_backward
+        from qflash.kernels.portable.launch import attention_fwd
 
         cfg = resolve_quant(quant)
         out, lse = attention_fwd(q, k, v, cfg, causal=causal, return_lse=True)
@@ -63,7 +63,7 @@ class _LowbitAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from qflash.kernels.bwd_launch import BwdCodes, attention_bwd, ste_backward
+        from qflash.kernels.portable.bwd_launch import BwdCodes, attention_bwd, ste_backward
 
         if ctx.exact:
             v, out, lse, *codes = ctx.saved_tensors

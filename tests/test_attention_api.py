@@ -273,7 +273,8 @@ def test_interpreter_enabled_without_gpu():
         assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
         return
     assert os.environ["TRITON_INTERPRET"] == "1"
-    from qflash.backend import interpreter_enabled, kernels_usable, triton_status
+    from qflash.kernels.common import interpreter_enabled, triton_status
+    from qflash.kernels.common import triton_usable as kernels_usable
 
     assert interpreter_enabled()
     if triton_status()[0]:

@@ -12,7 +12,8 @@ import zlib
 import pytest
 import torch
 
-from qflash.backend import interpreter_enabled, kernels_usable
+from qflash.kernels.common import interpreter_enabled
+from qflash.kernels.common import triton_usable as kernels_usable
 from qflash.config import PRESETS
 from qflash.reference import exact_attention
 
@@ -26,15 +27,15 @@ if interpreter_enabled():
 
     triton_interpreter_shim.apply()
 
-from qflash.kernels.bwd_launch import (
+from qflash.kernels.portable.bwd_launch import (
     BwdConfig,
     attention_bwd,
     quantize_for_backward,
-    saved_bytes,
     ste_backward,
 )
-from qflash.kernels.configs import KernelConfig
-from qflash.kernels.launch import attention_fwd
+from qflash.autograd import saved_bytes
+from qflash.kernels.portable.tuning import KernelConfig
+from qflash.kernels.portable.launch import attention_fwd
 
 SMALL_BWD = BwdConfig(32, 32, 32, 32, 4, 1, 4, 1)  # interpreter: small tiles keep programs cheap
 SMALL_FWD = KernelConfig(32, 32, 4, 1)
@@ -327,7 +328,7 @@ def _reuse_and_recompute(preset, lowbit, causal, square=False):
 def test_ste_reuse_forward_stats(preset, lowbit):
     """Reusing the quantised forward's O and lse: within the preset's budget; where the ops'
     default reuses, within 1% or 1.5x of the recompute mode's error (the rule behind the default)."""
-    from qflash.ops import bwd_recompute_default
+    from qflash.autograd import bwd_recompute_default
 
     reuse, recompute = _reuse_and_recompute(preset, lowbit, causal=False)
     assert recompute <= (TOL[torch.bfloat16] if lowbit == "none" else LOWBIT_TOL)
@@ -341,7 +342,7 @@ def test_ste_reuse_forward_stats(preset, lowbit):
 def test_ste_reuse_default_rule_causal(preset, lowbit, square):
     """The default-reuse pairs keep the rule under causal masking (rows with few keys: larger error;
     a square causal shape has rows that see a single key)."""
-    from qflash.ops import bwd_recompute_default
+    from qflash.autograd import bwd_recompute_default
 
     assert not bwd_recompute_default(preset, lowbit)
     reuse, recompute = _reuse_and_recompute(preset, lowbit, causal=True, square=square)
@@ -349,8 +350,9 @@ def test_ste_reuse_default_rule_causal(preset, lowbit, square):
 
 
 def test_bwd_recompute_default_table():
-    from qflash.kernels.bwd_launch import LOWBIT_MODES
-    from qflash.ops import BWD_LOWBIT_MODES, bwd_recompute_default
+    from qflash.kernels.portable.bwd_launch import LOWBIT_MODES
+    from qflash.autograd import bwd_recompute_default
+    from qflash.spec import BWD_LOWBIT_MODES
 
     assert BWD_LOWBIT_MODES == LOWBIT_MODES
     reuse = {(p, lb) for p in PRESETS for lb in LOWBIT_MODES if not bwd_recompute_default(p, lb)}
@@ -413,11 +415,11 @@ OP_CASES = [
 
 @pytest.mark.parametrize("quant,return_lse,out_layout", OP_CASES)
 def test_op_autograd_uses_kernels(quant, return_lse, out_layout, monkeypatch):
-    from qflash import ops
+    from qflash import ops, reference
 
     calls = []
-    real = ops.reference_backward
-    monkeypatch.setattr(ops, "reference_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = reference.reference_backward
+    monkeypatch.setattr(reference, "reference_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
     gen = _gen("op", quant, return_lse, out_layout)
     q, k, v, _ = make_inputs(1, 4, 2, 40, 56, 64, torch.float32, "HND", gen)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -485,13 +487,15 @@ def test_api_bwd_lowbit_reaches_int8_kernels(monkeypatch):
     """``qflash.attention`` / ``qflash.sdpa`` pass ``bwd_lowbit`` to the Triton backward (forced
     on here: on CPU the public functions otherwise run the exact PyTorch backward)."""
     import qflash
-    from qflash import ops
-    from qflash.kernels import bwd_launch
+    from qflash.kernels.portable import bwd_launch
 
     lowbits = []
     real = bwd_launch.attention_bwd
     monkeypatch.setattr(bwd_launch, "attention_bwd", lambda *a, **kw: lowbits.append(kw["lowbit"]) or real(*a, **kw))
-    monkeypatch.setattr(ops, "_bwd_uses_kernels", lambda q, backend: True)
+    from qflash.kernels import dispatch
+    from qflash.kernels.portable import FAMILY as PORTABLE
+
+    monkeypatch.setattr(dispatch, "backward_family", lambda spec, q, k, attn_mask: PORTABLE)
     gen = _gen("api-lowbit")
     q, k, v, do = make_inputs(1, 2, 2, 64, 64, 64, torch.float32, "NHD", gen)
     want = reference_grads(q, k, v, do, causal=True)
@@ -531,7 +535,7 @@ def test_bad_bwd_arguments():
     with pytest.raises(ValueError, match="bwd_lowbit"):
         ops.call_attention_fwd(q, k, v, "int8", bwd_lowbit="fp8")
     with pytest.raises(ValueError, match="bwd_lowbit"):
-        torch.ops.qflash.attention_fwd(q, k, v, "int8", False, None, None, False, "HND", "auto", "int4", None)
+        torch.ops.qflash.attention_fwd(q, k, v, None, "int8|none|none|None|HND|0|auto|int4|None")
 
 
 def test_opcheck_attention_bwd():
@@ -540,12 +544,15 @@ def test_opcheck_attention_bwd():
     gen = _gen("opcheck")
     q, k, v, do = make_inputs(1, 2, 1, 17, 23, 64, torch.float32, "NHD", gen)
     mask = torch.randn(1, 2, 17, 23, generator=gen).to(DEVICE)
-    args = (q, k, v, None, None, do, None, mask, "int8", True, None, "none", True)
+    from qflash.spec import AttnSpec
+
+    spec = AttnSpec.build("int8", causal=True, attn_mask=mask, backend="portable")
+    args = (q, k, v, None, None, do, None, mask, spec.key(), True)
     res = torch.library.opcheck(torch.ops.qflash.attention_bwd.default, args)
     assert all(v == "SUCCESS" for v in res.values()), res
     # the forward's own O and lse (reuse) and the INT8 backward
     out, lse = attention_fwd(q, k, v, PRESETS["int8"], causal=True, attn_mask=mask, return_lse=True)
-    args = (q, k, v, out, lse, do, None, mask, "int8", True, None, "int8", True)
+    args = (q, k, v, out, lse, do, None, mask, spec.replace(bwd_lowbit="int8").key(), True)
     res = torch.library.opcheck(torch.ops.qflash.attention_bwd.default, args)
     assert all(v == "SUCCESS" for v in res.values()), res
 
@@ -578,7 +585,10 @@ def test_compile_fullgraph_backward_graph_has_bwd_op(quant, lowbit):
              and n.target is torch.ops.qflash.attention_bwd.default]
     assert len(nodes) == 1, [n.target for n in graphs[0].graph.nodes]
     args = nodes[0].args
-    assert args[11] == lowbit and args[3] is not None and args[4] is not None  # O, lse saved (exact / reused)
+    from qflash.spec import AttnSpec
+
+    spec = AttnSpec.from_key(args[8])
+    assert spec.bwd_lowbit == lowbit and args[3] is not None and args[4] is not None  # O, lse saved (exact / reused)
     check_grads(got, reference_grads(q, k, v, do, causal=True), 1e-5 if lowbit == "none" else LOWBIT_TOL)
 
 

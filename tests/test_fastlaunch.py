@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from qflash.kernels import fastlaunch  # noqa: E402
-from qflash.kernels.fastlaunch import FastLauncher, cdiv, next_pow2  # noqa: E402
+from qflash.kernels.portable import fastlaunch  # noqa: E402
+from qflash.kernels.portable.fastlaunch import FastLauncher, cdiv, next_pow2  # noqa: E402
 
 
 class _FakeDevTensor:

@@ -1,4 +1,4 @@
-"""examples/flux/run.py and qflash.integrations.flux_timing on the CPU: the --tiny random-weights run
+"""examples/flux/run.py and qflash.bench.flux_timing on the CPU: the --tiny random-weights run
 end to end, the real-weights path on a tiny saved FluxPipeline, argument errors, PSNR/SSIM, the
 image grid, and the fused RMSNorm+RoPE kernel (Triton interpreter) against its references."""
 
@@ -18,8 +18,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from qflash.integrations import flux_timing as ft
-from qflash.kernels.prequant import rmsnorm_rope, rmsnorm_rope_reference, rmsnorm_rope_triton
+from qflash.bench import flux_timing as ft
+from qflash.fused.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference, rmsnorm_rope_triton
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "examples" / "flux" / "run.py"
@@ -365,7 +365,7 @@ def test_time_calls_cpu():
 
 
 # --------------------------------------------------------------------------------------------
-# fused RMSNorm + RoPE (qflash.kernels.prequant)
+# fused RMSNorm + RoPE (qflash.fused.rmsnorm_rope)
 # --------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ import zlib
 import pytest
 import torch
 
-from qflash.backend import interpreter_enabled, kernels_usable
+from qflash.kernels.common import interpreter_enabled
+from qflash.kernels.common import triton_usable as kernels_usable
 from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
 from qflash.reference import exact_attention, fake_quant_attention
 
@@ -27,8 +28,8 @@ if interpreter_enabled():
 
     triton_interpreter_shim.apply()
 
-from qflash.kernels.configs import KernelConfig  # noqa: E402
-from qflash.kernels.launch import attention_fwd, kernel_support, quantize_qkv  # noqa: E402
+from qflash.kernels.portable.tuning import KernelConfig  # noqa: E402
+from qflash.kernels.portable.launch import attention_fwd, kernel_support, quantize_qkv  # noqa: E402
 from qflash.quant import quantize  # noqa: E402
 
 # Kernel vs fake-quant reference: the same math up to fp32 evaluation order, exp2 vs exp, and a
@@ -156,7 +157,7 @@ def test_fp32_inputs_keep_fp32_accuracy(shape, causal):
 
 
 def _picked(q, k, cfg):
-    from qflash.kernels.configs import pick_config
+    from qflash.kernels.portable.tuning import pick_config
     return pick_config(q.device, q.shape[-1], cfg.quantizes_pv, q.shape[2], k.shape[2], cfg.quantizes_qk)
 
 
@@ -330,7 +331,7 @@ def test_kernel_variants(preset, shape, causal, variant):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_fast_launcher_relaunch():
     """The second launch with equal shapes takes the cached fast path: same result, fresh outputs."""
-    from qflash.kernels import launch
+    from qflash.kernels.portable import launch
 
     gen = torch.Generator().manual_seed(5)
     cfg = resolve_quant("int8-fp8")
@@ -352,7 +353,7 @@ def test_fast_launcher_relaunch():
 def test_small_call_plans(preset, layout):
     """Repeated small calls replay a stored plan (the one-launch path): fresh data, right answers,
     and inputs the launcher had to copy (channel stride != 1) are never replayed from a plan."""
-    from qflash.kernels import launch
+    from qflash.kernels.portable import launch
 
     cfg = resolve_quant(preset)
     gen = torch.Generator().manual_seed(zlib.crc32(repr((preset, layout)).encode()))
@@ -376,7 +377,7 @@ def test_small_call_plans(preset, layout):
 def test_plan_not_shared_between_aliased_and_distinct_inputs(preset):
     """attention(x, x, x) stores a plan whose pointers all map to q; a later attention(q, k, v) of
     the same shape must not replay it (found in review: it computed attention(q, q, q))."""
-    from qflash.kernels import launch
+    from qflash.kernels.portable import launch
 
     cfg = resolve_quant(preset)
     gen = torch.Generator().manual_seed(11)
@@ -423,22 +424,23 @@ def test_flux_shape(preset):
 
 def test_auto_backend_falls_back_for_configs_without_kernels():
     """backend="auto" runs an asymmetric config on the reference path instead of raising."""
-    from qflash.backend import attention_forward
+    from qflash.kernels import dispatch
+    from qflash.spec import AttnSpec
 
     gen = torch.Generator().manual_seed(29)
     cfg = resolve_quant("int8").with_(q=OperandQuant(Precision.INT8, strategy="asymmetric"),
                                       k=OperandQuant(Precision.INT8, strategy="asymmetric"))
     q, k, v = make_qkv(1, 2, 2, 40, 40, 64, torch.float16, "HND", gen)
-    out, _ = attention_forward(q, k, v, cfg, backend="auto")
+    out, _ = dispatch.forward(AttnSpec.build(cfg), q, k, v, None)
     assert rel_l2(out, fake_quant_attention(q, k, v, cfg)) <= 1e-3
     with pytest.raises(NotImplementedError, match="symmetric"):
-        attention_forward(q, k, v, cfg, backend="triton")
+        dispatch.forward(AttnSpec.build(cfg, backend="triton"), q, k, v, None)
 
 
 def test_fp32_tiles_fit_shared_memory():
     """fp32 doubles every tile: the backward drops to 2 stages at D128 and 1 at D256 (296 KB of
     shared memory with the 3-stage bf16 tiles; sm_90 has 227 KB)."""
-    from qflash.kernels.bwd_launch import pick_bwd_config
+    from qflash.kernels.portable.bwd_launch import pick_bwd_config
 
     cuda = torch.device("cuda", 0)
     bf16, fp32 = pick_bwd_config(cuda, 128, torch.bfloat16), pick_bwd_config(cuda, 128, torch.float32)
@@ -450,7 +452,7 @@ def test_fp32_tiles_fit_shared_memory():
 def test_config_keys_separate_exact_from_quantised():
     """The tuning key tells the none preset (exact) from 8-bit Q·K with float P·V and FP8 P·V;
     'exact' falls back to the 'float' row where a table has none of its own."""
-    from qflash.kernels import configs
+    from qflash.kernels.portable import tuning as configs
 
     assert configs.config_key(128, False, 4608, 4608, qk_quant=False) == (128, "exact", "long")
     assert configs.config_key(128, False, 4608, 4608) == (128, "float", "long")

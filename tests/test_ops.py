@@ -10,6 +10,7 @@ from helpers import rel_l2
 
 import qflash
 from qflash.ops import attention_fwd, config_from_key, config_key, reference_backward
+from qflash.spec import AttnSpec
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 
@@ -42,8 +43,9 @@ def test_opcheck(gen, shape, mask, causal, lse, layout, quant):
         m = rnd(gen, 1, Hq, Sq, Sk, requires_grad=True)
     elif mask == "bool":
         m = torch.rand(Sq, Sk, generator=gen) < 0.7
-    key = config_key(qflash.PRESETS["int8"].with_(smooth_k=False)) if quant == "custom" else quant
-    torch.library.opcheck(attention_fwd, (q, k, v, key, causal, m, 0.17, lse, layout, "auto"))
+    cfg = qflash.PRESETS["int8"].with_(smooth_k=False) if quant == "custom" else quant
+    spec = AttnSpec.build(cfg, causal=causal, attn_mask=m, scale=0.17, return_lse=lse, layout=layout)
+    torch.library.opcheck(attention_fwd, (q, k, v, m, spec.key()))
 
 
 @pytest.mark.parametrize("bwd_lowbit,bwd_recompute", [("int8", False), ("none", True)], ids=["int8bwd-reuse", "recompute"])
@@ -51,7 +53,8 @@ def test_opcheck_backward_options(gen, bwd_lowbit, bwd_recompute):
     """The two trailing backward arguments (schema defaults "none" / None) go through opcheck."""
     q = rnd(gen, 1, 4, 9, 32, requires_grad=True)
     k, v = rnd(gen, 1, 2, 12, 32, requires_grad=True), rnd(gen, 1, 2, 12, 32, requires_grad=True)
-    args = (q, k, v, "int8", True, None, None, True, "HND", "auto", bwd_lowbit, bwd_recompute)
+    spec = AttnSpec.build("int8", causal=True, return_lse=True, bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute)
+    args = (q, k, v, None, spec.key())
     torch.library.opcheck(attention_fwd, args)
 
 
@@ -61,10 +64,11 @@ def test_fake_matches_real_metadata(gen, layout, return_lse):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     q, k, v = rnd(gen, 2, 4, 11, 32), rnd(gen, 2, 2, 17, 32), rnd(gen, 2, 2, 17, 32)
-    real = torch.ops.qflash.attention_fwd(q, k, v, "int8", False, None, None, return_lse, layout, "auto")
+    key = AttnSpec.build("int8", return_lse=return_lse, layout=layout).key()
+    real = torch.ops.qflash.attention_fwd(q, k, v, None, key)
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        fake = torch.ops.qflash.attention_fwd(fq, fk, fv, "int8", False, None, None, return_lse, layout, "auto")
+        fake = torch.ops.qflash.attention_fwd(fq, fk, fv, None, key)
     for r, f in zip(real, fake):
         assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
     assert real[1].shape == ((2, 4, 11) if return_lse else (0,))
@@ -74,8 +78,25 @@ def test_fake_matches_real_metadata(gen, layout, return_lse):
 
 def test_op_rejects_bad_layout(gen):
     q = rnd(gen, 1, 1, 4, 16)
-    with pytest.raises(ValueError, match="out_layout"):
-        torch.ops.qflash.attention_fwd(q, q, q, "int8", False, None, None, False, "BHSD", "auto")
+    with pytest.raises(ValueError, match="layout"):
+        torch.ops.qflash.attention_fwd(q, q, q, None, "int8|none|none|None|BHSD|0|auto|none|None")
+    with pytest.raises(ValueError, match="layout"):
+        AttnSpec.build("int8", layout="BHSD")
+
+
+def test_spec_keys_round_trip():
+    """The op's one string: every field survives, a custom config's name may hold the separator."""
+    custom = qflash.PRESETS["int4"].with_(name="a|b;c")
+    mask = torch.zeros(3, 3)
+    for spec in (AttnSpec.build("int8"),
+                 AttnSpec.build(custom, causal="top_left", attn_mask=mask, scale=0.1 + 0.2, layout="NHD",
+                                return_lse=True, backend="portable", bwd_lowbit="int8", bwd_recompute=False),
+                 AttnSpec.build("none", causal=True, attn_mask=mask > 0, bwd_recompute=True)):
+        assert AttnSpec.from_key(spec.key()) == spec
+    assert AttnSpec.build("fp8").key() == "fp8|none|none|None|HND|0|auto|none|None"
+    assert AttnSpec.build("fp8").key(return_lse=True) == "fp8|none|none|None|HND|1|auto|none|None"
+    with pytest.raises(ValueError, match="AttnSpec"):
+        AttnSpec.from_key("int8|sideways|none|None|HND|0|auto|none|None")
 
 
 # ---- config keys ------------------------------------------------------------------------------
@@ -89,9 +110,9 @@ def test_config_keys_round_trip():
         assert key.startswith("cfg:") and config_from_key(key) == cfg
     custom = qflash.PRESETS["int4"].with_(q_mean_block=64, smooth_k=False, name="odd;name=with,separators/")
     key = config_key(custom)
-    from qflash.ops import _parse_key
+    from qflash import spec
 
-    _parse_key.cache_clear()  # as in another process: parsed from the string alone
+    spec._PARSED.clear()  # as in another process: parsed from the string alone
     assert config_from_key(key) == custom
     assert config_from_key(key).name == custom.name
     with pytest.raises(ValueError, match="not a preset"):

@@ -21,7 +21,7 @@ Modes: ``sdpa`` (baseline: diffusers' processors, PyTorch SDPA), qflash presets 
 ``int8-fp8``, ``int4`` (also ``fp8``, ``none``) installed by ``qflash.integrations.diffusers.apply``,
 ``sage`` (SageAttention, when importable), ``no-attn`` (attention output replaced by zeros: a
 ceiling, not a method), and any of these with ``+fused`` (q/k RMSNorm + RoPE + concat in one
-Triton launch each: ``qflash.kernels.prequant``). Without ``--no-prologue`` the pre-attention work
+Triton launch each: ``qflash.fused.rmsnorm_rope``). Without ``--no-prologue`` the pre-attention work
 is also timed on its own, unfused vs fused, per transformer step.
 
 Results: ``<out>/flux_results.json`` (everything), ``<out>/flux_table.md`` (the table), in real mode
@@ -64,7 +64,7 @@ GiB = 1024 ** 3
 
 def _import_flux_timing():
     try:
-        from qflash.integrations import flux_timing
+        from qflash.bench import flux_timing
     except ImportError as exc:
         sys.exit(f"examples/flux/run.py: cannot import diffusers / qflash ({exc}).\n"
                  "It needs: torch, diffusers (>= 0.35; tested 0.42.1), huggingface_hub, safetensors, numpy, Pillow; "

@@ -1,8 +1,9 @@
-"""Public entry point: ``qflash.attention`` — checks its inputs, then dispatches.
+"""Public entry point: ``qflash.attention`` — checks its inputs, builds the call's ``AttnSpec``, runs it.
 
-Dispatch: on CUDA with Triton available, the fused Triton kernels (``qflash.kernels``); anywhere
-else, the fake-quant reference (``qflash.reference``), which computes the same numbers in plain
-PyTorch on CPU, CUDA or MPS.
+Where it runs is the dispatcher's choice (``qflash.kernels.dispatch``): a kernel family on CUDA
+(the Hopper family on sm_90 once wired in, else the portable Triton kernels); anywhere else, or
+for configs no family implements, the fake-quant reference (``qflash.reference``), which computes
+the same numbers in plain PyTorch on CPU, CUDA or MPS.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numbers
 import torch
 
 from .config import QuantConfig, resolve_quant
+from .spec import AttnSpec
 
 __all__ = ["attention", "SUPPORTED_DTYPES", "validate_inputs"]
 
@@ -98,6 +100,7 @@ def attention(
     return_lse: bool = False,
     bwd_lowbit: str = "none",
     bwd_recompute: bool | None = None,
+    backend: str = "auto",
 ):
     """Quantised flash attention: ``softmax(q·kᵀ·scale + mask)·v`` with low-bit operands.
 
@@ -131,25 +134,27 @@ def attention(
             (one extra forward; gradients as accurate as ``quant="none"``'s). False: it reuses
             the quantised forward's own O and lse (saved; no extra forward; the forward's error
             leaks into the gradient). None (default): reuse for ``int8`` with bf16 inputs, recompute
-            otherwise — see ``qflash.ops.bwd_recompute_default``.
+            otherwise — see ``qflash.autograd.bwd_recompute_default``.
 
         The two ``bwd_*`` options steer the Triton backward (CUDA); the pure-PyTorch backward
         (other devices) is exact whatever they say.
+        backend: "auto" (the dispatcher picks the first kernel family that runs the call, the
+            pure-PyTorch reference last; never an error), or a family by name — "hopper",
+            "portable" (alias "triton") or "reference" — which raises ``NotImplementedError``
+            if that family cannot run the call. ``qflash info`` lists the families.
 
     Returns:
         ``out`` in q's dtype and layout, or ``(out, lse)``. Rows with every key masked are zero
         (and their lse is -inf).
     """
-    from .ops import call_attention_fwd  # the op: compile / CUDA-graph safe; checks the bwd_* options
+    from .ops import run  # the op: compile / CUDA-graph safe
 
-    validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
-
+    cfg = validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
+    spec = AttnSpec.build(cfg, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, return_lse=return_lse,
+                          backend=backend, bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute)
     if layout == "NHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    out, lse = call_attention_fwd(
-        q, k, v, quant, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse, out_layout=layout,
-        bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute,
-    )
+    out, lse = run(spec, q, k, v, attn_mask)
     if layout == "NHD":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

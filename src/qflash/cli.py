@@ -13,47 +13,55 @@ import sys
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print versions, devices and which backends can run here (and why not)."""
+    """Print versions, devices, the kernel families and which family each preset would use here."""
     import torch
 
     from . import __version__
-    from .backend import kernels_usable, triton_status
+    from .config import PRESETS
+    from .kernels import dispatch
+    from .kernels.common import triton_status, triton_usable
+    from .spec import AttnSpec
 
     print(f"qflash {__version__}")
     print(f"python {platform.python_version()} ({platform.machine()}, {platform.system()})")
     print(f"torch {torch.__version__}")
     _, why = triton_status()
     print(f"triton: {why}")
-    print("backends:")
-    print("  reference (pure PyTorch): available on every device")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            usable, reason = kernels_usable(torch.device("cuda", i))
-            print(f"  cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-                  f"{p.total_memory / 2**30:.0f} GiB): triton kernels {'available' if usable else 'unavailable: ' + reason}")
-            print(f"    tuning table: {_tuning_table(torch.device('cuda', i))}")
-    else:
-        usable, reason = kernels_usable(torch.device("cpu"))
-        print(f"  cuda: no CUDA device visible; triton kernels on cpu: {'available: ' + reason if usable else 'unavailable: ' + reason}")
+    print("kernel families (backend=\"auto\" tries them in this order):")
+    for fam in dispatch.FAMILIES.values():
+        s = fam.support
+        cc = "" if s.min_cc is None and s.max_cc is None else f", compute capability {s.min_cc}..{s.max_cc}"
+        devs = ", ".join(sorted(s.devices)) or "any device"
+        print(f"  {fam.name}: {devs}{cc}{', backward' if s.backward else ''}"
+              + (f" — {s.notes}" if s.notes else ""))
+    devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else [torch.device("cpu")]
+    for dev in devices:
+        if dev.type == "cuda":
+            p = torch.cuda.get_device_properties(dev)
+            usable, reason = triton_usable(dev)
+            print(f"{dev} {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                  f"{p.total_memory / 2**30:.0f} GiB): triton {'available' if usable else 'unavailable: ' + reason}")
+        else:
+            usable, reason = triton_usable(dev)
+            print(f"cpu (no CUDA device visible): triton kernels {'available: ' + reason if usable else 'unavailable: ' + reason}"
+                  " (backend=\"auto\" uses the reference here)")
+        for fam in dispatch.FAMILIES.values():
+            try:
+                tuning = fam.tuning(dev)
+            except Exception as exc:  # a broken tuning file must not break `qflash info`
+                tuning = f"unreadable ({type(exc).__name__}: {exc})"
+            print(f"  {fam.name} tuning: {tuning}")
+        probe = torch.empty((1, 1, 1, 128), dtype=torch.bfloat16, device=dev)
+        picks = []
+        for name in PRESETS:
+            fam = dispatch.select(AttnSpec.build(name), probe, probe, probe, None)
+            picks.append(f"{name} -> {fam.name}")
+        print(f"  presets (bf16, head dim 128): {', '.join(picks)}")
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
-        print("  mps: available (reference path)")
+        print("mps: available (reference family)")
     return 0
-
-
-def _tuning_table(device) -> str:
-    """Which kernel tuning table ``pick_config`` uses on ``device`` (``qflash tune`` writes one)."""
-    try:
-        from .kernels import configs
-    except Exception as exc:
-        return f"unknown (qflash.kernels.configs: {type(exc).__name__})"
-    path = configs.user_table_path(device) if hasattr(configs, "user_table_path") else None
-    if path is not None and path.is_file():
-        return f"{path} (from qflash tune)"
-    key = configs.gpu_key(device) if hasattr(configs, "gpu_key") else "?"
-    builtin = key in getattr(configs, "TABLES", {})
-    return f"built-in {key} table" if builtin else f"built-in defaults (no {key} table; run qflash tune)"
 
 
 # ---- argument types: each raises ArgumentTypeError, which argparse turns into a usage error ----
@@ -146,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="sweep kernel configurations on this GPU and write a tuning table",
                        description="Sweep the Triton kernels' configurations per shape on the current GPU and "
                                    "write the tuning table they pick up. Needs a CUDA GPU and "
-                                   "qflash.kernels.configs with a tuning API.")
+                                   "qflash.kernels.portable.tuning with a tuning API.")
     p.add_argument("--shapes", type=_shapes, default=None, metavar="BxHxSxD[c],...", help="shapes to tune")
     p.add_argument("--presets", type=_presets, default=None, metavar="P1,P2", help="presets to tune")
     p.add_argument("--out", default=None, metavar="FILE", help="tuning table to write (default: the kernels' own)")
+    p.add_argument("--no-bwd", action="store_true", help="tune the forward only (skip the backward tiles)")
     p.set_defaults(func=_run("tune", "cmd_tune"))
 
     p = sub.add_parser("report", help="write docs/PERFORMANCE.md from harness JSON",

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .api import SUPPORTED_DTYPES, validate_inputs
 from .config import QuantConfig, resolve_quant
-from .ops import call_attention_fwd, check_bwd_args
+from .ops import run
+from .spec import AttnSpec, check_bwd_args
 
 __all__ = [
     "QFlashFallbackWarning",
@@ -201,6 +202,7 @@ def sdpa(
     fallback: bool = True,
     bwd_lowbit: str = "none",
     bwd_recompute: bool | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Quantised ``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's semantics.
 
@@ -224,6 +226,7 @@ def sdpa(
             once per reason, ``QFlashFallbackWarning``), ``False`` raises ``ValueError``.
         bwd_lowbit, bwd_recompute: the backward's options, as in ``qflash.attention`` ("none" |
             "int8" matmuls; recompute or reuse the forward's O and lse). Unused by fallbacks.
+        backend: as in ``qflash.attention`` ("auto", or a kernel family by name).
 
     Returns:
         (N, ..., Hq, L, E) in query's dtype. Rows whose keys are all masked are zero (as PyTorch
@@ -231,7 +234,7 @@ def sdpa(
         the output has the same memory order, so transposing back is free.
 
     Gradients are straight-through: those of exact attention at the unquantised inputs
-    (``qflash.ops``). Invalid ``quant`` / ``bwd_*`` values raise whatever ``fallback`` is.
+    (``qflash.autograd``). Invalid ``quant`` / ``bwd_*`` values raise whatever ``fallback`` is.
     """
     cfg = resolve_quant(quant)  # a bad preset name is the caller's error, never a fallback
     check_bwd_args(bwd_lowbit, bwd_recompute)
@@ -247,17 +250,11 @@ def sdpa(
         )
 
     q4, k4, v4, m4 = _to_4d(query, key, value, attn_mask)
-    L, S = q4.shape[2], k4.shape[2]
-    causal = False
-    if is_causal:
-        if L == S:
-            causal = True  # top-left == bottom-right for square score matrices
-        else:  # PyTorch's top-left mask; qflash's `causal` is bottom-right, so spell it out
-            m4 = torch.ones(L, S, dtype=torch.bool, device=q4.device).tril()
-    out, _ = call_attention_fwd(  # `quant` as given: a preset name stays a plain string under compile
-        q4, k4, v4, quant, causal=causal, attn_mask=m4, scale=scale, out_layout=_memory_layout(q4),
-        bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute,
-    )
+    # PyTorch's causal is top-left aligned: the kernels move their diagonal, no (L, S) mask is built
+    spec = AttnSpec.build(cfg, causal="top_left" if is_causal else "none", attn_mask=m4, scale=scale,
+                          layout=_memory_layout(q4), backend=backend, bwd_lowbit=bwd_lowbit,
+                          bwd_recompute=bwd_recompute)
+    out, _ = run(spec, q4, k4, v4, m4)
     if query.dim() == 3:
         return out.squeeze(1)
     if query.dim() == 2:

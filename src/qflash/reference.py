@@ -13,7 +13,8 @@ Hq a multiple of Hkv (GQA/MQA: query head h reads key/value head ``h // (Hq // H
 Conventions shared with the kernels:
 
 - ``causal`` is aligned to the bottom-right corner: query i sees key j iff ``j <= i + Sk - Sq``
-  (FlashAttention's convention; ``qflash.sdpa`` converts PyTorch's top-left one).
+  (FlashAttention's convention), or with ``top_left=True`` to the top-left one (``j <= i``,
+  PyTorch SDPA's; ``qflash.sdpa`` uses it).
 - ``attn_mask`` is boolean (True = attend) or float (added to the scaled scores), broadcastable
   to (B, Hq, Sq, Sk).
 - A row whose keys are all masked returns zeros, and its log-sum-exp is -inf.
@@ -29,7 +30,7 @@ import torch
 from .config import Precision, QuantConfig, resolve_quant
 from .quant.core import block_mean, dequantize, expand_scales, quantize, token_mean
 
-__all__ = ["exact_attention", "fake_quant_attention", "keep_mask", "expand_kv"]
+__all__ = ["exact_attention", "fake_quant_attention", "keep_mask", "expand_kv", "reference_backward"]
 
 
 def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
@@ -38,14 +39,15 @@ def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x if hkv == hq else x.repeat_interleave(hq // hkv, dim=1)
 
 
-def keep_mask(sq: int, sk: int, causal: bool, attn_mask: torch.Tensor | None, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def keep_mask(sq: int, sk: int, causal: bool, attn_mask: torch.Tensor | None, device,
+              top_left: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Split masking into (keep, additive): keep is bool broadcastable to (B,H,Sq,Sk) or None."""
     keep = None
     additive = None
     if causal:
         i = torch.arange(sq, device=device)[:, None]
         j = torch.arange(sk, device=device)[None, :]
-        keep = j <= i + (sk - sq)
+        keep = j <= i + (0 if top_left else sk - sq)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             keep = attn_mask if keep is None else keep & attn_mask
@@ -72,6 +74,7 @@ def exact_attention(
     scale: float | None = None,
     return_lse: bool = False,
     compute_dtype: torch.dtype = torch.float64,
+    top_left: bool = False,
 ):
     """Exact attention in ``compute_dtype`` (fp64 by default); returns out in q's dtype.
 
@@ -84,7 +87,7 @@ def exact_attention(
     qf = q.to(compute_dtype)
     kf = expand_kv(k, Hq).to(compute_dtype)
     vf = expand_kv(v, Hq).to(compute_dtype)
-    keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device)
+    keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device, top_left)
     t = _masked_scores(qf @ kf.transpose(-1, -2) * scale, keep, additive)
     lse = torch.logsumexp(t, dim=-1) if Sk else torch.full((B, Hq, Sq), float("-inf"), dtype=compute_dtype, device=q.device)
     finite = torch.isfinite(lse)
@@ -105,6 +108,7 @@ def fake_quant_attention(
     scale: float | None = None,
     return_lse: bool = False,
     block_n: int = 64,
+    top_left: bool = False,
 ):
     """Attention computed the way the qflash kernels compute it for ``quant``.
 
@@ -137,7 +141,7 @@ def fake_quant_attention(
     if q_mean is not None:
         bias = q_mean @ expand_kv(ks, Hq).transpose(-1, -2)  # (B, Hq, nQblocks, Sk), fp32
         scores = scores + bias.repeat_interleave(cfg.q_mean_block, dim=-2)[..., :Sq, :]
-    keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device)
+    keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device, top_left)
     t = _masked_scores(scores * scale, keep, additive)
     t = t.expand(B, Hq, Sq, Sk)
 
@@ -183,3 +187,62 @@ def fake_quant_attention(
     if k_mean is not None:
         lse = lse + scale * (qf @ expand_kv(k_mean, Hq).transpose(-1, -2)).squeeze(-1)
     return out, lse
+
+
+def reference_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    top_left: bool = False,
+):
+    """Gradients of exact attention at (q, k, v), in fp32, returned in the inputs' dtypes.
+
+    Args:
+        q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv): HND, Hq a multiple of Hkv.
+        grad_out (B, Hq, Sq, Dv): gradient of the output.
+        grad_lse (B, Hq, Sq) or None: gradient of the log-sum-exp output (d lse / d s = p).
+        causal: bottom-right aligned (``top_left``: top-left). attn_mask: bool (keep) or float (additive).
+
+    Returns ``(dq, dk, dv, dmask)``; ``dmask`` is None unless ``attn_mask`` is floating point,
+    in which case it has ``attn_mask``'s shape (summed over broadcast dimensions) and dtype.
+    Rows with every key masked contribute nothing.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qf = q.float()
+    kf = expand_kv(k, Hq).float()
+    vf = expand_kv(v, Hq).float()
+    keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device, top_left)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if additive is not None:
+        s = s + additive.float()
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)))
+    p = torch.where(finite, p, torch.zeros_like(p))  # (B, Hq, Sq, Sk); rows with no key: 0
+
+    do = grad_out.float()
+    dv = torch.matmul(p.transpose(-1, -2), do)  # (B, Hq, Sk, Dv)
+    dp = torch.matmul(do, vf.transpose(-1, -2))  # (B, Hq, Sq, Sk)
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    if grad_lse is not None and grad_lse.numel():
+        ds = ds + p * grad_lse.float()[..., None]
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * scale  # (B, Hq, Sk, D)
+    if group > 1:  # GQA: sum the query heads that share a key/value head
+        dk = dk.view(B, Hkv, group, Sk, D).sum(dim=2)
+        dv = dv.view(B, Hkv, group, Sk, dv.shape[-1]).sum(dim=2)
+    dmask = None
+    if attn_mask is not None and attn_mask.is_floating_point():
+        dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask

@@ -31,19 +31,13 @@ class Impl:
 
 
 def _qflash(preset: str, device: torch.device) -> Impl:
+    """``backend``: the kernel family the dispatcher picks for this preset at head dim 128."""
     from .. import attention
-    from ..backend import kernels_usable
+    from ..kernels import dispatch
+    from ..spec import AttnSpec
 
-    backend = "reference"
-    if device.type == "cuda" and kernels_usable(device)[0]:
-        backend = "triton"
-        try:
-            from ..config import PRESETS
-            from ..kernels.launch import kernel_support
-
-            backend = "triton" if kernel_support(PRESETS[preset], 128)[0] else "reference (no kernel for it)"
-        except ImportError:
-            pass
+    probe = torch.empty((1, 1, 1, 128), dtype=torch.bfloat16, device=device)
+    backend = dispatch.select(AttnSpec.build(preset), probe, probe, probe, None).name
     return Impl(f"qflash {preset}", "qflash", preset, backend,
                 lambda q, k, v, c: (lambda: attention(q, k, v, quant=preset, causal=c)))
 

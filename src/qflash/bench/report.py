@@ -136,7 +136,7 @@ def flux_section(flux: dict | None) -> str:
     table = md_table(["resolution", "mode", "ms / forward", "speed-up vs SDPA", "peak GiB", "output cos",
                       "worst attention-block cos"], rows)
     notes = ("`no-attn` replaces attention by zeros: the ceiling of any attention speed-up. `+fused` runs "
-             "the fused RMSNorm+RoPE prologue (`qflash.kernels.prequant`) instead of diffusers' eager ops.")
+             "the fused RMSNorm+RoPE prologue (`qflash.fused.rmsnorm_rope`) instead of diffusers' eager ops.")
     extra = flux.get("table", "")
     prologue = [ln.strip() for ln in extra.splitlines() if ln.startswith("pre-attention")]
     return "\n\n".join([head, table, notes] + (["Pre-attention fusion:\n\n" + "\n".join(f"- {p}" for p in prologue)]

@@ -33,8 +33,7 @@ PyTorch's SDPA with a one-time ``QFlashFallbackWarning``. Context parallelism
 A diffusers *attention backend* named "qflash" (``model.set_attention_backend``) is not
 registered: in diffusers 0.42 backend names are members of a closed ``AttentionBackendName``
 Enum that ``dispatch_attention_fn`` converts every name through, so a new name cannot be added
-without patching diffusers. ``register_attention_backend`` only succeeds if a future diffusers
-defines a "qflash" member.
+without patching diffusers; use ``apply`` (attention processors) or ``qflash.patch_sdpa``.
 """
 
 from __future__ import annotations
@@ -65,7 +64,6 @@ __all__ = [
     "QFlashFluxAttnProcessor",
     "applied",
     "apply",
-    "register_attention_backend",
     "remove",
 ]
 
@@ -223,7 +221,7 @@ if FLUX_SUPPORTED:
         a one-time warning.
 
         Used by ``QFlashFluxAttnProcessor`` (``_attend`` = ``qflash.sdpa``) and by the benchmark
-        processor of ``qflash.integrations.flux_timing`` (SageAttention, zeros, fused prologue).
+        processor of ``qflash.bench.flux_timing`` (SageAttention, zeros, fused prologue).
         """
 
         def __call__(
@@ -436,32 +434,3 @@ def applied(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: b
         yield summary
     finally:
         remove(model_or_pipeline)
-
-
-def register_attention_backend() -> bool:
-    """Register qflash as a diffusers attention backend, if this diffusers allows it.
-
-    diffusers 0.42 keys backends by members of the closed ``AttentionBackendName`` Enum, so this
-    returns False unless a future diffusers defines a ``"qflash"`` member (then the backend is
-    registered with qflash.sdpa at the default preset, and ``set_attention_backend("qflash")``
-    works). Never patches diffusers.
-    """
-    try:
-        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-        name = AttentionBackendName("qflash")
-    except (ImportError, ValueError, AttributeError):
-        return False
-    try:
-
-        def _qflash_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                            enable_gqa=False):
-            q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
-            out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                       enable_gqa=enable_gqa)
-            return out.permute(0, 2, 1, 3)
-
-        _AttentionBackendRegistry.register(name)(_qflash_backend)
-    except Exception:  # noqa: BLE001 - the registry's private API changed
-        return False
-    return True

@@ -24,11 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Kinds of score operand, shared with the attention kernel.
-QK_FLOAT = 0
-QK_INT8 = 1
-QK_INT4 = 2
-QK_FP8 = 3
+from ..common import CQK_FP8, CQK_INT4, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8  # noqa: F401  (host codes re-exported)
 
 @triton.jit
 def _round_half_even(x):
@@ -44,9 +40,9 @@ def quant_codes(x, KIND: tl.constexpr, PER_ROW: tl.constexpr):
     The arithmetic is ``qflash.quant.core``'s: ``inv = qmax / amax`` (IEEE division), round half
     to even, an all-zero group gets ``amax = 1``.
     """
-    if KIND == 2:
+    if KIND == CQK_INT4:
         QMAX: tl.constexpr = 7.0
-    elif KIND == 3:
+    elif KIND == CQK_FP8:
         QMAX: tl.constexpr = 448.0
     else:
         QMAX: tl.constexpr = 127.0
@@ -62,7 +58,7 @@ def quant_codes(x, KIND: tl.constexpr, PER_ROW: tl.constexpr):
         inv = tl.math.div_rn(QMAX, amax)
         scale = tl.math.div_rn(amax, QMAX)
         y = x * inv
-    if KIND == 3:
+    if KIND == CQK_FP8:
         codes = tl.clamp(y, -448.0, 448.0).to(tl.float8e4nv)
     else:
         codes = tl.clamp(_round_half_even(y), -QMAX, QMAX).to(tl.int8)
@@ -112,10 +108,10 @@ def _quantize_rows(
         tl.store(scale_base + offs_r * stride_ss, scale, mask=rmask)
     else:
         tl.store(scale_base + (row0 // ROWS) * stride_ss, scale)
-    if KIND == 3:
+    if KIND == CQK_FP8:
         tl.store(out_base + offs_r[:, None].to(tl.int64) * stride_os + offs_d[None, :], codes, mask=m2)
     else:
-        if KIND == 2:
+        if KIND == CQK_INT4:
             lo, hi = tl.split(tl.reshape(codes, [ROWS, HEAD_DIM_PAD // 2, 2]))
             packed = (lo & 0xF) | (hi << 4)
             offs_p = tl.arange(0, HEAD_DIM_PAD // 2)

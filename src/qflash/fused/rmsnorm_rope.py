@@ -15,7 +15,7 @@ so qflash's quantiser then reads it once), with every intermediate in fp32 regis
 Numerics: the norm and the rotation are computed in fp32 from the input and rounded once at the
 end; diffusers rounds after the norm too (bf16 in between). The two differ by about one bf16 ulp.
 
-Shapes (documented at the producer, DESIGN.md principle 7):
+Shapes (documented at the producer):
 
 - ``x`` (B, S, H, D) and optional ``x_prefix`` (B, S_p, H, D): float16/bfloat16/float32, last dim
   contiguous, any other strides (e.g. views of a fused QKV projection).
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fastlaunch import cdiv, next_pow2
+from ..kernels.common import cdiv, next_pow2
 
 __all__ = ["rmsnorm_rope", "rmsnorm_rope_reference", "rmsnorm_rope_triton"]
 

@@ -7,7 +7,7 @@
 - ``Mode`` / ``parse_mode`` / ``installed``: the attention variants compared — diffusers' own
   SDPA (the baseline), qflash presets (through ``qflash.integrations.diffusers.apply``/``remove``),
   SageAttention, "attention removed" (a ceiling: attention output replaced by zeros), and
-  ``+fused`` variants whose processor runs ``qflash.kernels.prequant.rmsnorm_rope`` (RMSNorm +
+  ``+fused`` variants whose processor runs ``qflash.fused.rmsnorm_rope.rmsnorm_rope`` (RMSNorm +
   RoPE + text/image concat of q and k in one launch each) instead of diffusers' unfused ops.
 - ``time_calls`` / ``peak_memory``: CUDA-event timing (wall clock on CPU) and peak memory.
 - ``time_prologue``: the pre-attention cost (RMSNorm + RoPE of q, k) per transformer step, unfused
@@ -38,18 +38,18 @@ try:
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "qflash.integrations.flux_timing needs diffusers (>= 0.35, tested with 0.42): "
+        "qflash.bench.flux_timing needs diffusers (>= 0.35, tested with 0.42): "
         "pip install diffusers transformers accelerate"
     ) from _exc
 
 from ..config import PRESETS
 from ..dropin import sdpa as qflash_sdpa
-from ..kernels.prequant import rmsnorm_rope
-from .diffusers import FLUX_SUPPORTED, HookedFluxAttnProcessor
+from ..fused.rmsnorm_rope import rmsnorm_rope
+from ..integrations.diffusers import FLUX_SUPPORTED, HookedFluxAttnProcessor
 
 if not FLUX_SUPPORTED:  # pragma: no cover - depends on the installed diffusers
     raise ImportError(
-        f"qflash.integrations.flux_timing: FluxAttnProcessor of diffusers {diffusers.__version__} is not supported "
+        f"qflash.bench.flux_timing: FluxAttnProcessor of diffusers {diffusers.__version__} is not supported "
         "by qflash.integrations.diffusers (tested with 0.42)"
     )
 
@@ -328,7 +328,7 @@ def installed(model: torch.nn.Module, mode: Mode) -> Iterator[dict]:
         yield {"processors": 0, "how": "diffusers default processors"}
         return
     if mode.is_qflash and not mode.fused:
-        from . import diffusers as qfd
+        from ..integrations import diffusers as qfd
 
         summary = qfd.apply(model, quant=mode.base)
         try:
@@ -477,7 +477,7 @@ def time_prologue(config: dict, grid: tuple[int, int], text_tokens: int, *, batc
                          ("unfused_single", unfused_single), ("fused_single", fused_single)):
             res[name + "_ms"] = _median_ms(fn, device, warmup, reps)
         if device.type == "cuda":  # launch-config sweep of the fused kernel (the default is block_h=8, 4 warps)
-            from ..kernels.prequant import rmsnorm_rope_triton
+            from ..fused.rmsnorm_rope import rmsnorm_rope_triton
 
             sweep = {}
             for bh, nw in ((4, 2), (8, 4), (8, 8), (16, 4), (32, 8)):

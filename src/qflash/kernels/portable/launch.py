@@ -8,16 +8,17 @@ kernel — plus, only when a preset asks for them, small PyTorch reductions that
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from ..config import GranularityKind, Precision, QuantConfig
+from ...config import GranularityKind, Precision, QuantConfig
+from ..common import LOG2E, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
 from . import attn_fwd, quantize
-from .configs import KernelConfig, fused_quant_limits, pick_config
-from .fastlaunch import FastLauncher, cdiv, next_pow2
+from .fastlaunch import FastLauncher
+from .support import kernel_support
+from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, pick_config
 
 FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the kernel's DOT_PRECISION)
 _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel)
@@ -25,7 +26,7 @@ _ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel)
 
 __all__ = ["attention_fwd", "quantize_qkv", "QKVCodes", "kernel_support"]
 
-_KIND = {Precision.INT8: quantize.QK_INT8, Precision.INT4: quantize.QK_INT4, Precision.FP8_E4M3: quantize.QK_FP8}
+_KIND = {Precision.INT8: QK_INT8, Precision.INT4: QK_INT4, Precision.FP8_E4M3: QK_FP8}
 _TORCH_CODE_DTYPE = {Precision.INT8: torch.int8, Precision.INT4: torch.uint8, Precision.FP8_E4M3: torch.float8_e4m3fn}
 _DEFAULT_ROWS = 64  # rows per quantiser program when the granularity does not fix it (per-token scales)
 
@@ -47,11 +48,11 @@ _PLANS: dict = {}
 _MAX_PLANS = 1024
 
 
-def _plan_key(q, k, v, cfg, causal, scale, return_lse, out_layout, kernel_config, fused_quant):
+def _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config, fused_quant):
     # aliasing matters: a plan maps each pointer to the first of (q, k, v, out, lse) it *is*, so
     # attention(x, x, x) and attention(q, k, v) must not share one; alignment is per pointer,
     # as Triton specialises it
-    return (cfg, causal, scale, return_lse, out_layout, kernel_config, fused_quant, q.dtype, q.device.index,
+    return (cfg, causal, top_left, scale, return_lse, out_layout, kernel_config, fused_quant, q.dtype, q.device.index,
             q.shape, q.stride(), k.shape, k.stride(), v.stride(), q is k, k is v, q is v,
             q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0)
 
@@ -61,40 +62,6 @@ def _alloc_out(q: torch.Tensor, out_layout: str) -> torch.Tensor:
     if out_layout == "NHD":
         return torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     return torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
-
-
-def _pow2(n: int) -> bool:
-    return n >= 1 and not n & (n - 1)
-
-
-@functools.lru_cache(maxsize=256)
-def kernel_support(cfg: QuantConfig, head_dim: int) -> tuple[bool, str]:
-    """Whether the Triton kernels implement ``cfg`` at this head dim; the reason when not.
-
-    Unsupported configs run on the reference path (correct, slower), never approximately.
-    """
-    if head_dim > 256:
-        return False, f"head dim {head_dim} > 256"
-    if cfg.quantizes_qk:
-        for name, op in (("q", cfg.q), ("k", cfg.k)):
-            if op.strategy.value != "symmetric":
-                return False, f"{name}: the kernels implement the symmetric strategy only"
-            g = op.granularity
-            if g.kind not in (GranularityKind.TOKEN, GranularityKind.BLOCK):
-                return False, f"{name}: granularity {g} (kernels: token or block of 2^n tokens)"
-            if g.kind is GranularityKind.BLOCK and not (_pow2(g.size) and 16 <= g.size <= 256):
-                return False, f"{name}: block size {g.size} (kernels: a power of two in 16..256)"
-        if cfg.smooth_q:
-            if not (_pow2(cfg.q_mean_block) and 16 <= cfg.q_mean_block <= 256):
-                return False, f"q_mean_block {cfg.q_mean_block} (kernels: a power of two in 16..256)"
-            g = cfg.q.granularity
-            if g.kind is GranularityKind.BLOCK and g.size != cfg.q_mean_block:
-                return False, "smooth_q with block scales needs q block size == q_mean_block"
-    if cfg.quantizes_pv:
-        g = cfg.v.granularity
-        if g.kind is not GranularityKind.CHANNEL or not (_pow2(g.size) and 16 <= g.size <= 256):
-            return False, f"v: granularity {g} (kernels: channel(N), N a power of two in 16..256)"
-    return True, ""
 
 
 def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq: int, sk: int, block_m: int) -> bool:
@@ -127,7 +94,7 @@ def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, in
 
 @dataclass
 class QKVCodes:
-    """Output of the fused quantiser (shapes in ``qflash.kernels.quantize``'s docstring)."""
+    """Output of the fused quantiser (shapes in ``qflash.kernels.portable.quantize``'s docstring)."""
 
     q: torch.Tensor
     q_scale: torch.Tensor
@@ -153,7 +120,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     Hkv, Sk = k.shape[1], k.shape[2]
     dev = q.device
     kind = _KIND[cfg.q.precision]
-    d_codes = D // 2 if kind == quantize.QK_INT4 else D
+    d_codes = D // 2 if kind == QK_INT4 else D
     code_dtype = _TORCH_CODE_DTYPE[cfg.q.precision]
     q_rows = cfg.q_mean_block if cfg.smooth_q else _rows(cfg.q.granularity, _DEFAULT_ROWS)
     k_rows = _rows(cfg.k.granularity, _DEFAULT_ROWS)
@@ -208,6 +175,7 @@ def attention_fwd(
     scale: float | None = None,
     return_lse: bool = False,
     out_layout: str = "HND",
+    top_left: bool = False,
     kernel_config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
@@ -220,11 +188,13 @@ def attention_fwd(
     quantiser launch; default: ``use_fused_quant`` (small problems only).
     ``out`` / ``lse``: optional preallocated outputs (HND view of q's shape and dtype; fp32
     (B, Hq, Sq) contiguous), e.g. NaN-poisoned in tests or static buffers for CUDA graphs.
+    ``top_left``: align ``causal`` to the top-left corner (query i sees keys j <= i, PyTorch SDPA's)
+    instead of the bottom-right one (j <= i + Sk - Sq); the kernel only moves its diagonal.
     Raises ``NotImplementedError`` for configs ``kernel_support`` rejects.
     """
     plan_key = None
     if out is None and lse is None and attn_mask is None and q.is_cuda:
-        plan_key = _plan_key(q, k, v, cfg, causal, scale, return_lse, out_layout, kernel_config, fused_quant)
+        plan_key = _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config, fused_quant)
         plan = _PLANS.get(plan_key)
         if plan is not None and _ATTN_FWD.fast_ok(q.device):
             out = _alloc_out(q, out_layout)
@@ -246,7 +216,7 @@ def attention_fwd(
         # the kernel's running max is max(x)·c, which needs c >= 0; softmax(s·QKᵀ) = softmax(|s|·(-Q)Kᵀ)
         # (symmetric quantisation of -Q gives the negated codes, so quantised results agree too)
         q, scale = -q, -scale
-    qk_mult = scale * attn_fwd.LOG2E
+    qk_mult = scale * LOG2E
     dev = q.device
 
     if out is None:
@@ -261,8 +231,10 @@ def attention_fwd(
         return out, lse
 
     kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, Sk, cfg.quantizes_qk)
-    if q.dtype == torch.float32 and kernel_config is None and D > 128:
-        kc = dataclasses.replace(kc, num_stages=1)  # fp32 K/V tiles at D256: two stages exceed sm_90's 227 KB
+    if q.dtype == torch.float32 and kernel_config is None:  # fp32 tiles: fewer stages fit shared memory
+        cap = FP32_STAGE_CAPS["fwd"].get(64 if D <= 64 else 128 if D <= 128 else 256)
+        if cap is not None and kc.num_stages > cap:
+            kc = dataclasses.replace(kc, num_stages=cap)
     block_m, block_n = kc.block_m, kc.block_n
     head_dim_pad = max(next_pow2(D), 32)
     if fused_quant is None:
@@ -303,7 +275,7 @@ def attention_fwd(
         else:
             qa, ka, qs, ks = q, k, q, k  # scales unused for float operands
             q_scale_block = k_scale_block = 1
-            kind = quantize.QK_FLOAT
+            kind = QK_FLOAT
         if cfg.quantizes_pv:
             va = codes.v_t
             stride_vn = va.stride(2)  # between channels of Vᵀ
@@ -322,17 +294,12 @@ def attention_fwd(
         has_bias = bias is not None
         has_lse_corr = lse_corr is not None
 
-    if attn_mask is not None:
-        m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(B, Hq, Sq, Sk)
-        mask_kind = attn_fwd.MASK_BOOL if attn_mask.dtype == torch.bool else attn_fwd.MASK_ADD
-        mask_strides = m4.stride()
-    else:
-        m4, mask_kind, mask_strides = q, attn_fwd.MASK_NONE, (0, 0, 0, 0)
+    m4, mask_kind, mask_strides = mask_operand(attn_mask, B, Hq, Sq, Sk, q)
 
-    use_tma = (kc.tma and codes is not None and cfg.quantizes_pv and kind in (quantize.QK_INT8, quantize.QK_FP8)
+    use_tma = (kc.tma and codes is not None and cfg.quantizes_pv and kind in (QK_INT8, QK_FP8)
                and D == head_dim_pad and Sk > 0)
-    rotate = (kc.rotate and not fused and mask_kind == attn_fwd.MASK_NONE and not has_bias
-              and (kind == quantize.QK_FLOAT or k_scale_block % block_n == 0))
+    rotate = (kc.rotate and not fused and mask_kind == MASK_NONE and not has_bias
+              and (kind == QK_FLOAT or k_scale_block % block_n == 0))
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -361,7 +328,7 @@ def attention_fwd(
         *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
         *(codes.v_mean.stride()[:2] if codes is not None and codes.v_mean is not None else (0, 0)),
         *out.stride()[:3],
-        Hq, Hq // Hkv, Sq, Sk, Sk - Sq, qk_mult,
+        Hq, Hq // Hkv, Sq, Sk, causal_offset(top_left, Sq, Sk), qk_mult,
         # constexprs, in the kernel's order
         kind, q_scale_block, k_scale_block,  # KIND, Q_SCALE_BLOCK, K_SCALE_BLOCK
         cfg.quantizes_pv, v_scale_block,  # PV_FP8, V_SCALE_BLOCK

@@ -18,8 +18,8 @@ Which O and lse the backward uses (``ste_backward``):
     unquantised q, k then does not quite sum to 1 per row, and delta = rowsum(dO ⊙ O_quant)
     carries part of the forward's error into dS: on N(0,1) inputs the gradient relL2 of the
     bf16 backward goes from 0.24% to 0.3% (int8) / 0.6% (int8-fp8) / 1.1% (fp8) / 3.4% (int4),
-    2-3x that with ``causal`` (S 256-512). ``qflash.ops`` reuses by default where that stays small
-    (``qflash.ops.bwd_recompute_default``, numbers there).
+    2-3x that with ``causal`` (S 256-512). ``qflash.autograd`` reuses by default where that stays small
+    (``qflash.autograd.bwd_recompute_default``, numbers there).
 
 Low-bit option (``lowbit="int8"``): INT8 Q·Kᵀ, Pᵀ·dO, dSᵀ·Q and dS·K with per-token scales of
 Q, K (smoothed: mean over tokens removed) and dO, and on-the-fly per-row scales of P and dS (see
@@ -40,9 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import PRESETS, QuantConfig
+from ...config import PRESETS, QuantConfig
+from ..common import LOG2E, MASK_ADD, causal_offset, cdiv, mask_operand, next_pow2
 from . import attn_bwd
-from .fastlaunch import cdiv, next_pow2
+from .tuning import BwdConfig, pick_bwd_config
 
 __all__ = [
     "LOWBIT_MODES",
@@ -51,7 +52,6 @@ __all__ = [
     "attention_bwd",
     "pick_bwd_config",
     "quantize_for_backward",
-    "saved_bytes",
     "ste_backward",
 ]
 
@@ -60,60 +60,6 @@ LOWBIT_MODES = ("none", "int8")
 # fewer products is one line here (measured: Q·Kᵀ alone in INT8 leaves dS·K in bf16 against an
 # unsmoothed K, whose channel offsets then amplify P's error in dQ — worse than all four in INT8).
 _FLAGS = {"none": (False, False, False), "int8": (True, True, True)}
-
-
-@dataclass(frozen=True)
-class BwdConfig:
-    """Tile sizes of the two main backward kernels.
-
-    dK/dV kernel: ``block_n1`` keys per program (rows kept in registers), ``block_m1`` queries per
-    loop step. dQ kernel: ``block_m2`` queries per program, ``block_n2`` keys per step.
-    """
-
-    block_m1: int = 32
-    block_n1: int = 64
-    block_m2: int = 64
-    block_n2: int = 32
-    num_warps1: int = 4
-    num_stages1: int = 2
-    num_warps2: int = 4
-    num_stages2: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("block_m1", "block_n1", "block_m2", "block_n2"):
-            val = getattr(self, name)
-            if val < 16 or val & (val - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {val}")
-        for name in ("num_warps1", "num_warps2"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)}")
-        for name in ("num_stages1", "num_stages2"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-# Starting points for Hopper (FlashAttention-2 Triton tutorial's shapes of tiles); benchmarks/
-# bwd_bench.py sweeps candidates and prints the best — tune here from its output.
-DEFAULT_BWD: dict[int, BwdConfig] = {
-    64: BwdConfig(32, 128, 128, 32, 4, 4, 4, 4),
-    128: BwdConfig(64, 128, 128, 64, 8, 3, 8, 3),  # bwd_bench.py sweep, H100 run 14: 1.861 ms at Flux
-    256: BwdConfig(32, 64, 64, 32, 4, 1, 4, 1),
-}
-_CPU_DEFAULT = BwdConfig(64, 64, 64, 64, 4, 1, 4, 1)  # the interpreter: fewer, larger tiles are cheapest
-
-
-def pick_bwd_config(device: torch.device, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> BwdConfig:
-    """Tiles for the backward kernels. fp32 inputs double every tile's shared memory: the tuned
-    3-stage D128 tiles would need 296 KB (sm_90 has 227 KB), so fp32 uses 2 stages there (230 KB)
-    and 1 stage at D256 (sizes from compiling for sm_90a)."""
-    if device.type != "cuda":
-        return _CPU_DEFAULT
-    d = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
-    kc = DEFAULT_BWD[d]
-    if dtype == torch.float32 and d > 64:
-        stages = 2 if d == 128 else 1
-        kc = dataclasses.replace(kc, num_stages1=min(kc.num_stages1, stages), num_stages2=min(kc.num_stages2, stages))
-    return kc
 
 
 def _hpad(d: int) -> int:
@@ -169,7 +115,7 @@ def quantize_for_backward(q: torch.Tensor, k: torch.Tensor, scale: float | None 
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     k_mean = k.float().mean(dim=2).contiguous() if k.shape[2] else torch.zeros(k.shape[:2] + (D,), device=k.device)
     kc, ks, _ = _rowquant(k, k_mean, 1, sub_mean=True, rb_mult=None)
-    qc, qs, rb = _rowquant(q, k_mean, q.shape[1] // k.shape[1], sub_mean=False, rb_mult=scale * attn_bwd.LOG2E)
+    qc, qs, rb = _rowquant(q, k_mean, q.shape[1] // k.shape[1], sub_mean=False, rb_mult=scale * LOG2E)
     return BwdCodes(qc, qs, kc, ks, k_mean, rb)
 
 
@@ -196,6 +142,7 @@ def attention_bwd(
     scale: float | None = None,
     lowbit: str = "none",
     mask_grad: bool = False,
+    top_left: bool = False,
     codes: BwdCodes | None = None,
     kernel_config: BwdConfig | None = None,
     dq: torch.Tensor | None = None,
@@ -211,7 +158,7 @@ def attention_bwd(
             (-inf for rows with no visible key). They must be those of the attention whose
             gradient is wanted (``ste_backward`` takes care of quantised forwards).
         grad_out: (B, Hq, Sq, Dv); grad_lse: (B, Hq, Sq) or None.
-        causal (bottom-right aligned), attn_mask (bool keep / float additive, broadcastable to
+        causal (bottom-right aligned; ``top_left=True``: PyTorch's top-left), attn_mask (bool keep / float additive, broadcastable to
             (B, Hq, Sq, Sk)), scale (default 1/sqrt(D)): as in the forward.
         lowbit: "none" | "int8" (see the module docstring).
         mask_grad: also return the gradient of a floating-point mask (its shape, summed over
@@ -247,7 +194,7 @@ def attention_bwd(
     dev = v.device
     dtype = v.dtype
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    qk_mult = scale * attn_bwd.LOG2E
+    qk_mult = scale * LOG2E
 
     dq = _check_grad_buffer("dq", dq, q if q is not None else torch.empty((B, Hq, Sq, D), dtype=dtype, device=dev))
     dk = _check_grad_buffer("dk", dk, k if k is not None else torch.empty((B, Hkv, Sk, D), dtype=dtype, device=dev))
@@ -292,13 +239,8 @@ def attention_bwd(
     qa = q if q is not None else qc
     ka = k if k is not None else kcodes
 
-    if attn_mask is not None:
-        m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(B, Hq, Sq, Sk)
-        mask_kind = attn_bwd.MASK_BOOL if attn_mask.dtype == torch.bool else attn_bwd.MASK_ADD
-        mask_strides = m4.stride()
-    else:
-        m4, mask_kind, mask_strides = delta, attn_bwd.MASK_NONE, (0, 0, 0, 0)
-    write_ds = bool(mask_grad and mask_kind == attn_bwd.MASK_ADD)
+    m4, mask_kind, mask_strides = mask_operand(attn_mask, B, Hq, Sq, Sk, delta)
+    write_ds = bool(mask_grad and mask_kind == MASK_ADD)
     ds_buf = torch.zeros((B, Hq, Sq, Sk), dtype=torch.float32, device=dev) if write_ds else delta
     dot_precision = "ieee" if dtype == torch.float32 else "tf32"
     common = {"HEAD_DIM": D, "HEAD_DIM_PAD": _hpad(D), "HEAD_DIM_V": Dv, "HEAD_DIM_V_PAD": _hpad(Dv),
@@ -310,7 +252,7 @@ def attention_bwd(
         qa, ka, v, grad_out, qc, qs, kcodes, ks, rb, doc, dos, lse2, delta, m4, dk, dv,
         *q_str, *k_str, *v.stride()[:3], *grad_out.stride()[:3], *mask_strides,
         *dk.stride()[:3], *dv.stride()[:3],
-        Hq, Hkv, Hq // Hkv, Sq, Sk, Sk - Sq, qk_mult, scale,
+        Hq, Hkv, Hq // Hkv, Sq, Sk, causal_offset(top_left, Sq, Sk), qk_mult, scale,
         QK_INT8=qk_int8, PDO_INT8=pdo_int8, DS_INT8=ds_int8, IS_CAUSAL=bool(causal), MASK_KIND=mask_kind,
         BLOCK_M=kc.block_m1, BLOCK_N=kc.block_n1, num_warps=kc.num_warps1, num_stages=kc.num_stages1, **common,
     )
@@ -318,7 +260,7 @@ def attention_bwd(
         qa, ka, v, grad_out, qc, qs, kcodes, ks, km, rb, dlse, lse2, delta, m4, dq, ds_buf,
         *q_str, *k_str, *v.stride()[:3], *grad_out.stride()[:3], *mask_strides,
         *dq.stride()[:3],
-        Hq, Hq // Hkv, Sq, Sk, Sk - Sq, qk_mult, scale,
+        Hq, Hq // Hkv, Sq, Sk, causal_offset(top_left, Sq, Sk), qk_mult, scale,
         QK_INT8=qk_int8, DS_INT8=ds_int8, HAS_DLSE=has_dlse,
         IS_CAUSAL=bool(causal), MASK_KIND=mask_kind, WRITE_DS=write_ds,
         BLOCK_M=kc.block_m2, BLOCK_N=kc.block_n2, num_warps=kc.num_warps2, num_stages=kc.num_stages2, **common,
@@ -326,10 +268,6 @@ def attention_bwd(
     if write_ds:
         dmask = ds_buf.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
     return dq, dk, dv, dmask
-
-
-def _is_exact(cfg: QuantConfig) -> bool:
-    return not (cfg.quantizes_qk or cfg.quantizes_pv)
 
 
 def ste_backward(
@@ -345,82 +283,27 @@ def ste_backward(
     causal: bool = False,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    recompute: bool | None = None,
+    recompute: bool = True,
     lowbit: str = "none",
     mask_grad: bool = False,
+    top_left: bool = False,
     kernel_config: BwdConfig | None = None,
     grad_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """Straight-through-estimator gradients of the forward ``cfg`` ran: ``(dq, dk, dv, dmask)``.
 
-    ``out`` / ``lse``: the forward's output and lse if it kept them. ``recompute`` (default: True
-    for quantised presets, and whenever ``out`` or ``lse`` is missing) runs the ``none`` forward
-    first to get the exact O and lse; False uses ``out`` / ``lse`` as given (the module
-    docstring has both modes' errors). ``grad_buffers``: optional preallocated (dq, dk, dv).
+    ``out`` / ``lse``: the forward's output and lse if it kept them. ``recompute`` True runs the
+    ``none`` forward first to get the exact O and lse (also whenever ``out`` or ``lse`` is
+    missing); False uses ``out`` / ``lse`` as given (the module docstring has both modes' errors).
+    The launcher takes the choice as given: the defaults (which presets reuse) are the gradient
+    policy's, ``qflash.autograd``. ``grad_buffers``: optional preallocated (dq, dk, dv).
     """
-    if recompute is None:
-        recompute = not _is_exact(cfg)
     if recompute or out is None or lse is None or lse.numel() == 0:
         from .launch import attention_fwd
 
         out, lse = attention_fwd(q, k, v, PRESETS["none"], causal=causal, attn_mask=attn_mask, scale=scale,
-                                 return_lse=True)
+                                 return_lse=True, top_left=top_left)
     dq, dk, dv = grad_buffers if grad_buffers is not None else (None, None, None)
     return attention_bwd(q, k, v, out, lse, grad_out, grad_lse, causal=causal, attn_mask=attn_mask, scale=scale,
-                         lowbit=lowbit, mask_grad=mask_grad, kernel_config=kernel_config, dq=dq, dk=dk, dv=dv)
-
-
-def saved_bytes(
-    B: int, Hq: int, Hkv: int, Sq: int, Sk: int, D: int, *,
-    quant: str | QuantConfig = "none",
-    dtype: torch.dtype = torch.bfloat16,
-    lowbit: str = "none",
-    return_lse: bool = True,
-    recompute: bool | None = None,
-    codes: bool = False,
-) -> dict[str, int]:
-    """Bytes kept between forward and backward (per attention call).
-
-    The policy of ``qflash.ops``' autograd (``torch.ops.qflash.attention_fwd`` with
-    ``bwd_lowbit=lowbit``, ``bwd_recompute=recompute``; None: ``qflash.ops.bwd_recompute_default``):
-    q, k, v (input dtype) always; out (input dtype) and lse (fp32) too when the backward uses the
-    forward's own — an exact forward (``none``), or a quantised one with recompute off — and the
-    forward returned its lse (``qflash.attention`` / ``qflash.sdpa`` ask for it then;
-    ``return_lse=False`` models a direct op call without it, whose backward recomputes).
-    ``lowbit`` does not change what the op keeps (the INT8 backward quantises q and k itself).
-
-    ``codes=True`` (needs ``lowbit="int8"``): a caller that quantises q and k at forward time and
-    keeps only their INT8 codes (``quantize_for_backward``; ``attention_bwd(None, None, ...,
-    codes=...)``, as ``examples/train_tiny.py`` after an exact forward): INT8 codes with an fp32
-    scale per token, the fp32 K mean and the fp32 row bias replace q and k, and out and lse are
-    kept (without q and k nothing can be recomputed). The attention mask, if any, is the caller's
-    tensor (not counted). Returns a dict of per-tensor bytes plus ``"total"``.
-    """
-    from ..config import resolve_quant
-    from ..ops import bwd_recompute_default
-
-    cfg = resolve_quant(quant)
-    if lowbit not in LOWBIT_MODES:
-        raise ValueError(f"lowbit must be one of {LOWBIT_MODES}, got {lowbit!r}")
-    if codes and lowbit != "int8":
-        raise ValueError(f"codes=True needs lowbit='int8' (only the INT8 backward reads codes), got {lowbit!r}")
-    if codes and recompute and not _is_exact(cfg):
-        raise ValueError("codes=True keeps no q and k: the backward cannot recompute O and lse (recompute=True)")
-    el = torch.empty((), dtype=dtype).element_size()
-    rows_q, rows_k = B * Hq * Sq, B * Hkv * Sk
-    if recompute is None:
-        recompute = bwd_recompute_default(cfg, lowbit, dtype)
-    keeps_out = codes or ((_is_exact(cfg) or not recompute) and return_lse)
-    res: dict[str, int] = {}
-    if codes:
-        res["q_codes+scales+row_bias"] = rows_q * (D + 8)
-        res["k_codes+scales+mean"] = rows_k * (D + 4) + B * Hkv * D * 4
-    else:
-        res["q"] = rows_q * D * el
-        res["k"] = rows_k * D * el
-    res["v"] = rows_k * D * el
-    if keeps_out:
-        res["out"] = rows_q * D * el
-        res["lse"] = rows_q * 4
-    res["total"] = sum(res.values())
-    return res
+                         lowbit=lowbit, mask_grad=mask_grad, top_left=top_left, kernel_config=kernel_config,
+                         dq=dq, dk=dk, dv=dv)

@@ -53,11 +53,7 @@ import triton.language as tl
 
 from .quantize import quant_codes
 
-LOG2E = 1.4426950408889634
-
-MASK_NONE = 0
-MASK_BOOL = 1
-MASK_ADD = 2
+from ..common import CMASK_BOOL, CMASK_NONE
 
 
 @triton.jit
@@ -204,10 +200,10 @@ def _dkdv_tiles(
             sT = tl.dot(kc, tl.trans(qc)).to(tl.float32) * ks_mult[:, None] * qs[None, :] + rb[None, :]
         else:
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_mult
-        if MASK_KIND != 0:
+        if MASK_KIND != CMASK_NONE:
             mptr = mask_base + offs_m[None, :].to(tl.int64) * stride_mm + offs_n[:, None].to(tl.int64) * stride_mn
             mmask = (offs_m < Sq)[None, :] & (offs_n < Sk)[:, None]
-            if MASK_KIND == 1:
+            if MASK_KIND == CMASK_BOOL:
                 sT = tl.where(tl.load(mptr, mask=mmask, other=0) != 0, sT, float("-inf"))
             else:
                 sT += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -366,10 +362,10 @@ def _dq_tiles(
             s = tl.dot(qc, tl.trans(kc)).to(tl.float32) * qs_mult[:, None] * ks[None, :] + rb[:, None]
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_mult
-        if MASK_KIND != 0:
+        if MASK_KIND != CMASK_NONE:
             mptr = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
             mmask = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
-            if MASK_KIND == 1:
+            if MASK_KIND == CMASK_BOOL:
                 s = tl.where(tl.load(mptr, mask=mmask, other=0) != 0, s, float("-inf"))
             else:
                 s += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634

@@ -21,19 +21,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FastLauncher", "cdiv", "next_pow2"]
+from ..common import cdiv, next_pow2  # noqa: F401  (re-exported)
+
+__all__ = ["FastLauncher"]
 
 _MAX_ENTRIES = 4096  # distinct (shape, stride, flag) combinations kept per kernel
-
-
-def cdiv(a: int, b: int) -> int:
-    """Host-side ceil division (``triton.cdiv`` goes through the JIT's call machinery: ~4 µs)."""
-    return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (n >= 1)."""
-    return 1 << (n - 1).bit_length()
 
 
 def _hooked(hook) -> bool:

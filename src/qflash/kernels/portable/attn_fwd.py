@@ -22,12 +22,7 @@ import triton.language as tl
 
 from .quantize import fp8_channel_codes, quant_codes
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-MASK_NONE = 0
-MASK_BOOL = 1
-MASK_ADD = 2
+from ..common import CMASK_ADD, CMASK_BOOL, CMASK_NONE, CQK_FLOAT, CQK_INT4, CQK_INT8
 
 
 @triton.jit
@@ -35,7 +30,7 @@ def _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND: tl.constexpr, HEAD
                  HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDED: tl.constexpr):
     """K tile as MMA operand [BLOCK_N, HEAD_DIM_PAD]; packed INT4 is unpacked to int8 here."""
     rows = offs_n[:, None].to(tl.int64) * stride_kn
-    if KIND == 2:
+    if KIND == CQK_INT4:
         offs_p = tl.arange(0, HEAD_DIM_PAD // 2)
         pmask = (offs_p < HEAD_DIM // 2)[None, :]
         if BOUNDED:
@@ -113,7 +108,7 @@ def _attn_tiles(
     else:
         P_LOG2_SCALE: tl.constexpr = 0.0
     K_SCALAR: tl.constexpr = (K_SCALE_BLOCK % BLOCK_N) == 0
-    FMA_FORM: tl.constexpr = (not HAS_BIAS) and MASK_KIND != 2
+    FMA_FORM: tl.constexpr = (not HAS_BIAS) and MASK_KIND != CMASK_ADD
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if FUSED_QUANT:
@@ -126,18 +121,18 @@ def _attn_tiles(
             k = k_desc.load([k_row0 + start_n, 0])
         else:
             k = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
-        if KIND == 0:
+        if KIND == CQK_FLOAT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
             qk = tl.dot(q, tl.trans(k))
-        if KIND == 1 or KIND == 2:
+        if KIND == CQK_INT8 or KIND == CQK_INT4:
             # int32 -> fp32 on the full-rate ALUs: reinterpreting qk + 0x4B400000 gives qk + 1.5 * 2**23
             # exactly (|qk| < 2**22); subtracting it back is exact too. (Folding the subtraction into the
             # exp2 FMA would cancel catastrophically when the scales are large.)
             x = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
         else:
             x = qk
-        if KIND == 0:
+        if KIND == CQK_FLOAT:
             c = q_mult
         elif K_SCALAR:
             if FUSED_QUANT:
@@ -162,11 +157,11 @@ def _attn_tiles(
                     x += tl.load(bias_base + offs_n, mask=offs_n < Sk, other=0.0)[None, :]
                 else:
                     x += tl.load(bias_base + offs_n)[None, :]
-            if MASK_KIND == 2:
+            if MASK_KIND == CMASK_ADD:
                 mptr = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
                 mmask = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
                 x += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634
-        if MASK_KIND == 1:
+        if MASK_KIND == CMASK_BOOL:
             mptr = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
             mmask = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
             keep = tl.load(mptr, mask=mmask, other=0) != 0
@@ -180,7 +175,7 @@ def _attn_tiles(
             m_new = tl.maximum(m_i, tl.max(x, axis=1) * c)
         else:
             m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        if MASKED or MASK_KIND != 0:
+        if MASKED or MASK_KIND != CMASK_NONE:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 finite
         else:
             m_use = m_new
@@ -229,7 +224,7 @@ def _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, s
     else:
         k = _load_k_tile(k_base, start_n + tl.arange(0, BLOCK_N), offs_d, stride_kn, Sk, KIND, HEAD_DIM,
                          HEAD_DIM_PAD, BLOCK_N, False)
-    if KIND == 0:
+    if KIND == CQK_FLOAT:
         k_scale = 1.0
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     else:
@@ -256,7 +251,7 @@ def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
         P_LOG2_SCALE: tl.constexpr = 8.807354922057604
     else:
         P_LOG2_SCALE: tl.constexpr = 0.0
-    if KIND == 1 or KIND == 2:
+    if KIND == CQK_INT8 or KIND == CQK_INT4:
         xi = (qk + 0x4B400000).to(tl.float32, bitcast=True)  # qk + 1.5·2²³, exact (see _attn_tiles)
         m_new, p = _exp_scores(xi - 12582912.0, c, m_i, P_LOG2_SCALE)
     else:
@@ -375,14 +370,14 @@ def attn_fwd_kernel(
             q_mean = tl.sum(xq, axis=0) / tl.minimum(Sq - start_m, BLOCK_M).to(tl.float32)
             xs = tl.where(mrow[:, None], xq - q_mean[None, :], 0.0)
         q, q_scale = quant_codes(xs, KIND, Q_SCALE_BLOCK == 1)
-    elif KIND == 2:
+    elif KIND == CQK_INT4:
         offs_p = tl.arange(0, HEAD_DIM_PAD // 2)
         packed = tl.load(q_base + q_rows + offs_p[None, :],
                          mask=mrow[:, None] & (offs_p < HEAD_DIM // 2)[None, :], other=0).to(tl.int8, bitcast=True)
         q = tl.reshape(tl.join((packed << 4) >> 4, packed >> 4), [BLOCK_M, HEAD_DIM_PAD])
     else:
         q = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0)
-    if KIND == 0:
+    if KIND == CQK_FLOAT:
         q_mult = tl.full([BLOCK_M], qk_mult, tl.float32)
     elif FUSED_QUANT:
         q_mult = q_scale * qk_mult

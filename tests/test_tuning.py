@@ -1,0 +1,48 @@
+"""Tuning data of the portable family: a written tuning file is used in the same process after
+``reload()`` (no lru_cache hiding it), backward rows included; the dispatcher's declared support."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from qflash.kernels.portable import tuning
+
+
+def test_user_table_reload(tmp_path):
+    path = tmp_path / "gpu.json"
+    rows = {(128, "fp8", "long"): tuning.KernelConfig(64, 128, 8, 2)}
+    bwd = {128: tuning.BwdConfig(32, 64, 64, 32, 4, 2, 4, 2)}
+    path.write_text(json.dumps(tuning.config_to_json(rows, bwd)))
+    tuning.reload()
+    assert tuning.load_user_table(str(path)) == rows
+    assert tuning._user_tables(str(path))[1] == bwd
+    rows2 = {(64, "float", "short"): tuning.KernelConfig(32, 32, 4, 1)}
+    path.write_text(json.dumps(tuning.config_to_json(rows2)))
+    assert tuning.load_user_table(str(path)) == rows  # cached until reload
+    tuning.reload()
+    assert tuning.load_user_table(str(path)) == rows2
+    assert tuning._user_tables(str(path))[1] == {}
+
+
+def test_tables_are_per_gpu_data():
+    for table in (tuning.TABLES, tuning.BWD_TABLES, tuning.FUSED_QUANT):
+        assert "sm90" in table
+    assert tuning.pick_config(torch.device("cpu"), 128, True, 4608, 4608) == tuning.DEFAULT
+    assert tuning.pick_bwd_config(torch.device("cpu"), 128) == tuning._CPU_DEFAULT
+
+
+def test_dispatch_auto_never_raises_and_names_force():
+    import pytest
+
+    from qflash.config import PRESETS
+    from qflash.kernels import dispatch
+    from qflash.spec import AttnSpec
+
+    q = torch.randn(1, 2, 8, 300)  # head dim no kernel family runs
+    assert dispatch.select(AttnSpec.build("int8"), q, q, q, None) is dispatch.REFERENCE
+    with pytest.raises(NotImplementedError, match="hopper"):
+        dispatch.select(AttnSpec.build("int8", backend="hopper"), q, q, q, None)
+    rows = dispatch.explain(AttnSpec.build(PRESETS["fp8"]), q, q, q)
+    assert [r[0] for r in rows] == ["hopper", "portable", "reference"] and rows[-1][1]
