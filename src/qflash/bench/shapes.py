@@ -72,6 +72,7 @@ GPU_DEFAULT = [
     Shape(1, 24, 4608, 128, label="Flux 1024px"),
     Shape(1, 24, 16896, 128, label="Flux 2048px"),
     Shape(1, 32, 8192, 128, causal=True, label="long causal"),
+    Shape(4, 32, 4096, 64, label="batch 4 h64"),
 ]
 #: ``--quick`` on a GPU: one small seed shape, Flux 1024px and the causal case.
 GPU_QUICK = [GPU_DEFAULT[0], GPU_DEFAULT[3], GPU_DEFAULT[5]]

@@ -57,6 +57,8 @@ def q_view(q: torch.Tensor):
     (view, rows per batch, rows per head, columns per head). HND- and NHD-contiguous inputs are
     read in place; anything else is copied once."""
     B, Hq, Sq, D = q.shape
+    if q.data_ptr() % 16:  # TMA needs a 16-byte aligned base
+        return q_view(q.clone(memory_format=torch.contiguous_format))
     if q.is_contiguous():
         return q.reshape(B * Hq * Sq, D), Hq * Sq, Sq, 0
     if q.transpose(1, 2).is_contiguous():  # an NHD buffer (B, Sq, Hq, D)
@@ -92,7 +94,8 @@ def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles, 
         Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, n_kblocks=nb, causal_off=causal_offset or 0,
         STAGES=tiles.stages, HAS_LSE=lse is not None, MASK_TAIL=Sk % BN != 0, CAUSAL=causal_offset is not None,
         INT_CVT=tiles.int_cvt,
-        V_PERMUTED=tiles.v_permuted, KV_MERGED=tiles.kv_merged, CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
+        V_PERMUTED=tiles.v_permuted, KV_MERGED=tiles.kv_merged,
+        CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
     )
     grid = (math.ceil(Sq / (2 * QM)), B * Hq)
     return Launch(attn_fwd_fa3_kernel, grid, kwargs, dict(num_warps=4, maxnreg=tiles.maxnreg))
