@@ -29,7 +29,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
 import qflash  # noqa: E402
-from qflash.kernels.portable import bwd_launch, fastlaunch, launch  # noqa: E402
+from qflash.kernels import fastlaunch  # noqa: E402
+from qflash.kernels.portable import bwd_launch, launch  # noqa: E402
 from qflash.kernels.portable import tuning as configs  # noqa: E402
 
 SMEM_LIMIT = 232448

@@ -15,14 +15,14 @@ import torch
 
 from ...config import GranularityKind, Precision, QuantConfig
 from ..common import LOG2E, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
+from ..fastlaunch import FastLauncher, PlanCache
 from . import attn_fwd, quantize
-from .fastlaunch import FastLauncher
 from .support import kernel_support
 from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, pick_config
 
 FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the kernel's DOT_PRECISION)
-_QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel)
-_ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel)
+_QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
+_ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=14)
 
 __all__ = ["attention_fwd", "quantize_qkv", "QKVCodes", "kernel_support"]
 
@@ -31,21 +31,8 @@ _TORCH_CODE_DTYPE = {Precision.INT8: torch.int8, Precision.INT4: torch.uint8, Pr
 _DEFAULT_ROWS = 64  # rows per quantiser program when the granularity does not fix it (per-token scales)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """A single-launch forward (the ``none`` preset, or the fused-quantiser mode) with everything
-    but the tensors fixed: which of (q, k, v, out, lse) each pointer parameter takes, the grid,
-    the scalar arguments and the compiled kernel. Keyed on shapes, strides, dtypes and options
-    (``_plan_key``), it lets a repeated small call skip the config logic and the launcher's key."""
-
-    kernel: object
-    grid: tuple
-    slots: tuple
-    scalars: tuple
-
-
-_PLANS: dict = {}
-_MAX_PLANS = 1024
+# Replays of repeated single-launch calls (the ``none`` preset, or the fused-quantiser mode)
+_PLANS = PlanCache(_ATTN_FWD)
 
 
 def _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config, fused_quant):
@@ -195,13 +182,11 @@ def attention_fwd(
     plan_key = None
     if out is None and lse is None and attn_mask is None and q.is_cuda:
         plan_key = _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config, fused_quant)
-        plan = _PLANS.get(plan_key)
-        if plan is not None and _ATTN_FWD.fast_ok(q.device):
+        plan = _PLANS.get(plan_key, q.device)
+        if plan is not None:
             out = _alloc_out(q, out_layout)
             lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
-            src = (q, k, v, out, lse)
-            pointers = tuple(None if i is None else src[i] for i in plan.slots)
-            _ATTN_FWD.launch_compiled(plan.kernel, plan.grid, q.device.index, pointers, plan.scalars)
+            _PLANS.replay(plan, q.device, (q, k, v, out, lse))
             return out, lse
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -343,24 +328,5 @@ def attention_fwd(
     )
     _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages)
     if plan_key is not None and codes is None and bias is None and lse_corr is None:
-        _remember_plan(plan_key, grid, pointers, scalars, (*given, out, lse), kc)
+        _PLANS.remember(plan_key, grid, pointers, scalars, (*given, out, lse), kc.num_warps, kc.num_stages)
     return out, lse
-
-
-def _remember_plan(key, grid, pointers, scalars, src, kc) -> None:
-    """Store a ``_Plan`` when every pointer is one of ``src`` (q, k, v, out, lse) or None."""
-    slots = []
-    for p in pointers:
-        if p is None:
-            slots.append(None)
-            continue
-        idx = next((i for i, t in enumerate(src) if t is p), None)
-        if idx is None:
-            return  # a buffer made inside this call (codes, a copy): not replayable
-        slots.append(idx)
-    kernel = _ATTN_FWD.cached(src[0].device, pointers, scalars, kc.num_warps, kc.num_stages)
-    if kernel is None:
-        return
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = _Plan(kernel, grid, tuple(slots), scalars)
