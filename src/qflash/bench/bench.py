@@ -18,6 +18,7 @@ from .metrics import compare, exact_reference
 from .progress import Progress
 from .shapes import Shape
 from .timing import describe_timer, time_fn
+from .timing import sync as _sync
 
 CPU_NOTICE = "no CUDA GPU — CPU reference run at small shapes; timings are not kernel timings"
 CPU_ASKED = "--device cpu — CPU reference run; timings are not kernel timings"
@@ -28,11 +29,6 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
     g = torch.Generator(device=device).manual_seed(seed)
     size = (shape.batch, shape.heads, shape.seq, shape.head_dim)
     return tuple(torch.randn(size, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in range(3))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_mib(fn, device: torch.device) -> float | None:

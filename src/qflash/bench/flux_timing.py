@@ -23,8 +23,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import math
-import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -46,6 +44,8 @@ from ..config import PRESETS
 from ..dropin import sdpa as qflash_sdpa
 from ..fused.rmsnorm_rope import rmsnorm_rope
 from ..integrations.diffusers import FLUX_SUPPORTED, HookedFluxAttnProcessor
+from .timing import median_ms, time_calls  # noqa: F401  (time_calls re-exported)
+from .timing import sync as _sync
 
 if not FLUX_SUPPORTED:  # pragma: no cover - depends on the installed diffusers
     raise ImportError(
@@ -357,38 +357,6 @@ def installed(model: torch.nn.Module, mode: Mode) -> Iterator[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], object], device: torch.device, *, warmup: int, reps: int) -> tuple[list[float], object]:
-    """Times of ``reps`` calls of ``fn`` in ms after ``warmup`` calls, and the last call's result.
-
-    CUDA: a pair of CUDA events around each call (the GPU time of the call's stream, launch
-    overhead included since the forward is launched from Python), synchronised after each.
-    CPU: ``time.perf_counter`` around each call.
-    """
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    _sync(device)
-    times = []
-    for _ in range(max(1, reps)):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times, out
-
-
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict]:
     """Yields a dict filled on exit: ``peak_bytes`` (max allocated inside the block),
@@ -406,16 +374,6 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device)
         rec.update(peak_bytes=peak, base_bytes=base, extra_bytes=peak - base)
-
-
-def _median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median ms of ``fn``. CUDA: ``triton.testing.do_bench`` (back-to-back calls, so the GPU queue
-    hides Python launch overhead as it does inside the model; L2 flushed before each call)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    return statistics.median(time_calls(fn, device, warmup=warmup, reps=reps)[0])
 
 
 def time_prologue(config: dict, grid: tuple[int, int], text_tokens: int, *, batch: int = 1,
@@ -475,7 +433,7 @@ def time_prologue(config: dict, grid: tuple[int, int], text_tokens: int, *, batc
     with torch.no_grad():
         for name, fn in (("unfused_double", unfused_double), ("fused_double", fused_double),
                          ("unfused_single", unfused_single), ("fused_single", fused_single)):
-            res[name + "_ms"] = _median_ms(fn, device, warmup, reps)
+            res[name + "_ms"] = median_ms(fn, device, warmup, reps)
         if device.type == "cuda":  # launch-config sweep of the fused kernel (the default is block_h=8, 4 warps)
             from ..fused.rmsnorm_rope import rmsnorm_rope_triton
 
@@ -493,7 +451,7 @@ def time_prologue(config: dict, grid: tuple[int, int], text_tokens: int, *, batc
                     return (rmsnorm_rope_triton(q_s, nq.weight, cos, sin, 1e-6, **kw),
                             rmsnorm_rope_triton(k_s, nk.weight, cos, sin, 1e-6, **kw))
 
-                td, ts = _median_ms(fd, device, warmup, reps), _median_ms(fs, device, warmup, reps)
+                td, ts = median_ms(fd, device, warmup, reps), median_ms(fs, device, warmup, reps)
                 sweep[f"block_h={bh},num_warps={nw}"] = config["num_layers"] * td + config["num_single_layers"] * ts
             res["fused_step_ms_by_config"] = sweep
         diff = 0.0
