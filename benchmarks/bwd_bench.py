@@ -48,8 +48,8 @@ if not CUDA:  # CPU smoke run through Triton's interpreter, with the test suite'
 import triton.compiler.errors  # after TRITON_INTERPRET is set: Triton reads it at import
 import triton.runtime.errors
 
-from qflash.config import PRESETS
 from qflash.autograd import saved_bytes
+from qflash.config import PRESETS
 from qflash.kernels.portable.bwd_launch import BwdConfig, attention_bwd, pick_bwd_config
 from qflash.kernels.portable.launch import attention_fwd
 from qflash.ops import call_attention_fwd

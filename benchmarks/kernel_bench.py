@@ -71,8 +71,8 @@ def errors(o, ref, heads=4):
 
 def load_sage():
     try:
-        from sageattention import sageattn_qk_int8_pv_fp8_cuda  # noqa: F401
         import sageattention
+        from sageattention import sageattn_qk_int8_pv_fp8_cuda  # noqa: F401
 
         return sageattention
     except Exception as exc:  # not installed here

@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import qflash  # noqa: E402
-from qflash.kernels.portable.tuning import KernelConfig  # noqa: E402
 from qflash.kernels.portable.launch import attention_fwd, quantize_qkv  # noqa: E402
+from qflash.kernels.portable.tuning import KernelConfig  # noqa: E402
 
 CANDIDATES = [
     KernelConfig(bm, bn, w, st)

@@ -12,9 +12,9 @@ import zlib
 import pytest
 import torch
 
+from qflash.config import PRESETS
 from qflash.kernels.common import interpreter_enabled
 from qflash.kernels.common import triton_usable as kernels_usable
-from qflash.config import PRESETS
 from qflash.reference import exact_attention
 
 CUDA = torch.cuda.is_available()
@@ -27,15 +27,15 @@ if interpreter_enabled():
 
     triton_interpreter_shim.apply()
 
+from qflash.autograd import saved_bytes
 from qflash.kernels.portable.bwd_launch import (
     BwdConfig,
     attention_bwd,
     quantize_for_backward,
     ste_backward,
 )
-from qflash.autograd import saved_bytes
-from qflash.kernels.portable.tuning import KernelConfig
 from qflash.kernels.portable.launch import attention_fwd
+from qflash.kernels.portable.tuning import KernelConfig
 
 SMALL_BWD = BwdConfig(32, 32, 32, 32, 4, 1, 4, 1)  # interpreter: small tiles keep programs cheap
 SMALL_FWD = KernelConfig(32, 32, 4, 1)
@@ -350,8 +350,8 @@ def test_ste_reuse_default_rule_causal(preset, lowbit, square):
 
 
 def test_bwd_recompute_default_table():
-    from qflash.kernels.portable.bwd_launch import LOWBIT_MODES
     from qflash.autograd import bwd_recompute_default
+    from qflash.kernels.portable.bwd_launch import LOWBIT_MODES
     from qflash.spec import BWD_LOWBIT_MODES
 
     assert BWD_LOWBIT_MODES == LOWBIT_MODES

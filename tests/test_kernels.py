@@ -13,9 +13,9 @@ import zlib
 import pytest
 import torch
 
+from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
 from qflash.kernels.common import interpreter_enabled
 from qflash.kernels.common import triton_usable as kernels_usable
-from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
 from qflash.reference import exact_attention, fake_quant_attention
 
 CUDA = torch.cuda.is_available()
@@ -28,8 +28,8 @@ if interpreter_enabled():
 
     triton_interpreter_shim.apply()
 
-from qflash.kernels.portable.tuning import KernelConfig  # noqa: E402
 from qflash.kernels.portable.launch import attention_fwd, kernel_support, quantize_qkv  # noqa: E402
+from qflash.kernels.portable.tuning import KernelConfig  # noqa: E402
 from qflash.quant import quantize  # noqa: E402
 
 # Kernel vs fake-quant reference: the same math up to fp32 evaluation order, exp2 vs exp, and a

@@ -74,9 +74,9 @@ def bwd_candidates(configs) -> list:
 
 def tune_backward(configs, shapes, device, time_gpu, compare) -> dict:
     """{head-dim bucket: best BwdConfig} over ``shapes`` (bf16, the exact backward)."""
+    from ..config import PRESETS
     from ..kernels.portable.bwd_launch import attention_bwd
     from ..kernels.portable.launch import attention_fwd
-    from ..config import PRESETS
     from .bench import make_inputs
 
     totals: dict = {}

@@ -51,9 +51,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quantize import quant_codes
-
 from ..common import CMASK_BOOL, CMASK_NONE
+from .quantize import quant_codes
 
 
 @triton.jit

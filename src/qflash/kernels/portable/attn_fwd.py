@@ -20,9 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .quantize import fp8_channel_codes, quant_codes
-
 from ..common import CMASK_ADD, CMASK_BOOL, CMASK_NONE, CQK_FLOAT, CQK_INT4, CQK_INT8
+from .quantize import fp8_channel_codes, quant_codes
 
 
 @triton.jit

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..common import CQK_FP8, CQK_INT4, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8  # noqa: F401  (host codes re-exported)
 
+
 @triton.jit
 def _round_half_even(x):
     # 1.5 * 2**23: (x + M) - M rounds fp32 |x| < 2**22 to the nearest integer, ties to even
