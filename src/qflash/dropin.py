@@ -236,6 +236,13 @@ def sdpa(
     Gradients are straight-through: those of exact attention at the unquantised inputs
     (``qflash.autograd``). Invalid ``quant`` / ``bwd_*`` values raise whatever ``fallback`` is.
     """
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, quant, fallback, bwd_lowbit,
+                 bwd_recompute, backend)[0]
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, quant, fallback, bwd_lowbit,
+          bwd_recompute, backend):
+    """``sdpa``, also saying whether qflash ran the call (True) or PyTorch did (False)."""
     cfg = resolve_quant(quant)  # a bad preset name is the caller's error, never a fallback
     check_bwd_args(bwd_lowbit, bwd_recompute)
     why = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, quant=cfg)
@@ -247,7 +254,7 @@ def sdpa(
         return original_sdpa()(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
-        )
+        ), False
 
     q4, k4, v4, m4 = _to_4d(query, key, value, attn_mask)
     # PyTorch's causal is top-left aligned: the kernels move their diagonal, no (L, S) mask is built
@@ -256,10 +263,10 @@ def sdpa(
                           bwd_recompute=bwd_recompute)
     out, _ = run(spec, q4, k4, v4, m4)
     if query.dim() == 3:
-        return out.squeeze(1)
+        return out.squeeze(1), True
     if query.dim() == 2:
-        return out[0, 0]
-    return out
+        return out[0, 0], True
+    return out, True
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,11 +276,16 @@ def sdpa(
 
 @dataclass
 class _Patch:
+    """A handle of ``enable_sdpa_patch``. ``replaced`` / ``passed``: eager calls the patch routed
+    to qflash / handed to PyTorch (not counted while ``torch.compile`` traces)."""
+
     installed: object  # the wrapper put into torch.nn.functional
     previous: object  # what was there before it
     quant: str | QuantConfig
     fallback: bool
     active: bool = field(default=True)
+    replaced: int = 0
+    passed: int = 0
 
 
 _PATCHES: list[_Patch] = []
@@ -294,14 +306,20 @@ def sdpa_patch_active() -> bool:
     return bool(_PATCHES)
 
 
-def _make_wrapper(quant, fallback: bool):
+def _make_wrapper(patch: _Patch):
+    quant, fallback = patch.quant, patch.fallback
+
     def scaled_dot_product_attention(
         query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
     ):
-        return sdpa(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa, quant=quant, fallback=fallback,
-        )
+        out, routed = _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, quant, fallback,
+                            "none", None, "auto")
+        if not torch.compiler.is_compiling():
+            if routed:
+                patch.replaced += 1
+            else:
+                patch.passed += 1
+        return out
 
     scaled_dot_product_attention.__qflash_patch__ = True
     scaled_dot_product_attention.__doc__ = (
@@ -325,8 +343,8 @@ def enable_sdpa_patch(quant: str | QuantConfig = "int8", *, fallback: bool = Tru
     if not isinstance(fallback, bool):
         raise TypeError(f"fallback must be a bool, got {type(fallback).__name__}")
     with _PATCH_LOCK:
-        patch = _Patch(installed=_make_wrapper(quant, fallback), previous=F.scaled_dot_product_attention,
-                       quant=quant, fallback=fallback)
+        patch = _Patch(installed=None, previous=F.scaled_dot_product_attention, quant=quant, fallback=fallback)
+        patch.installed = _make_wrapper(patch)
         F.scaled_dot_product_attention = patch.installed
         _PATCHES.append(patch)
     return patch

@@ -12,7 +12,7 @@ Workloads (inputs bf16 unless ``--dtype``; errors vs ``metrics.exact_reference``
 
 Per row: relL2, relL1, cosine, max abs error, NaN/Inf count, and the attention-weight check of
 ``weights.check_weights``. Then the model end to end: sentence embeddings with every SDPA call
-routed to ``qflash.attention`` (``patch.sdpa_to_qflash``), cosine vs the unquantised model.
+routed to ``qflash.sdpa`` (``qflash.patch_sdpa`` via ``patch.sdpa_to_qflash``), cosine vs the unquantised model.
 Then the quantiser round-trip table: RMSE of dequantize(quantize(x)) per precision x granularity
 x strategy on N(0,1) and outlier-K tensors.
 """
