@@ -164,6 +164,23 @@ def compute() -> dict[str, torch.Tensor]:
                         res[f"{key}/d{n}"] = t.grad
                     if mask is not None:
                         res[f"{key}/dmask"] = mask.grad
+    # the SDPA drop-in's backward with PyTorch's top-left causal at Sq != Sk (a bool mask before
+    # issue 12, the kernels' diagonal offset after it)
+    seed += 1
+    q, k, v = _inputs(seed, 1, 2, 2, 24, 40, 32)
+    go = torch.randn(1, 2, 24, 32, generator=torch.Generator().manual_seed(3000)).to(torch.bfloat16)
+    for preset in ("none", "int8"):
+        for path in ("ref", "ker"):
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            if path == "ref":
+                out = qflash.sdpa(*leaves, is_causal=True, quant=preset)
+            else:
+                out = _sdpa_kernels(*leaves, is_causal=True, quant=preset)
+            out.backward(go)
+            key = f"bwd/sdpa_causal/{preset}/{path}"
+            res[key + "/out"] = out.detach()
+            for n, t in zip("qkv", leaves):
+                res[f"{key}/d{n}"] = t.grad
     return res
 
 

@@ -22,8 +22,8 @@ so ``P = exp2(s2 - lse2)``; dQ and dK are multiplied by ``scale`` once at the en
 ``grad_lse`` (when the forward's lse output is used) folds into delta: d lse_i / d s_ij = P_ij,
 so ``dS = P ⊙ (dP - delta) + P ⊙ dlse = P ⊙ (dP - (delta - dlse))``.
 
-Masking: ``causal`` is bottom-right aligned (query i sees key j iff ``j <= i + Sk - Sq``,
-``causal_off = Sk - Sq``); bool (keep) / additive masks are read by strides (stride 0 on broadcast
+Masking: with ``IS_CAUSAL`` query i sees key j iff ``j <= i + causal_off`` (bottom-right
+alignment: ``causal_off = Sk - Sq``; top-left, PyTorch's: 0; ``kernels.common.causal_offset``); bool (keep) / additive masks are read by strides (stride 0 on broadcast
 dims). Tiles that need no causal or bounds masking run without compares: each kernel splits its
 loop into a masked and an unmasked range like the forward.
 

@@ -334,6 +334,8 @@ def attn_fwd_kernel(
     ``USE_TMA``: K codes and Vᵀ codes are read through the tensor descriptors KDesc
     ((B·Hkv·Sk, D) rows, block [BLOCK_N, D]) and VDesc ((B·Hkv·D, Sk_pad), block [D, BLOCK_N]).
     ``ROTATE``: in the unmasked pass, the next tile's Q·Kᵀ is issued before this tile's softmax.
+    ``IS_CAUSAL``: query i sees key j iff ``j <= i + causal_off`` (``Sk - Sq`` bottom-right, 0
+    top-left; ``kernels.common.causal_offset``).
     ``DOT_PRECISION``: ``input_precision`` of the float dots (Q·Kᵀ for KIND 0, P·V outside FP8),
     "ieee" for fp32 inputs (``launch.FP32_DOT_PRECISION``). It must be explicit: Triton 3.6 takes a
     missing one from ``knobs.language.fp32_default``, not from the ``default_dot_input_precision``
