@@ -96,3 +96,21 @@ def test_wrong_argument_count_is_an_error(fake_cuda):
 def test_host_helpers():
     assert [cdiv(a, 4) for a in (0, 1, 4, 5)] == [0, 1, 1, 2]
     assert [next_pow2(n) for n in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
+
+
+def test_launch_records_are_checked(fake_cuda):
+    """A record with a pointer too many or too few, a tensor among the scalars, or a scalar whose
+    Python type changed since the first launch (the value-keyed cache would alias True and 1)
+    fails loudly before it reaches the binder or the fast cache (checked on every miss; a hit
+    is a record already checked, up to that aliasing)."""
+    fn = _FakeJit()
+    launcher = FastLauncher(fn, n_pointers=1)
+    x = _FakeDevTensor()
+    with pytest.raises(TypeError, match="pointers"):
+        launcher((1,), (x, x), (True,), num_warps=4, num_stages=2)
+    with pytest.raises(TypeError, match="Python scalar"):
+        launcher((1,), (x,), (torch.zeros(1), True), num_warps=4, num_stages=2)
+    launcher((1,), (x,), (7, True), num_warps=4, num_stages=2)
+    with pytest.raises(TypeError, match="FLAG.*bool.*int"):
+        launcher((1,), (x,), (8, 1), num_warps=4, num_stages=2)
+    assert fn.slow_calls == 1
