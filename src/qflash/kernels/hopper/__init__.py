@@ -2,9 +2,9 @@
 
 ``FAMILY.supports`` answers False for every call until the family's forward is wired in, so
 ``backend="auto"`` moves on to the portable family. To enable it (see docs/ARCHITECTURE.md,
-"A new kernel family"): widen ``SUPPORT`` to what the kernels run, drop the ``check_extra``
-refusal, and implement ``forward`` (and ``backward``, with ``backward=True``) with the tensor
-contract of ``qflash.kernels.family``.
+"A new kernel family"): widen ``SUPPORT`` to what the kernels run, drop the ``supports``
+override (the declared support and ``check_extra`` then decide), and implement ``forward`` (and
+``backward``, with ``backward=True``) with the tensor contract of ``qflash.kernels.family``.
 """
 
 from __future__ import annotations
