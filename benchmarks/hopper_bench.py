@@ -67,7 +67,7 @@ def child(args):
     import qflash
     from qflash.kernels.hopper.launch import attention_fwd_hopper, build_launch
     from qflash.kernels.hopper.tuning import HopperTiles
-    from qflash.kernels.hopper.launch import quantize_kv
+    from qflash.kernels.kv_quant import quantize_kv
     from qflash.reference import exact_attention, fake_quant_attention
 
     var = VARIANTS[args.variant]

@@ -83,7 +83,7 @@ def _kv(gen, B, H, S, D, device):
 @pytest.mark.parametrize("preset", ["int8-fp8", "fp8"])
 @pytest.mark.parametrize("S", [128, 300, 1300])
 def test_quantize_kv_matches_quant_core(preset, S, gen):
-    from qflash.kernels.hopper.launch import quantize_kv
+    from qflash.kernels.kv_quant import quantize_kv
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, H, D = 1, 2, 64
@@ -115,7 +115,7 @@ def test_quantize_kv_matches_quant_core(preset, S, gen):
 @pytest.mark.interpreter
 def test_quantize_kv_permuted_order(gen):
     """Permuted Vᵀ is the plain Vᵀ with key 32a+16h+8i+2q+e moved to column 32a+16h+4q+2i+e."""
-    from qflash.kernels.hopper.launch import quantize_kv
+    from qflash.kernels.kv_quant import quantize_kv
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     k, v = _kv(gen, 1, 1, 200, 64, dev)

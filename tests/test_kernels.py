@@ -7,6 +7,7 @@ each launch so an unwritten element fails the test.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -81,8 +82,16 @@ def run_kernel(q, k, v, cfg, *, layout="HND", kc=SMALL_CFG, **kw):
     return o, l
 
 
-def check(o, l, q, k, v, preset, *, block_n, **kw):
-    cfg = resolve_quant(preset)
+def _v_block(cfg) -> int:
+    """Keys per V scale as the kernels tile them: the V block, or 128 when V has one scale per
+    channel over all keys (the launcher repeats it per 128-key block)."""
+    return cfg.v.granularity.size or 128
+
+
+def check(o, l, q, k, v, preset, *, block_n, cfg=None, **kw):
+    """Kernel output against both references; tolerances are the preset's, ``cfg`` (default:
+    the preset's) is what the kernel ran."""
+    cfg = resolve_quant(preset) if cfg is None else cfg
     assert not torch.isnan(o).any(), "unwritten (NaN-poisoned) or NaN output"
     # references run in plain PyTorch on the kernels' device (fp64 on the GPU is fast enough)
     ref, ref_lse = fake_quant_attention(q, k, v, cfg, return_lse=True, block_n=block_n, **kw)
@@ -133,7 +142,7 @@ def test_kernel_matches_reference(preset, shape, causal, layout):
     assert o.dtype == q.dtype
     block_n = (kc or _picked(q, k, cfg)).block_n
     if cfg.quantizes_pv:
-        block_n = min(block_n, cfg.v.granularity.size)
+        block_n = min(block_n, _v_block(cfg))
     check(o, l, q, k, v, preset, block_n=block_n, causal=causal)
 
 
@@ -300,9 +309,19 @@ def test_fused_quant_mode(preset, shape, causal):
     B, Hq, Hkv, Sq, Sk, D = shape
     q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, torch.float16, "NHD", gen)
     cfg = resolve_quant(preset)
+    if cfg.quantizes_pv:
+        # the presets scale V per channel over all keys, which no single tile sees: the one-launch
+        # mode runs FP8 P·V with V scaled per 128-key block (the K block) and channel
+        cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(128)))
     o, l = run_kernel(q, k, v, cfg, kc=KernelConfig(64, 64, 4, 1), causal=causal, fused_quant=True)
-    block_n = cfg.v.granularity.size if cfg.quantizes_pv else 64
-    check(o, l, q, k, v, preset, block_n=block_n, causal=causal)
+    block_n = _v_block(cfg) if cfg.quantizes_pv else 64
+    check(o, l, q, k, v, preset, block_n=block_n, cfg=cfg, causal=causal)
+
+
+def test_fused_quant_refuses_per_channel_v():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.float16, "HND", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="fused_quant"):
+        attention_fwd(q, k, v, resolve_quant("int8-fp8"), fused_quant=True)
 
 
 VARIANT_SHAPES = [(1, 4, 2, 130, 200, 64), (2, 2, 1, 96, 64, 128)] if not CUDA else [
@@ -343,7 +362,7 @@ def test_fast_launcher_relaunch():
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     q2, k2, v2 = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, "HND", gen)  # new data, same shapes
     third, l3 = run_kernel(q2, k2, v2, cfg, kc=None, fused_quant=None)
-    check(third, l3, q2, k2, v2, "int8-fp8", block_n=cfg.v.granularity.size)
+    check(third, l3, q2, k2, v2, "int8-fp8", block_n=_v_block(cfg))
 
 
 @pytest.mark.gpu
@@ -367,7 +386,7 @@ def test_small_call_plans(preset, layout):
         o, l = launch.attention_fwd(q, k, v, cfg, return_lse=True, out_layout=layout if layout == "NHD" else "HND")
         if i > 0 and layout != "strided":
             assert len(launch._PLANS) == before  # replayed, nothing new stored
-        block_n = cfg.v.granularity.size if cfg.quantizes_pv else _picked(q, k, cfg).block_n
+        block_n = _v_block(cfg) if cfg.quantizes_pv else _picked(q, k, cfg).block_n
         check(o, l, q, k, v, preset, block_n=block_n)
 
 
@@ -386,7 +405,7 @@ def test_plan_not_shared_between_aliased_and_distinct_inputs(preset):
     launch.attention_fwd(x, x, x, cfg)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, "HND", gen)
     o, l = launch.attention_fwd(q, k, v, cfg, return_lse=True)
-    block_n = cfg.v.granularity.size if cfg.quantizes_pv else _picked(q, k, cfg).block_n
+    block_n = _v_block(cfg) if cfg.quantizes_pv else _picked(q, k, cfg).block_n
     check(o, l, q, k, v, preset, block_n=block_n)
 
 
@@ -418,7 +437,7 @@ def test_flux_shape(preset):
     q, k, v = make_qkv(1, 24, 24, 4608, 4608, 128, torch.bfloat16, "HND", gen)
     cfg = resolve_quant(preset)
     o, l = run_kernel(q, k, v, cfg, kc=None)
-    block_n = min(_picked(q, k, cfg).block_n, cfg.v.granularity.size) if cfg.quantizes_pv else _picked(q, k, cfg).block_n
+    block_n = min(_picked(q, k, cfg).block_n, _v_block(cfg)) if cfg.quantizes_pv else _picked(q, k, cfg).block_n
     check(o, l, q, k, v, preset, block_n=block_n)
 
 

@@ -248,7 +248,7 @@ _I4 = OperandQuant(Precision.INT4, Granularity.token())
 _I8_KBLOCK = OperandQuant(Precision.INT8, Granularity.block(128))
 _F8_Q = OperandQuant(Precision.FP8_E4M3, Granularity.token())
 _F8_KBLOCK = OperandQuant(Precision.FP8_E4M3, Granularity.block(128))
-_F8_V = OperandQuant(Precision.FP8_E4M3, Granularity.channel(128))
+_F8_V = OperandQuant(Precision.FP8_E4M3, Granularity.channel(0))  # one scale per channel, all keys
 _F8_P = OperandQuant(Precision.FP8_E4M3, Granularity.tensor())
 
 #: Named presets. Every ``quant=`` argument takes one of these names or a ``QuantConfig``.
@@ -258,7 +258,8 @@ PRESETS: dict[str, QuantConfig] = {
     # INT8 Q/K per token, K smoothed; P·V in the input dtype. The accurate one.
     "int8": _preset("int8", q=_I8, k=_I8, smooth_k=True),
     # INT8 Q per token, K per 128-key block (one scale per kernel tile: a scalar in the softmax
-    # FMA), K smoothed; P and V in FP8 e4m3, V scaled per 128-key block and channel. The fast one.
+    # FMA), K smoothed; P and V in FP8 e4m3, V scaled per channel over all keys (P·V accumulates in
+    # place; per-block V scales measured +0.02 pp more accurate, 22 % slower on Hopper). The fast one.
     "int8-fp8": _preset("int8-fp8", q=_I8, k=_I8_KBLOCK, v=_F8_V, p=_F8_P, smooth_k=True),
     # packed INT4 Q/K per token, K smoothed, Q smoothed per 128-token block with bias restoration.
     "int4": _preset("int4", q=_I4, k=_I4, smooth_k=True, smooth_q=True),

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...config import Precision, QuantConfig
+from ...config import QuantConfig
+from ..kv_quant import quantize_kv
 from .tuning import HopperTiles, tiles_for
 
 LOG2E = 1.4426950408889634
 
-__all__ = ["Launch", "build_launch", "attention_fwd_hopper", "gl_dtype"]
+__all__ = ["Launch", "build_launch", "attention_fwd_hopper", "gl_dtype", "quantize_kv"]
 
 
 def gl_dtype(dtype: torch.dtype):
@@ -99,45 +100,6 @@ def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles, 
     )
     grid = (math.ceil(Sq / (2 * QM)), B * Hq)
     return Launch(attn_fwd_fa3_kernel, grid, kwargs, dict(num_warps=4, maxnreg=tiles.maxnreg))
-
-
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int, v_permuted: bool = False):
-    """K codes and scales, Vᵀ codes and scales for the Hopper kernel (``hopper.quantize``'s table).
-
-    Returns (kc, ks, vt, vs, K partial sums (B, Hkv, n_chunks, D) fp32 or None); the K mean is
-    ``partials.sum(2) / Sk`` (only the lse correction needs it on the host side).
-    """
-    from .quantize import KIND_FP8, KIND_INT8, MAX_CHUNKS, kv_stats_kernel, quantize_kv_kernel, stat_rows
-
-    B, Hkv, Sk, D = k.shape
-    dev = k.device
-    nb = -(-Sk // block_n)
-    code_dtype = torch.int8 if cfg.k.precision is Precision.INT8 else torch.float8_e4m3fn
-    per_channel = cfg.v.granularity.size == 0
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    rows = stat_rows(Sk)
-    n_chunks = -(-Sk // rows)
-    kc = torch.empty((B, Hkv, Sk, D), dtype=code_dtype, device=dev)
-    ks = torch.empty((B, Hkv, nb), dtype=torch.float32, device=dev)
-    vt = torch.empty((B, Hkv, D, nb * block_n), dtype=torch.float8_e4m3fn, device=dev)
-    vs = torch.empty((B, Hkv, D) if per_channel else (B, Hkv, nb, D), dtype=torch.float32, device=dev)
-    ksum = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if cfg.smooth_k else ks
-    vmax = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if per_channel else ks
-    if cfg.smooth_k or per_channel:
-        kv_stats_kernel[(n_chunks, B * Hkv)](
-            k, v, ksum, vmax, *strides, Hkv, Sk, n_chunks, rows,
-            SMOOTH_K=cfg.smooth_k, V_PER_CHANNEL=per_channel, BLOCK=64, HEAD_DIM=D, num_warps=8,
-        )
-    quantize_kv_kernel[(nb, B * Hkv)](
-        k, v, ksum, vmax, kc, ks, vt, vs, *strides, Hkv, Sk, nb, n_chunks,
-        KIND=KIND_INT8 if code_dtype is torch.int8 else KIND_FP8, SMOOTH_K=cfg.smooth_k,
-        V_PER_CHANNEL=per_channel, V_PERMUTED=v_permuted, CHUNKS=MAX_CHUNKS, BLOCK_N=block_n, HEAD_DIM=D, num_warps=8,
-    )
-    return kc, ks, vt, vs, (ksum if cfg.smooth_k else None)
 
 
 def attention_fwd_hopper(q, k, v, cfg: QuantConfig, *, scale: float | None = None, return_lse: bool = False,

@@ -16,6 +16,7 @@ import torch
 from ...config import GranularityKind, Precision, QuantConfig
 from ..common import LOG2E, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
 from ..fastlaunch import FastLauncher, PlanCache
+from ..kv_quant import quantize_kv
 from . import attn_fwd, quantize
 from .support import kernel_support
 from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, pick_config
@@ -70,6 +71,8 @@ def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, in
         block_m = qg.size
     if cfg.quantizes_pv:
         block_n = cfg.v.granularity.size
+        if block_n == 0:  # one V scale per channel over all keys: no tile sees them all
+            return None
     if kg.kind is GranularityKind.BLOCK:
         if cfg.quantizes_pv and kg.size != block_n:
             return None
@@ -101,6 +104,9 @@ def _rows(g, default: int) -> int:
     return g.size if g.kind is GranularityKind.BLOCK else default
 
 
+_V_GLOBAL_ROWS = 128  # key block of the repeated per-channel V scale (V granularity channel(0))
+
+
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig) -> QKVCodes:
     """Quantise HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) in one Triton launch (plus token means)."""
     B, Hq, Sq, D = q.shape
@@ -119,17 +125,25 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     ks = torch.empty((B, Hkv, Sk if k_per_token else cdiv(Sk, k_rows)), dtype=torch.float32, device=dev)
     qm = torch.empty((B, Hq, cdiv(Sq, q_rows), D), dtype=torch.float32, device=dev) if cfg.smooth_q else None
     km = torch.mean(k, dim=2, dtype=torch.float32) if cfg.smooth_k else None  # (B, Hkv, D)
-    v_rows = cfg.v.granularity.size if cfg.quantizes_pv else _DEFAULT_ROWS
-    if cfg.quantizes_pv:
+    # V with one scale per channel over all keys (channel(0)) needs every key first: the shared
+    # K/V quantiser does it (statistics pass + codes); the scale then repeats per 128-key block
+    v_global = cfg.quantizes_pv and cfg.v.granularity.size == 0
+    v_rows = (_V_GLOBAL_ROWS if v_global else cfg.v.granularity.size) if cfg.quantizes_pv else _DEFAULT_ROWS
+    vm = None
+    if v_global:
+        _, _, vt, vs_channel, _ = quantize_kv(k, v, cfg, v_rows, quant_k=False)
+        vs = vs_channel.unsqueeze(2).expand(B, Hkv, vt.shape[-1] // v_rows, D)
+    elif cfg.quantizes_pv:
         sk_pad = cdiv(Sk, v_rows) * v_rows
         vt = torch.empty((B, Hkv, D, sk_pad), dtype=torch.float8_e4m3fn, device=dev)
         vs = torch.empty((B, Hkv, sk_pad // v_rows, D), dtype=torch.float32, device=dev)
         vm = torch.mean(v, dim=2, dtype=torch.float32) if cfg.smooth_v else None
     else:
-        vt = vs = vm = None
+        vt = vs = None
+    quant_v = cfg.quantizes_pv and not v_global  # V quantised by the launch below
     dummy = qs  # stands in for absent tensors; never dereferenced (guarded by constexprs)
     qm_, km_, vt_, vs_, vm_ = (t if t is not None else dummy for t in (qm, km, vt, vs, vm))
-    nblocks = max(cdiv(Sq, q_rows), cdiv(Sk, k_rows), cdiv(Sk, v_rows) if cfg.quantizes_pv else 0)
+    nblocks = max(cdiv(Sq, q_rows), cdiv(Sk, k_rows), cdiv(Sk, v_rows) if quant_v else 0)
     grid = (max(nblocks, 1), B * Hq)
     if Sq or Sk:
         _QUANTIZE(grid, (q, k, v, qc, qs, qm_, kc, ks, km_, vt_, vs_, vm_), (
@@ -145,7 +159,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
             # constexprs, in the kernel's order: KIND, Q_PER_TOKEN, K_PER_TOKEN, Q_ROWS, K_ROWS, V_ROWS,
             # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, HEAD_DIM, HEAD_DIM_PAD
             kind, q_per_token, k_per_token, q_rows, k_rows, v_rows,
-            bool(cfg.smooth_q), bool(cfg.smooth_k), cfg.quantizes_pv, bool(cfg.smooth_v),
+            bool(cfg.smooth_q), bool(cfg.smooth_k), quant_v, bool(cfg.smooth_v),
             D, max(next_pow2(D), 32),
         ), num_warps=8, num_stages=3)
     return QKVCodes(qc, qs, qm, kc, ks, km, vt, vs, vm, q_rows, k_rows, v_rows)
@@ -224,6 +238,9 @@ def attention_fwd(
     head_dim_pad = max(next_pow2(D), 32)
     if fused_quant is None:
         fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, Sk, block_m)
+    if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n) is None:
+        raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
+                         "(its scale groups are not kernel tiles, e.g. V with one scale per channel over all keys)")
     fused = bool(fused_quant) and cfg.quantizes_qk and Sk > 0
 
     bias = lse_corr = None

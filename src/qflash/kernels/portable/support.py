@@ -67,8 +67,10 @@ def _kernel_support(cfg: QuantConfig, head_dim: int) -> tuple[bool, str]:
                 return False, "smooth_q with block scales needs q block size == q_mean_block"
     if cfg.quantizes_pv:
         g = cfg.v.granularity
-        if g.kind is not GranularityKind.CHANNEL or not (_pow2(g.size) and 16 <= g.size <= 256):
-            return False, f"v: granularity {g} (kernels: channel(N), N a power of two in 16..256)"
+        if g.kind is not GranularityKind.CHANNEL or not (g.size == 0 or (_pow2(g.size) and 16 <= g.size <= 256)):
+            return False, f"v: granularity {g} (kernels: channel(0) or channel(N), N a power of two in 16..256)"
+        if g.size == 0 and (cfg.smooth_v or cfg.v.strategy.value != "symmetric"):
+            return False, "v: channel(0) (kernels: symmetric and not smoothed)"
     return True, ""
 
 
