@@ -41,9 +41,9 @@ CHECKS = [  # awkward shapes: (B, Hq, Hkv, Sq, Sk, D, causal: None / "br" / "tl"
     (1, 2, 2, 700, 300, 64, "br", True, False),
     (1, 2, 1, 520, 260, 128, "tl", False, False),
 ]
-VARIANTS = {  # HopperTiles fields (V has one FP8 scale per channel: in-place P·V)
-    "perm-cvt2": dict(v_permuted=True, int_cvt=2),
-    "perm-cvt0": dict(v_permuted=True, int_cvt=0),
+VARIANTS = {  # HopperTiles fields over the defaults (kernels/hopper/tuning.py)
+    "default": dict(),
+    "kv-merged-s4": dict(kv_merged=True, stages=4),
 }
 
 
