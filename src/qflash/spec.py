@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from .config import PRESETS, Granularity, OperandQuant, QuantConfig, resolve_quant
 
 __all__ = [
@@ -90,6 +92,21 @@ class AttnSpec:
         ValueError / TypeError naming the argument.
         """
         cfg = quant if isinstance(quant, QuantConfig) else resolve_quant(quant)
+        check_bwd_args(bwd_lowbit, bwd_recompute)
+        mask = mask_kind(attn_mask)
+        # specs are immutable: a call with the same options gets the same object (the config by
+        # identity, kept alive by the spec), so hot paths skip the construction and the
+        # dispatcher can key its cache on the spec's identity
+        # (not while torch.compile traces: it would guard on the cache's contents)
+        hit = key = None
+        if not torch.compiler.is_compiling():
+            key = (id(cfg), causal, mask, scale, layout, return_lse, backend, bwd_lowbit, bwd_recompute)
+            try:
+                hit = _BUILT.get(key)
+            except TypeError:  # an unhashable option: validated (and rejected) below
+                key = None
+        if hit is not None and hit.quant is cfg:
+            return hit
         if causal is True:
             causal = "bottom_right"
         elif causal is False:
@@ -100,9 +117,13 @@ class AttnSpec:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        check_bwd_args(bwd_lowbit, bwd_recompute)
-        return AttnSpec(cfg, causal, mask_kind(attn_mask), None if scale is None else float(scale), layout,
-                        bool(return_lse), backend, bwd_lowbit, bwd_recompute)
+        spec = AttnSpec(cfg, causal, mask, None if scale is None else float(scale), layout, bool(return_lse), backend,
+                        bwd_lowbit, bwd_recompute)
+        if key is not None:
+            if len(_BUILT) >= 4096:
+                _BUILT.clear()
+            _BUILT[key] = spec
+        return spec
 
     # -- derived ------------------------------------------------------------------------------
 
@@ -144,6 +165,7 @@ class AttnSpec:
 
 
 _SPECS: dict[str, AttnSpec] = {}
+_BUILT: dict[tuple, AttnSpec] = {}
 _BOOL_OR_NONE = {"None": None, "True": True, "False": False}
 
 

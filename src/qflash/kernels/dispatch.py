@@ -67,9 +67,10 @@ def family(name: str) -> Family:
 
 
 # Decisions already taken, keyed on everything ``FamilySupport.check`` and the families'
-# ``check_extra`` read: the spec's fields (its QuantConfig by identity, kept alive in the value and
-# compared with ``is``, so hashing the nested config is not a per-call cost), device, dtype, head
-# dim and GQA. Support is data and does not change while the process runs.
+# ``check_extra`` read: the spec (by identity: ``AttnSpec.build`` and ``from_key`` hand out one
+# object per distinct call description; the value keeps it alive and is compared with ``is``, so
+# hashing the nested config is not a per-call cost), device, dtype, head dim and GQA. Support is
+# data and does not change while the process runs.
 _CHOICES: dict[tuple, tuple] = {}
 
 
@@ -77,15 +78,14 @@ def select(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask) -
     """The family that runs this forward: the named one (``spec.backend``), or the first that
     supports the call. A named family that cannot run it raises ``NotImplementedError``."""
     dev = q.device
-    key = (id(spec.quant), spec.causal, spec.mask, spec.return_lse, spec.layout, spec.backend, dev.type, dev.index,
-           q.dtype, q.shape[-1], q.shape[1] == k.shape[1])
+    key = (id(spec), dev.type, dev.index, q.dtype, q.shape[-1], q.shape[1] == k.shape[1])
     hit = _CHOICES.get(key)
-    if hit is not None and hit[0] is spec.quant:
+    if hit is not None and hit[0] is spec:
         return hit[1]
     fam = _select(spec, q, k, v, attn_mask)
     if len(_CHOICES) >= 4096:
         _CHOICES.clear()
-    _CHOICES[key] = (spec.quant, fam)
+    _CHOICES[key] = (spec, fam)
     return fam
 
 
