@@ -7,8 +7,10 @@ exposes ``FAMILY``, an object with:
 - ``support: FamilySupport`` — what it runs, as data (below); ``qflash info`` prints it;
 - ``supports(spec, q, k, v, attn_mask) -> (bool, str)`` — whether it runs this call, and the reason
   when not. ``Family.supports`` checks ``support`` and then calls ``check_extra`` for whatever a
-  table cannot say (e.g. a granularity the kernels do not implement). Must be cheap (it runs on
-  every ``backend="auto"`` call) and must never raise for a call that passed validation;
+  table cannot say (e.g. a granularity the kernels do not implement). Must never raise for a call
+  that passed validation. It may read only the spec, the device, the dtype, the head dim and
+  whether Hq != Hkv: ``dispatch.select`` caches its decision on exactly those (sequence lengths,
+  strides or alignment would need the key in ``dispatch.select`` extended first);
 - ``forward(spec, q, k, v, attn_mask) -> (out, lse | None)`` — the attention forward (contract below);
 - ``backward(spec, q, k, v, out, lse, grad_out, grad_lse, attn_mask, *, mask_grad, grad_buffers)
   -> (dq, dk, dv, dmask | None)`` — only if ``support.backward``; straight-through gradients
