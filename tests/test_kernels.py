@@ -309,19 +309,20 @@ def test_fused_quant_mode(preset, shape, causal):
     B, Hq, Hkv, Sq, Sk, D = shape
     q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, torch.float16, "NHD", gen)
     cfg = resolve_quant(preset)
-    if cfg.quantizes_pv:
-        # the presets scale V per channel over all keys, which no single tile sees: the one-launch
-        # mode runs FP8 P·V with V scaled per 128-key block (the K block) and channel
-        cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(128)))
     o, l = run_kernel(q, k, v, cfg, kc=KernelConfig(64, 64, 4, 1), causal=causal, fused_quant=True)
-    block_n = _v_block(cfg) if cfg.quantizes_pv else 64
-    check(o, l, q, k, v, preset, block_n=block_n, cfg=cfg, causal=causal)
+    # FP8 P rounds per key tile; with K scaled per 128-key block the one-launch mode tiles keys by 128
+    check(o, l, q, k, v, preset, block_n=128 if cfg.quantizes_pv else 64, causal=causal)
+    if cfg.quantizes_pv:  # and the per-block V scales of the one-launch mode (V block = K block)
+        cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(128)))
+        o, l = run_kernel(q, k, v, cfg, kc=KernelConfig(64, 64, 4, 1), causal=causal, fused_quant=True)
+        check(o, l, q, k, v, preset, block_n=128, cfg=cfg, causal=causal)
 
 
-def test_fused_quant_refuses_per_channel_v():
+def test_fused_quant_refuses_what_it_cannot_tile():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.float16, "HND", torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="fused_quant"):
-        attention_fwd(q, k, v, resolve_quant("int8-fp8"), fused_quant=True)
+    cfg = dataclasses.replace(resolve_quant("int8-fp8"), v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(64)))
+    with pytest.raises(ValueError, match="fused_quant"):  # V block 64 != K block 128: no tile fits both
+        attention_fwd(q, k, v, cfg, fused_quant=True)
 
 
 VARIANT_SHAPES = [(1, 4, 2, 130, 200, 64), (2, 2, 1, 96, 64, 128)] if not CUDA else [

@@ -69,9 +69,17 @@ class HopperFamily(Family):
 
     def forward(self, spec, q, k, v, attn_mask):
         from .launch import attention_fwd_hopper
+        from .tuning import SMALL_PROBLEM
 
         B, Hq, Sq, D = q.shape
         Sk = k.shape[2]
+        if Sk <= SMALL_PROBLEM["max_sk"] and B * Hq * -(-Sq // 128) <= SMALL_PROBLEM["max_ctas"]:
+            # small calls are host-bound: the portable family's one launch beats our three. Decided
+            # here, not in ``supports``: the dispatcher caches its choice per call description, not
+            # per shape.
+            from ..portable import FAMILY as PORTABLE
+
+            return PORTABLE.forward(spec, q, k, v, attn_mask)
         if spec.layout == "NHD":
             out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)
         else:

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 from ...config import QuantConfig
 
-__all__ = ["HopperTiles", "tiles_for"]
+__all__ = ["HopperTiles", "SMALL_PROBLEM", "tiles_for"]
+
+# Problems the portable family's one-launch mode covers (its FUSED_QUANT limits for sm90: 132
+# programs of 64 rows, 512 keys) go there: on an H200 the Hopper path took 0.19-0.35 ms at the
+# seed's 64/512-token shapes (three launches, host-bound; run 7), the one-launch mode 0.07 ms
+# (run 2). Crossover not measured yet.
+SMALL_PROBLEM = {"max_ctas": 66, "max_sk": 512}
 
 
 @dataclass(frozen=True)

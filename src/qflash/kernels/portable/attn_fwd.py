@@ -60,6 +60,17 @@ def _token_mean(base, stride_n, S, offs_d, dmask, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _token_absmax(base, stride_n, S, offs_d, dmask, BLOCK_N: tl.constexpr):
+    """Per-column max |x| over the S rows of a (S, D) slice (one pass, BLOCK_N rows at a time)."""
+    top = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
+    for start in range(0, S, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        top = tl.maximum(top, tl.abs(tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
+                                             mask=(offs < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)))
+    return tl.max(top, axis=0)
+
+
+@triton.jit
 def _pv_fp8_tile(acc, alpha, p, v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d, start_n,
                  V_SCALE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -87,7 +98,7 @@ def _attn_tiles(
     mask_base, stride_mm, stride_mn,
     bias_base,
     offs_m, offs_d, lo, hi, Sq, Sk, causal_off,
-    k_mean, v_mean, q_mean, qk_mult,
+    k_mean, v_mean, v_amax, q_mean, qk_mult,
     k_desc, v_desc, k_row0, v_row0,
     KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -193,7 +204,12 @@ def _attn_tiles(
                              mask=(offs_n < Sk)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
                 if SMOOTH_V:
                     vf = tl.where((offs_n < Sk)[:, None], vf - v_mean[None, :], 0.0)
-                v, v_scale = fp8_channel_codes(vf)  # V_SCALE_BLOCK == BLOCK_N: the tile is the block
+                if V_SCALE_BLOCK == 0:  # one scale per channel over all keys (v_amax, from a pre-pass)
+                    v = tl.clamp(vf * tl.math.div_rn(tl.full(v_amax.shape, 448.0, tl.float32), v_amax)[None, :],
+                                 -448.0, 448.0).to(tl.float8e4nv)
+                    v_scale = tl.math.div_rn(v_amax, tl.full(v_amax.shape, 448.0, tl.float32))
+                else:
+                    v, v_scale = fp8_channel_codes(vf)  # V_SCALE_BLOCK == BLOCK_N: the tile is the block
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
             else:
                 acc = _pv_fp8_tile(acc, alpha, p, v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
@@ -359,7 +375,11 @@ def attn_fwd_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
     k_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
     v_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    v_amax = tl.full([HEAD_DIM_PAD], 1.0, tl.float32)
     q_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    if FUSED_QUANT and PV_FP8 and V_SCALE_BLOCK == 0:
+        v_amax = _token_absmax(v_base, stride_vn, Sk, offs_d, dmask, BLOCK_N)
+        v_amax = tl.where(v_amax > 1e-30, v_amax, 1.0)  # quant.core: an all-zero group gets amax = 1
     if FUSED_QUANT:
         xq = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         if SMOOTH_K:
@@ -426,7 +446,7 @@ def attn_fwd_kernel(
             v_base, stride_vn, vs_base, stride_vss,
             mask_base, stride_mm, stride_mn, bias_base,
             offs_m, offs_d, 0, full_end, Sq, Sk, causal_off,
-            k_mean, v_mean, q_mean, qk_mult,
+            k_mean, v_mean, v_amax, q_mean, qk_mult,
             KDesc, VDesc, k_row0, v_row0,
             KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
             FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
@@ -438,7 +458,7 @@ def attn_fwd_kernel(
         v_base, stride_vn, vs_base, stride_vss,
         mask_base, stride_mm, stride_mn, bias_base,
         offs_m, offs_d, full_end, hi, Sq, Sk, causal_off,
-        k_mean, v_mean, q_mean, qk_mult,
+        k_mean, v_mean, v_amax, q_mean, qk_mult,
         KDesc, VDesc, k_row0, v_row0,
         KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
         FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,

@@ -69,12 +69,10 @@ def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, in
         if cfg.smooth_q and qg.size != block_m:
             return None
         block_m = qg.size
-    if cfg.quantizes_pv:
+    if cfg.quantizes_pv and cfg.v.granularity.size:  # channel(0): any tile (the kernel pre-passes V's max)
         block_n = cfg.v.granularity.size
-        if block_n == 0:  # one V scale per channel over all keys: no tile sees them all
-            return None
     if kg.kind is GranularityKind.BLOCK:
-        if cfg.quantizes_pv and kg.size != block_n:
+        if cfg.quantizes_pv and cfg.v.granularity.size and kg.size != block_n:
             return None
         block_n = kg.size
     if max(block_m, block_n) > 128:
@@ -240,7 +238,7 @@ def attention_fwd(
         fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, Sk, block_m)
     if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n) is None:
         raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
-                         "(its scale groups are not kernel tiles, e.g. V with one scale per channel over all keys)")
+                         "(its scale groups are not kernel tiles)")
     fused = bool(fused_quant) and cfg.quantizes_qk and Sk > 0
 
     bias = lse_corr = None
@@ -253,7 +251,8 @@ def attention_fwd(
         kind = _KIND[cfg.q.precision]
         q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else block_m
         k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else block_n
-        v_scale_block = block_n
+        # 0: one V scale per channel over all keys, from a pre-pass over V inside the kernel
+        v_scale_block = block_n if not cfg.quantizes_pv or cfg.v.granularity.size else 0
         stride_vn, v_bh, vs_strides = v.stride(2), (v.stride(0), v.stride(1)), (0, 0, 0)
         has_bias = bool(cfg.smooth_q)
         has_lse_corr = bool(return_lse and cfg.smooth_k)
