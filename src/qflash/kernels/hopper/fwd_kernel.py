@@ -17,28 +17,33 @@ Two overlaps hide the softmax under the tensor cores:
 Numbers (the ``int8-fp8`` / ``fp8`` presets; ``qflash.reference.fake_quant_attention`` computes
 the same function):
 
+* Q is quantised per token inside the kernel (``_quantize_q_tile``: bf16/fp16 tile by TMA,
+  codes written to shared memory for the wgmma), with ``qflash.quant.core``'s arithmetic;
 * ``S = (q_codes · k_codesᵀ)`` exactly (INT8 → int32, FP8 → fp32), in log2 units
   ``s = S · c_row · k_scale[j]`` with ``c_row = q_scale[row] · softmax_scale · log2(e)``;
 * ``P = exp2(s - m + log2(448))``: one FMA and one ``ex2`` per score, P lands in the e4m3
   range [0, 448] and is rounded to FP8 per tile (the running max m of that tile);
-* each tile's P·V (FP8 × FP8 → fp32) starts from a fresh accumulator and is added to the fp32
-  output scaled by that V block's per-channel scale (the "two-level" sum: no FP22 drift);
-* ``O = acc / l`` (l sums the scaled P, so the 448 cancels), ``lse = (m + log2 l - log2 448) · ln 2``.
+* V has one FP8 scale per channel over all keys, so P·V (FP8 × FP8 → fp32) accumulates in
+  place across tiles (rescaled by exp2(m_old - m_new) each tile) and the scale is applied once;
+* ``O = acc · v_scale / l`` (l sums the scaled P, so the 448 cancels),
+  ``lse = (m + log2 l - log2 448) · ln 2``; causal rows with no visible key give O = 0, lse = -inf.
 
-Shapes (all 2-D views the TMA descriptors read):
+Operands (2-D views the TMA descriptors read; ``kernels/kv_quant.py`` writes K and Vᵀ):
 
-==========  ==========================  =========  =====================================
-operand     view                        dtype      block
-==========  ==========================  =========  =====================================
-q codes     (B·Hq·Sq, D)                int8/f8   (QM, D)
-k codes     (B·Hkv·Sk, D)               int8/f8   (BLOCK_N, D)
-v codesᵀ    (B·Hkv·D, Sk_pad)           fp8 e4m3   (D, BLOCK_N); zero-padded past Sk
-q scale     (B·Hq, Sq) fp32             per token
-k scale     (B·Hkv, Sk_pad / BLOCK_N)   fp32       one per key tile
-v scale     (B·Hkv, Sk_pad / BLOCK_N, D) fp32      per key tile and channel
-out         strided (b, h, s, d)        bf16/fp16  written with masked stores
-lse         (B·Hq, Sq) fp32             natural log, optional
-==========  ==========================  =========  =====================================
+==========  ==============================  =========  =====================================
+operand     view                            dtype      block
+==========  ==============================  =========  =====================================
+q           HND (B·Hq·Sq, D) or NHD (B·Sq,  bf16/fp16  (QM, D)
+            Hq·D): read in place
+k codes     (B·Hkv·Sk, D)                   int8/f8    (BLOCK_N, D)
+v codesᵀ    (B·Hkv·D, Sk_pad)               fp8 e4m3   (D, BLOCK_N); zero past Sk; keys of each
+                                                       32-key chunk in the P-operand order when
+                                                       V_PERMUTED (``_p_operand``)
+k scale     (B·Hkv, Sk_pad / BLOCK_N) fp32             one per key tile
+v scale     (B·Hkv, D) fp32                            one per channel
+out         strided (b, h, s, d)            bf16/fp16  written with masked stores
+lse         (B·Hq, Sq) fp32                            natural log, optional
+==========  ==============================  =========  =====================================
 """
 
 from __future__ import annotations
