@@ -192,3 +192,39 @@ def test_hopper_forward_matches_references(preset, case, seed):
         fin = torch.isfinite(fq_l)
         assert torch.equal(fin, torch.isfinite(lse))  # -inf exactly where a row sees no key
         assert (lse[fin] - fq_l[fin]).abs().max().item() < 0.03
+
+
+# ---------------------------------------------------------------------------------------------
+# what the family accepts (CPU: the recipe check and the declared support are plain Python)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset,ok", [("int8-fp8", True), ("fp8", True), ("int8", False), ("none", False),
+                                       ("int4", False)])
+def test_hopper_recipe_takes_the_8bit_pv_presets(preset, ok):
+    from qflash.kernels.hopper.family import recipe_mismatch
+
+    why = recipe_mismatch(resolve_quant(preset))
+    assert (why is None) == ok, why
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(128))), "channel(0)"),
+    (dict(k=OperandQuant(Precision.INT8, Granularity.token())), "block(128)"),
+    (dict(smooth_v=True), "not smoothed"),
+    (dict(k=OperandQuant(Precision.INT8, Granularity.block(128), "asymmetric")), "asymmetric"),
+], ids=["v-per-block", "k-per-token", "smooth-v", "asymmetric-k"])
+def test_hopper_recipe_names_what_it_cannot_run(change, needle):
+    from qflash.kernels.hopper.family import recipe_mismatch
+
+    why = recipe_mismatch(dataclasses.replace(resolve_quant("int8-fp8"), **change))
+    assert why is not None and needle in why
+
+
+def test_hopper_family_declines_off_sm90_and_bad_scales():
+    from qflash.kernels.hopper import FAMILY
+    from qflash.spec import AttnSpec
+
+    q = torch.randn(1, 2, 64, 128, dtype=torch.bfloat16)
+    ok, why = FAMILY.supports(AttnSpec.build("int8-fp8"), q, q, q, None)
+    assert not ok and "cuda" in why  # a CPU tensor never reaches the Gluon kernel
+    assert "scale" in FAMILY.check_extra(AttnSpec.build("int8-fp8", scale=-0.1), q, q, q, None)
+    assert FAMILY.check_extra(AttnSpec.build("int8-fp8", scale=0.1), q, q, q, None) is None
