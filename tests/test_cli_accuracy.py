@@ -197,6 +197,7 @@ def test_report_with_accuracy(acc_run, tmp_path):
     md = (tmp_path / "PERF.md").read_text()
     assert "rel L2 (outlier-k)" in md and "weights in [0,1]" in md and "Quantiser round trip" in md
     assert "qflash accuracy --quick" in md
+    assert "seed INT4" not in md and "Open Items" not in md  # measurements only, no roadmap (issue 14)
 
 
 def test_accuracy_subprocess(tmp_path):

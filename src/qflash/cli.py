@@ -161,14 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bwd", action="store_true", help="tune the forward only (skip the backward tiles)")
     p.set_defaults(func=_run("tune", "cmd_tune"))
 
-    p = sub.add_parser("report", help="write docs/PERFORMANCE.md from harness JSON",
-                       description="Generate the performance snapshot (docs/PERFORMANCE.md) from a "
-                                   "`qflash bench` JSON and optionally a `qflash accuracy` JSON.")
+    p = sub.add_parser("report", help="write a Markdown performance snapshot from harness JSON",
+                       description="Generate a performance snapshot (Markdown, measurements only) from a "
+                                   "`qflash bench` JSON and optionally a `qflash accuracy` JSON. "
+                                   "docs/PERFORMANCE.md is made with `--out docs/PERFORMANCE.md`.")
     p.add_argument("--from", dest="bench_json", required=True, metavar="BENCH_JSON", help="qflash bench JSON")
     p.add_argument("--accuracy", default=None, metavar="ACC_JSON", help="qflash accuracy JSON")
     p.add_argument("--flux", default=None, metavar="FLUX_JSON", help="examples/flux/run.py's flux_results.json")
     p.add_argument("--append", default=None, metavar="MD", help="Markdown appended at the end (e.g. backward tables)")
-    p.add_argument("--out", default="docs/PERFORMANCE.md", metavar="FILE", help="Markdown file to write")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="Markdown file to write, '-' for stdout (default: <BENCH_JSON stem>.report.md "
+                        "next to BENCH_JSON, e.g. results/bench.report.md)")
     p.set_defaults(func=_run("report", "cmd_report"))
     return parser
 

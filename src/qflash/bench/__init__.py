@@ -15,6 +15,6 @@ Modules (each small, each usable on its own):
 - ``patch``     a reversible context manager routing SDPA calls to ``qflash.attention``.
 - ``writers``   JSON / CSV / Markdown outputs.
 - ``plot``      the PNG plot (matplotlib, or a built-in bar-chart fallback).
-- ``report``    ``qflash report``: docs/PERFORMANCE.md from harness JSON.
+- ``report``    ``qflash report``: a Markdown performance snapshot from harness JSON.
 - ``tune``      ``qflash tune``: kernel-config sweep (plumbing only until the kernels land).
 """

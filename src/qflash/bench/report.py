@@ -1,13 +1,16 @@
-"""``qflash report``: docs/PERFORMANCE.md from ``qflash bench`` (and ``qflash accuracy``) JSON.
+"""``qflash report``: a performance snapshot (Markdown) from ``qflash bench`` (and ``qflash accuracy``) JSON.
 
-The document follows the seed's performance snapshot: environment table, end-to-end Flux
-(placeholder until that harness lands), micro-benchmarks, accuracy and stability, how to
-reproduce, open items. Every number comes from the JSON; the commands that made them are quoted.
+Sections: environment, end-to-end Flux (when given), micro-benchmarks, accuracy and stability,
+how to reproduce. A report states measurements only: every number comes from the JSON and the
+commands that made them are quoted; no plans, targets or comparisons with numbers it did not measure.
+Without ``--out`` it writes ``<bench JSON stem>.report.md`` next to the bench JSON (``--out -``: stdout),
+never a tracked docs file.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from . import schema
@@ -15,7 +18,7 @@ from .writers import fmt, md_table
 
 NOT_KERNEL = ("**CPU reference timings.** These numbers come from a run without a CUDA GPU: every qflash "
               "row is the pure-PyTorch reference path, so the times say nothing about the Triton kernels. "
-              "They will be replaced by H100 numbers (`qflash bench` on the GPU).")
+              "Kernel timings need a CUDA GPU.")
 
 
 def load(path: str, kind: str) -> dict:
@@ -31,7 +34,7 @@ def load(path: str, kind: str) -> dict:
 
 def environment(bench: dict, acc: dict | None) -> str:
     e, s = bench["env"], bench["settings"]
-    rev = (e.get("git_revision") or "unknown")[:12] + (" (uncommitted changes)" if e.get("git_dirty") else "")
+    rev = (e.get("git_revision") or "unknown")[:12]
     rows = [
         ["Hardware", e.get("gpu_name") or "CPU only (no CUDA GPU): reference path"],
         ["Host", f"{e.get('platform')}, Python {e.get('python')}, {e.get('cpu_threads')} torch CPU threads"],
@@ -116,8 +119,7 @@ def quantizer_pivot(acc: dict, source: str = "N(0,1)") -> str:
 def flux_section(flux: dict | None) -> str:
     """The end-to-end table from ``examples/flux/run.py``'s JSON (one row per resolution and mode)."""
     if flux is None:
-        return ("Not measured in this snapshot (pass `--flux` with `examples/flux/run.py`'s JSON). The design "
-                "anchors (H100, default SDPA) are 185.7 ms per transformer forward at 1024px and 892 ms at 2048px.")
+        return "Not measured in this snapshot (pass `--flux` with `examples/flux/run.py`'s JSON)."
     head = (f"`{flux.get('command', '')}` — FLUX.1 {flux.get('config_name', '')} transformer, {flux.get('dtype', '')}, "
             f"{flux.get('timer', '')}, median of {flux.get('timed_forwards', '?')} forwards after "
             f"{flux.get('warmup', '?')} warm-up; {flux.get('env', {}).get('gpu_name', '')}.")
@@ -143,27 +145,6 @@ def flux_section(flux: dict | None) -> str:
                                                if prologue else []))
 
 
-def open_items(bench: dict, acc: dict | None, flux: dict | None = None) -> str:
-    items = []
-    if bench["settings"]["cpu_reference_run"]:
-        items.append(["H100 numbers", ("This snapshot is a CPU reference run; rerun `qflash bench` and "
-                                       "`qflash accuracy` on an H100 and regenerate this file.")])
-    if flux is None:
-        items.append(["Flux end to end", "Not measured in this snapshot (`examples/flux/run.py`)."])
-    items.append(["Tuning tables per GPU", ("`qflash tune` sweeps kernel configs; tables for GPUs other than "
-                                            "H100 still to be measured (the seed's \"wider hardware matrix\").")])
-    if acc is not None:
-        for p in acc["settings"]["presets"]:
-            r = _by(acc, "normal", p)
-            if r.get("rel_l2") is not None and r["rel_l2"] > 0.05:
-                items.append([f"{p} accuracy", (f"rel L2 {fmt(r['rel_l2'], 'pct')} on N(0,1) (seed INT4: ~2 %); "
-                                                "finer scale granularity or smoothing needed.")])
-    bad = [r["impl"] + " @ " + r["shape"] for r in bench["rows"] if r["status"] == "error"]
-    if bad:
-        items.append(["Failing rows", "; ".join(bad)])
-    return md_table(["Item", "Status"], items)
-
-
 def render(bench: dict, acc: dict | None, report_command: str, flux: dict | None = None,
            appendix: str | None = None) -> str:
     cpu = bench["settings"]["cpu_reference_run"]
@@ -182,8 +163,7 @@ def render(bench: dict, acc: dict | None, report_command: str, flux: dict | None
               "```", bench["command"], *( [acc["command"]] if acc is not None else []), report_command, "```", "",
               "- Shapes: `--shapes 1x24x4608x128,1x32x8192x128c` (`c` = causal); presets: `--presets int8,fp8`.",
               "- Every run writes JSON (schema in `qflash.bench.schema`), CSV, Markdown and a PNG plot under `--out`.",
-              "- Compare timings only within one run: speed-ups divide by SDPA measured in the same run.", "",
-              "## Open Items", "", open_items(bench, acc, flux), ""]
+              "- Compare timings only within one run: speed-ups divide by SDPA measured in the same run.", ""]
     if appendix:
         parts += [appendix.rstrip(), ""]
     return "\n".join(parts)
@@ -197,8 +177,19 @@ def cmd_report(args) -> int:
         appendix = Path(args.append).read_text() if getattr(args, "append", None) else None
     except (OSError, ValueError) as exc:
         args.parser.error(str(exc))
-    out = Path(args.out)
+    text = render(bench, acc, args.command_line, flux, appendix)
+    if args.out == "-":
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out) if args.out else default_out(args.bench_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(bench, acc, args.command_line, flux, appendix))
+    out.write_text(text)
     print(f"qflash report: wrote {out}")
     return 0
+
+
+def default_out(bench_json: str) -> Path:
+    """Where a report goes without ``--out``: next to its bench JSON (``results/bench.json`` ->
+    ``results/bench.report.md``), so a report never overwrites a tracked docs file by default."""
+    p = Path(bench_json)
+    return p.with_name(p.stem + ".report.md")
