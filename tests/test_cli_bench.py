@@ -305,3 +305,22 @@ def test_tune_help_and_no_gpu(capsys):
 def test_info_still_works():
     rc, text = run_main(["info"])
     assert rc == 0 and text.startswith("qflash ")
+
+
+def test_info_without_interpreter_names_no_tensor(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rc, text = run_main(["info"])
+    assert rc == 0
+    assert "this tensor" not in text  # no tensor is involved in `qflash info`
+
+
+def test_import_does_not_load_dynamo():
+    """`import qflash` (and so `qflash --help` / `qflash info`) must not import torch._dynamo (~1.5 s of CPU);
+    the fallback warning keeps its torch.compile marker without it (issue 14)."""
+    res = subprocess.run([sys.executable, "-c", "import sys, qflash; print('torch._dynamo' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+    from qflash.dropin import _warn_once
+
+    assert getattr(_warn_once, "_dynamo_marked_constant", False) is True

@@ -44,8 +44,13 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"{p.total_memory / 2**30:.0f} GiB): triton {'available' if usable else 'unavailable: ' + reason}")
         else:
             usable, reason = triton_usable(dev)
-            print(f"cpu (no CUDA device visible): triton kernels {'available: ' + reason if usable else 'unavailable: ' + reason}"
-                  " (backend=\"auto\" uses the reference here)")
+            if usable:
+                state = "available: " + reason
+            elif not triton_status()[0]:
+                state = "unavailable: " + triton_status()[1]
+            else:  # not triton_usable's per-tensor wording: no tensor is involved here
+                state = "not used: they run on CUDA GPUs (TRITON_INTERPRET=1 runs them on the CPU, for debugging)"
+            print(f"cpu (no CUDA device visible): triton kernels {state} (backend=\"auto\" uses the reference here)")
         for fam in dispatch.FAMILIES.values():
             try:
                 tuning = fam.tuning(dev)

@@ -62,7 +62,6 @@ def reset_fallback_warnings() -> None:
     _WARNED.clear()
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: runs once while tracing, no graph break
 def _warn_once(code: str, message: str) -> bool:
     if code in _WARNED:
         return False
@@ -77,6 +76,12 @@ def _warn_once(code: str, message: str) -> bool:
         stacklevel=level,
     )
     return True
+
+
+# Under torch.compile _warn_once runs once while tracing, without a graph break: this is what
+# torch.compiler.assume_constant_result does (it sets this attribute, torch 2.4-2.13), without importing
+# torch._dynamo at `import qflash` (~1.5 s of CPU; issue 14). tests/test_cli_bench.py checks both.
+_warn_once._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------
