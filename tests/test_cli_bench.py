@@ -285,6 +285,18 @@ def test_report_rejects_wrong_kind(bench_run, tmp_path):
     assert exc.value.code == 2
 
 
+def test_bench_says_when_the_plot_has_no_labels(tmp_path, monkeypatch):
+    """Without matplotlib bench.png is the unlabelled fallback, and `qflash bench` says so and how to get
+    the labelled one (issue 14)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    rc, text = run_main(["bench", "--quick", "--shapes", "1x1x64x64", "--presets", "none", "--out", str(tmp_path),
+                         "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    note = [ln for ln in text.splitlines() if "bench.png" in ln and "matplotlib" in ln]
+    assert note and "no axes, labels or legend" in note[0] and "pip install matplotlib" in note[0]
+    assert png_size((tmp_path / "bench.png").read_bytes()) == (800, 500)  # the fallback's size
+
+
 def test_fallback_png_is_valid(bench_run, tmp_path):
     from qflash.bench.plot import _fallback_png
 

@@ -118,7 +118,7 @@ def cmd_bench(args) -> int:
     from ..config import PRESETS
     from .bench_md import bench_markdown
     from .command import DTYPES, apply_threads, out_dir, resolve_device
-    from .plot import plot_bench
+    from .plot import FALLBACK_NOTE, have_matplotlib, plot_bench
     from .shapes import default_shapes
     from .writers import write_csv, write_json
 
@@ -146,6 +146,8 @@ def cmd_bench(args) -> int:
     paths += [out / "bench.md", plot_bench(doc, out / "bench.png")]
     print(md)
     print("wrote " + ", ".join(str(p) for p in paths))
+    if not have_matplotlib():
+        print("note: " + FALLBACK_NOTE.format(path=out / "bench.png"))
     failed = [r["impl"] + " @ " + r["shape"] for r in doc["rows"] if r["status"] == "error"]
     if failed:
         print("errors: " + "; ".join(failed), file=sys.stderr)

@@ -2,7 +2,8 @@
 
 With matplotlib: a labelled two-panel figure. Without it: the same bars drawn by a tiny built-in
 PNG writer (no text; the colours follow the implementation order of the Markdown table), so
-every run still produces a valid image.
+every run still produces a valid image, and ``qflash bench`` says so (``FALLBACK_NOTE``).
+matplotlib is the ``plot`` extra (``pip install -e ".[plot]"`` or ``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ def _series(doc: dict):
     cell = {(r["shape"], r["impl"]): r for r in doc["rows"] if r["status"] == "ok"}
     get = lambda key: [[(cell.get((s, i)) or {}).get(key) for s in shapes] for i in impls]
     return shapes, impls, get("median_ms"), get("speedup_vs_sdpa")
+
+
+FALLBACK_NOTE = ("{path} has bars only (no axes, labels or legend): matplotlib is not installed. "
+                 "`pip install matplotlib` (the `plot` extra) draws the labelled figure; the numbers are in bench.md.")
+
+
+def have_matplotlib() -> bool:
+    """Whether plot_bench will draw the labelled figure (matplotlib importable)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plot_bench(doc: dict, path: Path) -> Path:
