@@ -81,6 +81,23 @@ def test_bench_writes_every_format(bench_run):
     assert "| implementation |" in md and "not kernel timings" in md
 
 
+def test_bench_lists_a_baseline_skipped_everywhere_once(bench_run):
+    """A baseline skipped on every shape for one reason (on a CPU: the CUDA-only SDPA backends) is listed once,
+    not once per shape (issue 14)."""
+    _, text, out, doc = bench_run
+    notes = {}
+    for r in doc["rows"]:
+        notes.setdefault(r["impl"], set()).add(r["note"] if r["status"] == "skipped" else None)
+    everywhere = {impl: n.pop() for impl, n in notes.items() if len(n) == 1 and None not in n}
+    if not HAS_CUDA:
+        assert everywhere, "a CPU run skips the CUDA-only SDPA backends"
+    md = (out / "bench.md").read_text()
+    for impl, note in everywhere.items():
+        for doc_text in (text, md):
+            assert doc_text.count(note) == 1, (impl, note)
+            assert sum(impl in ln for ln in doc_text.splitlines() if ln.startswith("- ")) == 1
+
+
 def test_bench_json_schema(bench_run):
     _, _, _, doc = bench_run
     assert doc["schema_version"] == schema.SCHEMA_VERSION == 1

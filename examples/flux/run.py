@@ -59,6 +59,13 @@ HF_REPOS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_PROMPT = "A photo of a red fox sitting in fresh snow in a pine forest at sunrise, highly detailed"
 RANDOM_BANNER = "random weights: not an image-quality measurement (timing mode)"
+CPU_CAVEAT = ("CPU run: qflash runs its pure-PyTorch reference path here, not the Triton kernels; "
+              "these speed-ups are CPU timings of a small problem and say nothing about a GPU")
+
+
+def _caveat(result: dict) -> list[str]:
+    """The line a table without a GPU carries (issue 14: --tiny printed 1.97x, 6.41x on a CPU, no caveat)."""
+    return [] if (result.get("env") or {}).get("gpu_name") else [f"*** {CPU_CAVEAT} ***"]
 GiB = 1024 ** 3
 
 
@@ -406,7 +413,7 @@ def random_tables(result: dict) -> str:
             f"{cfg['num_single_layers']} single blocks, {cfg['num_attention_heads']} heads x "
             f"{cfg['attention_head_dim']}), {result['dtype']}, one forward per measurement, median of "
             f"{result['timed_forwards']} after {result['warmup']} warm-up ({result['timer']})\n"
-            f"*** {RANDOM_BANNER} ***")
+            f"*** {RANDOM_BANNER} ***" + "".join("\n" + c for c in _caveat(result)))
     notes = ("speed-up: baseline (first sdpa row) / mode. +act: peak minus memory held before the forward "
              "(weights, inputs). relL2/no-attn: output relL2 as a share of removing attention entirely "
              "(with random weights attention moves the output little, so out cos is close to 1 for any mode). "
@@ -586,7 +593,7 @@ def real_table(result: dict) -> str:
             f"{result['sampler']} {result['steps']} steps, guidance {result['guidance']}, seed {result['seed']}; "
             f"PSNR/SSIM vs the baseline (sdpa) image")
     pics = [f"images: {e['side_by_side']}" for e in result["resolutions"] if e.get("side_by_side")]
-    return "\n".join([head, _table(headers, rows), *pics])
+    return "\n".join([head, *_caveat(result), _table(headers, rows), *pics])
 
 
 # --------------------------------------------------------------------------------------------

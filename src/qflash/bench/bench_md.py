@@ -18,10 +18,20 @@ def summary_table(doc: dict, metric: str = "median_ms", kind: str = "ms") -> str
     return md_table(["shape"] + impls, rows)
 
 
-def shape_table(doc: dict, shape: dict) -> str:
+def common_skips(doc: dict) -> dict[str, str]:
+    """Implementations skipped on every shape with one and the same reason: {impl: reason}
+    (on a CPU, the CUDA-only SDPA backends). The Markdown lists them once, not once per shape."""
+    seen: dict[str, set] = {}
+    for r in doc["rows"]:
+        seen.setdefault(r["impl"], set()).add((r["status"], r["note"]) if r["status"] == "skipped" else None)
+    return {impl: next(iter(v))[1] for impl, v in seen.items() if len(v) == 1 and None not in v}
+
+
+def shape_table(doc: dict, shape: dict, skip: frozenset | set = frozenset()) -> str:
+    """One shape's table; rows of ``skip`` (implementations listed once elsewhere) are left out."""
     rows, notes = [], []
     for r in doc["rows"]:
-        if r["shape"] != shape["name"]:
+        if r["shape"] != shape["name"] or r["impl"] in skip:
             continue
         if r["status"] != "ok":
             notes.append(f"- {r['impl']}: {r['status']} — {r['note']}")
@@ -49,6 +59,15 @@ def bench_markdown(doc: dict, notice: str | None = None) -> str:
               "## Median time (ms)", "", summary_table(doc), "",
               "## Speed-up vs SDPA default (same run)", "", summary_table(doc, "speedup_vs_sdpa", "x"), "",
               "## Per shape", ""]
+    common = common_skips(doc)
+    if common and len(doc["shapes"]) > 1:
+        by_reason: dict[str, list[str]] = {}
+        for impl, note in common.items():
+            by_reason.setdefault(note, []).append(impl)
+        parts += ["Skipped on every shape:", ""]
+        parts += [f"- {', '.join(impls)} — {note}" for note, impls in by_reason.items()] + [""]
+    else:
+        common = {}
     for shape in doc["shapes"]:
-        parts += [shape_table(doc, shape), ""]
+        parts += [shape_table(doc, shape, set(common)), ""]
     return "\n".join(parts)
