@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -140,6 +141,28 @@ def test_empty_sequences(gen, preset, Sq, Sk, layout):
     assert out.shape == ((2, 4, Sq, 64) if layout == "HND" else (2, Sq, 4, 64))
     assert lse.shape == (2, 4, Sq) and lse.dtype == torch.float32
     assert (out == 0).all() and torch.isneginf(lse).all()  # no keys: zeros, lse -inf
+
+
+@pytest.mark.parametrize("dims", [dict(B=0), dict(Hq=0, Hkv=0), dict(Sq=0), dict(Sk=0)],
+                         ids=["B0", "H0", "Sq0", "Sk0"])
+@pytest.mark.parametrize("preset", ["none", "int8"])
+def test_empty_dimensions_are_consistent(gen, preset, dims):
+    """B = 0, H = 0 and S = 0 all give an empty (or, Sk = 0, zero) result with zero gradients, through
+    qflash.attention and qflash.sdpa (no fallback warning), like PyTorch's SDPA (issue 14: H = 0 raised)."""
+    shape = dict(B=2, Hq=2, Hkv=2, Sq=5, Sk=7, D=16)
+    shape.update(dims)
+    q, k, v = (t.requires_grad_() for t in make_qkv(gen, **shape, dtype=torch.float32))
+    out, lse = qflash.attention(q, k, v, quant=preset, return_lse=True, causal=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        got = qflash.sdpa(q, k, v, quant=preset)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert got.shape == want.shape and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -55,7 +55,7 @@ def validate_inputs(q, k, v, *, causal, attn_mask, scale, layout, quant) -> Quan
         raise ValueError(f"v head dim must equal q's ({D}), got v {_shape(v)}")
     if v.shape[h_ax] != Hk or v.shape[s_ax] != Sk:
         raise ValueError(f"k and v must have the same heads and sequence length, got k {_shape(k)}, v {_shape(v)}")
-    if Hk == 0 or Hq % Hk:
+    if (Hk == 0 and Hq != 0) or (Hk != 0 and Hq % Hk):  # H = 0: an empty result, as B = 0 and S = 0 give
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hk}) for GQA/MQA")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {D}")

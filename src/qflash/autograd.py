@@ -110,6 +110,9 @@ def backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     needs = getattr(ctx, "needs_input_grad", None)
     mask_grad = attn_mask is not None and attn_mask.is_floating_point() and (needs is None or bool(needs[3]))
+    if q.numel() == 0 or k.numel() == 0:  # B, H, Sq or Sk = 0: no score reaches the loss, every gradient is 0
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                torch.zeros_like(attn_mask) if mask_grad else None, None)
     if ctx.kernels:
         dq, dk, dv, dmask = torch.ops.qflash.attention_bwd(
             q, k, v, out, lse, grad_out, grad_lse, attn_mask, ctx.spec.key(), mask_grad)
