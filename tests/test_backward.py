@@ -11,6 +11,7 @@ import zlib
 
 import pytest
 import torch
+from helpers import rel_l2
 
 from qflash.config import PRESETS
 from qflash.kernels.common import interpreter_enabled
@@ -42,11 +43,6 @@ SMALL_FWD = KernelConfig(32, 32, 4, 1)
 # gradient relL2 vs fp64 autograd, bf16/fp16 inputs rounded the same way for both sides
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 LOWBIT_TOL = 4e-2  # INT8 backward (measured ~1.5% on N(0,1) inputs)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _gen(*key) -> torch.Generator:

@@ -8,11 +8,11 @@ each launch so an unwritten element fails the test.
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 
 import pytest
 import torch
+from helpers import rel_l2
 
 from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
 from qflash.kernels.common import interpreter_enabled
@@ -49,11 +49,6 @@ PRESETS = list(TIGHT)
 # FP8 MMA's reduced-precision accumulation (measured up to 1.6e-2)
 LSE_TOL = {p: (3e-2 if p == "fp8" else 5e-3) for p in TIGHT}
 SMALL_CFG = KernelConfig(32, 32, 4, 1)  # interpreter: small tiles keep programs cheap
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, layout, gen, amplitude=1.0):
@@ -208,20 +203,32 @@ def test_empty_and_fully_masked(preset):
     check(o, l, q, k, v, preset, block_n=SMALL_CFG.block_n, causal=True)
 
 
+LARGE_INPUT_BUDGET = {"none": 1e-6, "int8": 0.2, "int8-fp8": 0.23, "int4": 0.88, "fp8": 0.44}
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_large_inputs_stay_finite(preset, dtype):
-    """|x| up to 1e4: no NaN or Inf, and still close to the exact result."""
+    """|x| up to 1e4: no NaN or Inf, the kernel matches its fake-quant reference, and the error vs
+    the exact result stays where it was measured."""
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(1, 2, 2, 48, 48, 64, dtype, "HND", gen, amplitude=1e4 / 4)
     q, k, v = (t.clamp(-1e4, 1e4) for t in (q, k, v))
-    o, l = run_kernel(q, k, v, resolve_quant(preset))
+    cfg = resolve_quant(preset)
+    o, l = run_kernel(q, k, v, cfg)
     assert torch.isfinite(o).all() and torch.isfinite(l).all()
     exact = exact_attention(q, k, v)
-    # scores ~1e7: softmax is nearly one-hot, and quantisation may pick a different near-tie;
-    # int4's 15 levels pick a different winner too often for a bound, so it is checked for finiteness only
-    if preset != "int4":
-        assert torch.nn.functional.cosine_similarity(o.double().flatten(), exact.double().flatten(), dim=0) > 0.9
+    block_n = min(SMALL_CFG.block_n, _v_block(cfg)) if cfg.quantizes_pv else SMALL_CFG.block_n
+    ref = fake_quant_attention(q, k, v, cfg, block_n=block_n)
+    # Kernel vs fake-quant, measured on the CPU interpreter (fp16 and bf16 alike): 0 for none, int8
+    # and int4; 5.75e-2 for the FP8 P·V presets (P's x448 scale rounds at logits ~1e7: issue 14 item 3).
+    # On a GPU (not re-measured there) the non-FP8-P presets get TIGHT's bound instead of 1e-6.
+    tol = 0.087 if cfg.quantizes_pv else (TIGHT[preset] if CUDA else 1e-6)
+    assert rel_l2(o, ref) <= tol, f"kernel vs fake-quant {rel_l2(o, ref):.2e}"
+    # Scores ~1e7: the softmax is nearly one-hot and quantisation may pick a different near-tie
+    # (issue 14 item 5). ~1.5x the measured relL2 vs exact (max of fp16/bf16): none 0, int8 0.131,
+    # int8-fp8 0.154, int4 0.586, fp8 0.289.
+    assert rel_l2(o, exact) <= LARGE_INPUT_BUDGET[preset], f"kernel vs exact {rel_l2(o, exact):.2e}"
 
 
 def test_outlier_k_smoothing():
@@ -280,7 +287,6 @@ def test_kernel_support_rejects_what_it_cannot_do():
                                        k=OperandQuant(Precision.INT8, strategy="asymmetric")), 64)
     assert not ok and "symmetric" in why
     assert kernel_support(resolve_quant("int8-fp8"), 128)[0]
-    assert math.isfinite(1.0)
 
 
 @pytest.mark.parametrize("k_block", [32, 64, 128], ids=lambda b: f"kblock{b}")

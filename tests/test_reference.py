@@ -309,6 +309,9 @@ def test_property_int8_within_budget(B, Hkv, group, Sq, Sk, D, causal, masked, d
     assert rel_l2(out, ref) <= INT8_SMALL_BUDGET
 
 
+PROPERTY_BUDGET = {"none": 6e-3, "int8": 0.025, "int8-fp8": 0.095, "int4": 0.28, "fp8": 0.145}
+
+
 @settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 @given(
     Hkv=st.integers(1, 2), group=st.integers(1, 2), Sq=st.integers(0, 70), Sk=st.integers(0, 70),
@@ -322,7 +325,9 @@ def test_property_every_preset_finite(Hkv, group, Sq, Sk, D, causal, preset, see
     out = fake_quant_attention(q, k, v, preset, causal=causal)
     ref = exact_attention(q, k, v, causal=causal)
     assert torch.isfinite(out).all()
-    assert rel_l2(out, ref) < 0.3  # loose: every preset, tiny shapes (int4 measured <= 18%)
+    # ~1.7-2x the max measured over 1500 random draws of these strategies (bf16, tiny shapes):
+    # none 2.9e-3, int8 1.22e-2, int8-fp8 4.7e-2, int4 0.163, fp8 7.3e-2
+    assert rel_l2(out, ref) < PROPERTY_BUDGET[preset]
     dead = torch.arange(Sq) + Sk - Sq < 0 if causal else torch.zeros(Sq, dtype=torch.bool) | (Sk == 0)
     assert (out[:, :, dead] == 0).all()
 
