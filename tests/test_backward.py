@@ -42,6 +42,9 @@ SMALL_BWD = BwdConfig(32, 32, 32, 32, 4, 1, 4, 1)  # interpreter: small tiles ke
 SMALL_FWD = KernelConfig(32, 32, 4, 1)
 # gradient relL2 vs fp64 autograd, bf16/fp16 inputs rounded the same way for both sides
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# check_grads' bound for dq/dk/dv: on the CPU interpreter ~1.7x the max measured over its 39 fp32,
+# 15 fp16 and 6 bf16 cases (3.4e-7, 7.1e-4, 2.8e-3; TOL is 7-60x that); on a GPU TOL (not re-measured)
+GRAD_TOL = TOL if torch.cuda.is_available() else {torch.float32: 6e-7, torch.float16: 1.2e-3, torch.bfloat16: 5e-3}
 LOWBIT_TOL = 4e-2  # INT8 backward (measured ~1.5% on N(0,1) inputs)
 
 
@@ -122,7 +125,7 @@ def test_grads_match_fp64_autograd(shape, causal, layout, dtype):
     assert dmask is None
     assert dq.stride() == q.stride() and dk.stride() == k.stride() and dv.stride() == v.stride()
     assert dq.dtype == dtype
-    check_grads((dq, dk, dv), reference_grads(q, k, v, do, causal=causal), TOL[dtype])
+    check_grads((dq, dk, dv), reference_grads(q, k, v, do, causal=causal), GRAD_TOL[dtype])
 
 
 def test_scale_and_grad_lse():
@@ -131,7 +134,7 @@ def test_scale_and_grad_lse():
     q, k, v, do = make_inputs(1, 2, 2, 48, 56, 64, torch.float32, "HND", gen)
     dlse = torch.randn(1, 2, 48, generator=gen).to(DEVICE)
     dq, dk, dv, _ = run_bwd(q, k, v, do, dlse=dlse, scale=0.3, causal=True)
-    check_grads((dq, dk, dv), reference_grads(q, k, v, do, dlse=dlse, scale=0.3, causal=True), TOL[torch.float32])
+    check_grads((dq, dk, dv), reference_grads(q, k, v, do, dlse=dlse, scale=0.3, causal=True), GRAD_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
@@ -151,7 +154,7 @@ def test_masks(mask_kind, mask_shape):
     mask = mask.to(DEVICE)
     dq, dk, dv, dmask = run_bwd(q, k, v, do, attn_mask=mask, mask_grad=True)
     want = reference_grads(q, k, v, do, attn_mask=mask)
-    check_grads((dq, dk, dv), want[:3], TOL[torch.float32])
+    check_grads((dq, dk, dv), want[:3], GRAD_TOL[torch.float32])
     if mask_kind == "bool":
         assert dmask is None
         if len(shape) == 4 and shape[2] == Sq:
@@ -177,7 +180,7 @@ def test_fully_masked_rows_give_zero_grads(dtype):
     dq, dk, dv, _ = run_bwd(q, k, v, do, causal=True, attn_mask=mask)
     assert (dq[:, :, : Sq - Sk] == 0).all() and (dq[:, :, 40] == 0).all()
     assert (dk[:, :, 7] == 0).all() and (dv[:, :, 7] == 0).all()
-    check_grads((dq, dk, dv), reference_grads(q, k, v, do, causal=True, attn_mask=mask), TOL[dtype])
+    check_grads((dq, dk, dv), reference_grads(q, k, v, do, causal=True, attn_mask=mask), GRAD_TOL[dtype])
 
 
 def test_empty_keys():
@@ -207,7 +210,7 @@ def test_ste_quantised_forward(preset):
     out_q, lse_q = attention_fwd(q, k, v, cfg, return_lse=True, kernel_config=SMALL_FWD)
     want = reference_grads(q, k, v, do)
     rec = ste_backward(q, k, v, do, None, cfg, out=out_q, lse=lse_q, kernel_config=SMALL_BWD)
-    check_grads(rec[:3], want, TOL[torch.float16])
+    check_grads(rec[:3], want, GRAD_TOL[torch.float16])
     no_rec = ste_backward(q, k, v, do, None, cfg, out=out_q, lse=lse_q, recompute=False, kernel_config=SMALL_BWD)
     assert rel_l2(no_rec[0], want[0]) > 2 * rel_l2(rec[0], want[0])
 
