@@ -43,19 +43,8 @@ CHECKS = [  # awkward shapes: (B, Hq, Hkv, Sq, Sk, D, causal: None / "br" / "tl"
 ]
 VARIANTS = {  # HopperTiles fields over the defaults (kernels/hopper/tuning.py)
     "default": dict(),
-    "kv-merged-s4": dict(kv_merged=True, stages=4),
+    "stages4": dict(stages=4),
 }
-
-
-def variant_cfg(preset: str, var: dict):
-    import dataclasses
-
-    from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
-
-    cfg = resolve_quant(preset)
-    if cfg.v.granularity.size != 0:  # one FP8 scale per V channel: what the Hopper family runs
-        cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(0)))
-    return cfg
 
 
 def child(args):
@@ -65,6 +54,7 @@ def child(args):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import qflash
+    from qflash.config import resolve_quant
     from qflash.kernels.hopper.launch import attention_fwd_hopper, build_launch
     from qflash.kernels.hopper.tuning import HopperTiles
     from qflash.kernels.kv_quant import quantize_kv
@@ -80,7 +70,7 @@ def child(args):
         return ((a - b).norm() / b.norm()).item()
 
     for preset in args.presets.split(","):
-        cfg = variant_cfg(preset, var)
+        cfg = resolve_quant(preset)
         for (B, Hq, Hkv, Sq, Sk, D, causal, want_lse, nhd) in CHECKS:
             g = torch.Generator(device=dev).manual_seed(Sq * 7 + Sk)
             q, k, v = (torch.randn(B, s, h, D, device=dev, dtype=torch.bfloat16, generator=g).transpose(1, 2)
@@ -121,7 +111,7 @@ def child(args):
             t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
         row = dict(shape=name, sdpa_ms=t_sdpa)
         for preset in args.presets.split(","):
-            cfg = variant_cfg(preset, var)
+            cfg = resolve_quant(preset)
             o, _ = attention_fwd_hopper(q, k, v, cfg, tiles=tiles, causal_offset=off)
             kc, ks, vt, vs, _ = quantize_kv(k, v, cfg, tiles.block_n, tiles.v_permuted)
             out = torch.empty_like(q)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -15,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 
-from qflash.config import Granularity, OperandQuant, Precision, resolve_quant  # noqa: E402
+from qflash.config import resolve_quant  # noqa: E402
 from qflash.kernels.hopper.launch import attention_fwd_hopper  # noqa: E402
 from qflash.kernels.hopper.tuning import HopperTiles  # noqa: E402
 
@@ -28,8 +27,6 @@ if __name__ == "__main__":
     a = ap.parse_args()
     B, H, S, D = SHAPES[a.shape]
     cfg = resolve_quant(a.preset)
-    if cfg.v.granularity.size != 0:
-        cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(0)))
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     tiles = HopperTiles(v_permuted=True, int_cvt=2)
     for _ in range(3):

@@ -19,7 +19,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import rel_l2
 
 from qflash.config import Granularity, OperandQuant, Precision, resolve_quant
@@ -27,14 +26,6 @@ from qflash.quant.core import quantize
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 SM90_SHARED_LIMIT = 232448  # bytes of dynamic shared memory per block on sm_90 (227 KB)
-
-
-def hopper_cfg(preset: str):
-    """The preset as the Hopper family runs it: one FP8 scale per V channel over all keys."""
-    cfg = resolve_quant(preset)
-    if cfg.quantizes_pv and cfg.v.granularity.size != 0:
-        cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(0)))
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +43,6 @@ def sm90_builds():
 
 
 def _variant_names():
-    sys.path.insert(0, os.path.abspath(SRC))
     from qflash.kernels.hopper.compile import variants
 
     return list(variants())
@@ -88,7 +78,7 @@ def test_quantize_kv_matches_quant_core(preset, S, gen):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, H, D = 1, 2, 64
     k, v = _kv(gen, B, H, S, D, dev)
-    cfg = hopper_cfg(preset)
+    cfg = resolve_quant(preset)
     kc, ks, vt, vs, ksum = quantize_kv(k, v, cfg, 128, v_permuted=False)
     kf = k.float()
     ref_k = quantize(kf - kf.mean(dim=2, keepdim=True), cfg.k)
@@ -121,7 +111,7 @@ def test_quantize_kv_permuted_order(gen):
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     k, v = _kv(gen, 1, 1, 200, 64, dev)
-    cfg = hopper_cfg("int8-fp8")
+    cfg = resolve_quant("int8-fp8")
     plain = quantize_kv(k, v, cfg, 128, v_permuted=False)[2]
     perm = quantize_kv(k, v, cfg, 128, v_permuted=True)[2]
     n = torch.arange(plain.shape[-1])
@@ -177,7 +167,7 @@ def test_hopper_forward_matches_references(preset, case, seed):
     ref_kw = dict(causal=causal == "br")  # the references' causal is bottom-right
     if causal == "tl":
         ref_kw["attn_mask"] = torch.ones(Sq, Sk, dtype=torch.bool, device="cuda").tril()
-    cfg = hopper_cfg(preset)
+    cfg = resolve_quant(preset)
     out = torch.full_like(q, float("nan"))
     o, lse = attention_fwd_hopper(q, k, v, cfg, return_lse=want_lse, causal_offset=off, out=out)
     fq = fake_quant_attention(q, k, v, cfg, return_lse=want_lse, block_n=128, **ref_kw)

@@ -218,7 +218,6 @@ def _quantize_q_tile(q_in, q_codes, row_layout: gl.constexpr):
     (INT8) or round-to-nearest conversion (FP8), an all-zero row gets ``amax = 1``.
     """
     QM: gl.constexpr = q_in.type.shape[0]
-    D: gl.constexpr = q_in.type.shape[1]
     IS_INT: gl.constexpr = q_codes.dtype == gl.int8
     QMAX: gl.constexpr = 127.0 if IS_INT else 448.0
     blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -243,7 +242,7 @@ def _quantize_q_tile(q_in, q_codes, row_layout: gl.constexpr):
 def _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty,
           turn_mine, turn_other, ks_ptr, Sk, diag0,
           FIRST: gl.constexpr, MASK_TAIL: gl.constexpr, MASKED: gl.constexpr, INT_CVT: gl.constexpr,
-          V_PERMUTED: gl.constexpr, KV_MERGED: gl.constexpr):
+          V_PERMUTED: gl.constexpr):
     """Key tile j ≥ 1: issue Q·K_jᵀ and P_{j-1}·V_{j-1} together, softmax(S_j) while P·V runs.
 
     ``p`` is P_{j-1} in fp32 (accumulator layout) and ``acc`` is already rescaled to m_{j-1}.
@@ -270,12 +269,11 @@ def _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k
     _release(turn_other)
     k_scale = gl.load(ks_ptr + j)
     qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
-    if not KV_MERGED:
-        _release(k_empty.index(s))
+    _release(k_empty.index(s))
     p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk - j * BN, diag0 - j * BN, MASK_TAIL, MASKED,
                                        INT_CVT, s_layout)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    _release(v_empty.index(sp))  # KV_MERGED: frees the stage's K too (one arrive, one barrier sync less)
+    _release(v_empty.index(sp))
     acc = _rescale(acc, alpha, o_layout)
     return p, alpha, acc, m_i, l_i
 
@@ -284,7 +282,7 @@ def _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k
 def _consumer(q_in, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
               ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult, rows_left, Sk, n_iters, n_unmasked, diag0,
               FIRST: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr, CAUSAL: gl.constexpr,
-              INT_CVT: gl.constexpr, V_PERMUTED: gl.constexpr, KV_MERGED: gl.constexpr):
+              INT_CVT: gl.constexpr, V_PERMUTED: gl.constexpr):
     """One warpgroup's rows. Tiles [1, n_unmasked) need no causal mask, [n_unmasked, n_iters)
     do (diag0: the causal bound of this warpgroup's first row at key 0)."""
     BM: gl.constexpr = q_in.type.shape[0]
@@ -309,18 +307,17 @@ def _consumer(q_in, q_codes, k_bufs, v_bufs, q_bar, k_ready, k_empty, v_ready, v
     _release(turn_other)
     k_scale = gl.load(ks_ptr)
     qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-    if not KV_MERGED:
-        _release(k_empty.index(0))
+    _release(k_empty.index(0))
     p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, c_row, k_scale, Sk, diag0, MASK_TAIL, CAUSAL, INT_CVT, s_layout)
     for j in range(1, n_unmasked):
         p, alpha, acc, m_i, l_i = _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready, k_empty,
                                         v_ready, v_empty, turn_mine, turn_other, ks_ptr, Sk, diag0, FIRST, MASK_TAIL,
-                                        False, INT_CVT, V_PERMUTED, KV_MERGED)
+                                        False, INT_CVT, V_PERMUTED)
     if CAUSAL:  # the diagonal tiles
         for j in range(gl.maximum(n_unmasked, 1), n_iters):
             p, alpha, acc, m_i, l_i = _step(j, p, alpha, acc, m_i, l_i, c_row, q_codes, k_bufs, v_bufs, k_ready,
                                             k_empty, v_ready, v_empty, turn_mine, turn_other, ks_ptr, Sk, diag0, FIRST,
-                                            MASK_TAIL, True, INT_CVT, V_PERMUTED, KV_MERGED)
+                                            MASK_TAIL, True, INT_CVT, V_PERMUTED)
     # P_{n-1}·V_{n-1}
     sl = (n_iters - 1) % STAGES
     p_op = _p_operand(p, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4), V_PERMUTED)
@@ -360,7 +357,7 @@ def attn_fwd_fa3_kernel(
     q_mult,  # softmax_scale · log2(e)
     Hq, Hkv, Sq, Sk, n_kblocks, causal_off,
     STAGES: gl.constexpr, HAS_LSE: gl.constexpr, MASK_TAIL: gl.constexpr, CAUSAL: gl.constexpr,
-    INT_CVT: gl.constexpr, V_PERMUTED: gl.constexpr, KV_MERGED: gl.constexpr,
+    INT_CVT: gl.constexpr, V_PERMUTED: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """Grid (cdiv(Sq, 2·QM), B·Hq). See the module docstring for operands and numbers.
@@ -404,10 +401,6 @@ def attn_fwd_fa3_kernel(
     v_empty = _alloc_bars(STAGES, 2)
     turn = _alloc_bars(2, 1)
     fence_async_shared()
-    if KV_MERGED:  # one "stage free" barrier for K and V: the producer's K wait passes with its V wait
-        k_free = v_empty
-    else:
-        k_free = k_empty
 
     ks_ptr = KScale + bhk.to(gl.int64) * n_kblocks
     vs_ptr = VScale + bhk.to(gl.int64) * D
@@ -421,11 +414,11 @@ def attn_fwd_fa3_kernel(
         (_consumer, (q_bufs.index(0), q_codes.index(0), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
                      v_empty, turn.index(0), turn.index(1), ks_ptr, vs_ptr, o_ptr, stride_om, lse_ptr, q_mult,
                      rows_left, Sk, n_iters, n_unmasked, m0 + causal_off, True, HAS_LSE, MASK_TAIL, CAUSAL,
-                     INT_CVT, V_PERMUTED, KV_MERGED)),
+                     INT_CVT, V_PERMUTED)),
         (_consumer, (q_bufs.index(1), q_codes.index(1), k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
                      v_empty, turn.index(1), turn.index(0), ks_ptr, vs_ptr, o_ptr + QM * stride_om, stride_om,
                      lse_ptr + QM, q_mult, rows_left - QM, Sk, n_iters, n_unmasked, m0 + QM + causal_off, False,
-                     HAS_LSE, MASK_TAIL, CAUSAL, INT_CVT, V_PERMUTED, KV_MERGED)),
-        (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar.index(0), k_ready, k_free, v_ready,
+                     HAS_LSE, MASK_TAIL, CAUSAL, INT_CVT, V_PERMUTED)),
+        (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar.index(0), k_ready, k_empty, v_ready,
                      v_empty, q_row, q_col, k_row, vt_row, n_iters)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

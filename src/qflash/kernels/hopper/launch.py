@@ -103,7 +103,7 @@ def build_launch(q, kc, ks, vt, vs, out, lse, scale: float, tiles: HopperTiles, 
         Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, n_kblocks=nb, causal_off=causal_offset or 0,
         STAGES=tiles.stages, HAS_LSE=lse is not None, MASK_TAIL=Sk % BN != 0, CAUSAL=causal_offset is not None,
         INT_CVT=tiles.int_cvt,
-        V_PERMUTED=tiles.v_permuted, KV_MERGED=tiles.kv_merged,
+        V_PERMUTED=tiles.v_permuted,
         CONSUMER_REGS=tiles.consumer_regs, PRODUCER_REGS=tiles.producer_regs,
     )
     grid = (math.ceil(Sq / (2 * QM)), B * Hq)

@@ -27,7 +27,6 @@ class HopperTiles:
     producer_regs: int = 24
     maxnreg: int = 168  # register cap at entry: 12 warps · 32 · 168 ≤ 64K
     v_permuted: bool = True  # Vᵀ keys stored in the P-operand order (fwd_kernel._p_operand)
-    kv_merged: bool = False  # one barrier frees a stage's K and V (after P·V): fewer barrier syncs
     int_cvt: int = 2  # INT8 scores to fp32: 0 I2F, 1 magic add (exact), 2 magic folded into the FMA
 
     def __post_init__(self):
