@@ -1,14 +1,26 @@
-"""CPU cost of one qflash call at a tiny shape (where launches, not math, set the time).
+"""Cost of one small attention call: CPU time per call and GPU time per call, SDPA vs each preset.
 
-    python benchmarks/launch_overhead.py [--profile] [--do-bench] [--torch-profile]
+    python benchmarks/launch_overhead.py [--out DIR] [--shapes S1,S2] [--presets P1,P2]
+                                         [--profile] [--torch-profile]
 
-``--profile``: cProfile of ``attention_fwd``. ``--do-bench``: 1x1x64x64 timed as ``qflash bench``
-times it (``do_bench``, L2 cleared before each call, the preset passed by name). ``--torch-profile``:
-torch.profiler tables (launches, allocations, any host synchronisation) of ``qflash.attention``.
+For each shape (default: the six small shapes of ``qflash bench``) and each implementation
+(SDPA's default backend, then ``qflash.attention`` per preset):
+
+- ``cpu_us``: wall-clock time per call of a loop of back-to-back calls, synchronised once at the
+  end (the host cost of a call when the GPU keeps up: argument checks, dispatch, allocation,
+  launches).
+- ``graph_us``: GPU time per call under CUDA-graph replay (the call captured once, replayed
+  ``n`` times between two CUDA events): the kernels alone, no host cost.
+
+Prints one table and writes ``launch_overhead.json`` under ``--out``. ``--profile``: cProfile of
+``qflash.attention`` (int8-fp8, first shape). ``--torch-profile``: torch.profiler tables
+(launches, allocations, any host synchronisation) for int8 and int8-fp8 at the first shape.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import time
@@ -18,11 +30,15 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import qflash  # noqa: E402
-from qflash.kernels.portable.launch import attention_fwd, quantize_qkv  # noqa: E402
+from qflash.bench.shapes import GPU_DEFAULT, parse_shapes  # noqa: E402
+
+SMALL = [s for s in GPU_DEFAULT if s.batch * s.heads * s.seq * s.keys <= 2**23]
 
 
-def per_call_us(fn, n=300):
-    fn()
+def cpu_us(fn, n=300) -> float:
+    """Host time per call of ``n`` back-to-back calls (one sync at the end)."""
+    for _ in range(5):
+        fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(n):
@@ -31,21 +47,14 @@ def per_call_us(fn, n=300):
     return (time.perf_counter() - t) / n * 1e6
 
 
-q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-print(f"sdpa: {per_call_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)):.1f} us/call")
-for p in ("none", "int8", "int8-fp8", "fp8"):
-    cfg = qflash.resolve_quant(p)
-    print(f"{p}: attention_fwd {per_call_us(lambda: attention_fwd(q, k, v, cfg)):.1f} us/call; "
-          f"qflash.attention {per_call_us(lambda: qflash.attention(q, k, v, quant=cfg)):.1f} us/call"
-          + (f"; quantize_qkv {per_call_us(lambda: quantize_qkv(q, k, v, cfg)):.1f} us" if cfg.quantizes_qk else ""))
-print(f"torch.mean: {per_call_us(lambda: torch.mean(k, dim=2, dtype=torch.float32)):.1f} us; "
-      f"torch.empty: {per_call_us(lambda: torch.empty(1, 1, 64, 64, device='cuda')):.1f} us")
-
-
-
-def graph_us(fn, n=200):
+def graph_us(fn, n=200) -> float:
     """GPU time per call without the CPU launch cost: the call captured once in a CUDA graph."""
-    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up off the capture (compiles, plan caches)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -61,56 +70,75 @@ def graph_us(fn, n=200):
     return start.elapsed_time(end) / n * 1e3
 
 
-for shape in ((1, 1, 64, 64), (1, 1, 512, 64), (1, 1, 1024, 128)):
-    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    row = [f"sdpa {graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)):.1f}"]
-    for p in ("none", "int8", "int8-fp8", "fp8"):
-        cfg = qflash.resolve_quant(p)
-        row.append(f"{p} {graph_us(lambda: attention_fwd(q, k, v, cfg)):.1f}")
-        if p != "none":  # the other mode: two launches (quantiser + attention) vs one (fused)
-            row.append(f"{p}/2-launch {graph_us(lambda: attention_fwd(q, k, v, cfg, fused_quant=False)):.1f}")
-            row.append(f"{p}/fused {graph_us(lambda: attention_fwd(q, k, v, cfg, fused_quant=True)):.1f}")
-    print(f"GPU us per call (CUDA graph replay) {shape}: " + ", ".join(row))
-q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", default=None, help="BxHxS[:Sk]xD,... (default: the small bench shapes)")
+    ap.add_argument("--presets", default="none,int8,int8-fp8,fp8")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--torch-profile", action="store_true")
+    args = ap.parse_args()
+    shapes = parse_shapes(args.shapes) if args.shapes else SMALL
+    presets = args.presets.split(",")
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    hdr = f"{'shape':<16} {'impl':<10} {'family':<9} {'cpu us':>7} {'x sdpa':>6} {'gpu us':>7} {'x sdpa':>6}"
+    print(hdr)
+    for shape in shapes:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        mk = lambda s: torch.randn(shape.batch, shape.heads, s, shape.head_dim, device="cuda",  # noqa: E731
+                                   dtype=torch.bfloat16, generator=g)
+        q, k, v = mk(shape.seq), mk(shape.keys), mk(shape.keys)
+        impls = [("sdpa", "cudnn/flash", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))]
+        from qflash.kernels import dispatch
+        from qflash.spec import AttnSpec
+        for p in presets:
+            fam = dispatch.select(AttnSpec.build(p), q, k, v, None).name
+            impls.append((p, fam, lambda p=p: qflash.attention(q, k, v, quant=p)))
+        base = None
+        for name, fam, fn in impls:
+            c, gu = cpu_us(fn), graph_us(fn)
+            base = base or (c, gu)
+            rows.append({"shape": shape.spec, "impl": name, "family": fam, "cpu_us": c, "graph_us": gu,
+                         "cpu_vs_sdpa": c / base[0], "graph_vs_sdpa": gu / base[1]})
+            print(f"{shape.spec:<16} {name:<10} {fam:<9} {c:7.1f} {c / base[0]:6.2f} {gu:7.1f} {gu / base[1]:6.2f}",
+                  flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "launch_overhead.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
 
-if "--profile" in sys.argv:
-    import cProfile
-    import pstats
+    shape = shapes[0]
+    q, k, v = (torch.randn(shape.batch, shape.heads, s, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+               for s in (shape.seq, shape.keys, shape.keys))
+    if args.profile:
+        import cProfile
+        import pstats
 
-    cfg = qflash.resolve_quant("int8-fp8")
-    for _ in range(20):
-        attention_fwd(q, k, v, cfg)
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(200):
-        attention_fwd(q, k, v, cfg)
-    torch.cuda.synchronize()
-    pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
-
-if "--do-bench" in sys.argv:
-    from triton.testing import do_bench
-
-    for p in ("none", "int8", "int8-fp8", "fp8"):
-        cfg = qflash.resolve_quant(p)
-        api = lambda p=p: qflash.attention(q, k, v, quant=p)  # noqa: E731
-        fwd = lambda cfg=cfg: attention_fwd(q, k, v, cfg)  # noqa: E731
-        api_ms = sorted(do_bench(api, warmup=25, rep=100, return_mode="all"))
-        fwd_ms = sorted(do_bench(fwd, warmup=25, rep=100, return_mode="all"))
-        print(f"{p}: do_bench median api {api_ms[len(api_ms) // 2] * 1e3:.1f} us (min {api_ms[0] * 1e3:.1f}), "
-              f"attention_fwd {fwd_ms[len(fwd_ms) // 2] * 1e3:.1f} us (min {fwd_ms[0] * 1e3:.1f}); "
-              f"CPU api {per_call_us(api):.1f} us, fwd {per_call_us(fwd):.1f} us", flush=True)
-
-if "--torch-profile" in sys.argv:
-    from torch.profiler import ProfilerActivity, profile
-
-    for p in ("int8", "int8-fp8"):
-        for _ in range(10):
-            qflash.attention(q, k, v, quant=p)
+        for _ in range(20):
+            qflash.attention(q, k, v, quant="int8-fp8")
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(200):
+            qflash.attention(q, k, v, quant="int8-fp8")
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(18)
+    if args.torch_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for p in ("int8", "int8-fp8"):
+            for _ in range(10):
                 qflash.attention(q, k, v, quant=p)
             torch.cuda.synchronize()
-        print(f"== torch.profiler {p} (20 calls)")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    qflash.attention(q, k, v, quant=p)
+                torch.cuda.synchronize()
+            print(f"== torch.profiler {p} (20 calls)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

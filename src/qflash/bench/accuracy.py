@@ -47,7 +47,7 @@ class Workload:
     def as_dict(self) -> dict:
         s = self.shape
         return {"name": self.name, "description": self.description, "batch": s.batch, "heads": s.heads,
-                "seq_q": s.seq, "seq_k": s.seq, "head_dim": s.head_dim, "causal": s.causal}
+                "seq_q": s.seq, "seq_k": s.keys, "head_dim": s.head_dim, "causal": s.causal}
 
     def inputs(self, device, dtype, seed):
         q, k, v = make_inputs(self.shape, device, dtype, seed)

@@ -25,10 +25,11 @@ CPU_ASKED = "--device cpu — CPU reference run; timings are not kernel timings"
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int):
-    """q, k, v ~ N(0, 1), (B, H, S, D), generated in fp32 from ``seed`` and cast to ``dtype``."""
+    """q (B, H, Sq, D) and k, v (B, H, Sk, D) ~ N(0, 1), generated in fp32 from ``seed`` and cast
+    to ``dtype``."""
     g = torch.Generator(device=device).manual_seed(seed)
-    size = (shape.batch, shape.heads, shape.seq, shape.head_dim)
-    return tuple(torch.randn(size, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in range(3))
+    sizes = [(shape.batch, shape.heads, s, shape.head_dim) for s in (shape.seq, shape.keys, shape.keys)]
+    return tuple(torch.randn(size, generator=g, device=device, dtype=torch.float32).to(dtype) for size in sizes)
 
 
 def _peak_mib(fn, device: torch.device) -> float | None:
@@ -165,6 +166,7 @@ def _flat_rows(doc: dict) -> list[dict]:
     for r in doc["rows"]:
         s = shapes[r["shape"]]
         flat.append({**{k: s[k] for k in ("batch", "heads", "seq_q", "seq_k", "head_dim", "causal")},
-                     "shape_spec": f"{s['batch']}x{s['heads']}x{s['seq_q']}x{s['head_dim']}{'c' * s['causal']}",
+                     "shape_spec": Shape(s["batch"], s["heads"], s["seq_q"], s["head_dim"], s["causal"],
+                                           seq_k=None if s["seq_k"] == s["seq_q"] else s["seq_k"]).spec,
                      "reference": s["reference"]["method"], **r})
     return flat

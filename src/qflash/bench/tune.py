@@ -133,7 +133,7 @@ def cmd_tune(args) -> int:
         q, k, v = make_inputs(shape, device, torch.bfloat16, i)
         for p in presets:
             cfg = PRESETS[p]
-            key = configs.config_key(shape.head_dim, cfg.quantizes_pv, shape.seq, shape.seq, cfg.quantizes_qk)
+            key = configs.config_key(shape.head_dim, cfg.quantizes_pv, shape.seq, shape.keys, cfg.quantizes_qk)
             ref, _ = attention_fwd(q, k, v, cfg, causal=shape.causal)
             for kc in space:
                 def fn(kc=kc, q=q, k=k, v=v, cfg=cfg, causal=shape.causal):
