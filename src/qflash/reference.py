@@ -30,7 +30,7 @@ import torch
 from .config import Precision, QuantConfig, resolve_quant
 from .quant.core import block_mean, dequantize, expand_scales, quantize, token_mean
 
-__all__ = ["exact_attention", "fake_quant_attention", "keep_mask", "expand_kv", "reference_backward"]
+__all__ = ["exact_attention", "fake_quant_attention", "fake_quant_attention_kv", "keep_mask", "expand_kv", "reference_backward"]
 
 
 def expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
@@ -121,19 +121,74 @@ def fake_quant_attention(
     Returns ``out`` in q's dtype, or ``(out, lse)``.
     """
     cfg = resolve_quant(quant)
-    B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qf, kf, vf = q.float(), k.float(), v.float()
-
-    # --- scores: smoothing, quantisation of Q and K, bias restoration -------------------------
+    kf, vf = k.float(), v.float()
+    # --- K/V side: smoothing and quantisation -------------------------------------------------
     k_mean = token_mean(kf) if cfg.smooth_k and Sk else None
     ks = kf - k_mean if k_mean is not None else kf
+    k_hat = dequantize(quantize(ks, cfg.k), torch.float64) if cfg.quantizes_qk else None
+    v_mean = token_mean(vf) if cfg.smooth_v and Sk else None
+    vs = vf - v_mean if v_mean is not None else vf
+    v_codes = v_scale = None
+    if cfg.quantizes_pv:
+        v_q = quantize(vs, cfg.v)
+        v_codes = v_q.data.float()  # fp8 values as fp32, exact
+        v_scale = expand_scales(v_q.scale, v_q.granularity, v_q.shape)
+    return _fake_quant_core(q, k, v, cfg, k_mean, ks, k_hat, v_mean, v_codes, v_scale, causal=causal,
+                            attn_mask=attn_mask, scale=scale, return_lse=return_lse, block_n=block_n,
+                            top_left=top_left)
+
+
+def fake_quant_attention_kv(
+    q: torch.Tensor,
+    qkv,
+    *,
+    causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    block_n: int = 64,
+    top_left: bool = False,
+):
+    """``fake_quant_attention`` on pre-quantised keys and values (a ``qflash.quant.kv.QuantizedKV``):
+    Q is quantised here, K and V are the given codes and scales. Bit-identical to
+    ``fake_quant_attention(q, k, v, qkv.quant)`` when ``qkv`` holds the codes that function
+    would compute (``quantize_kv_reference``)."""
+    cfg = qkv.quant
+    B, H, Sk, D = qkv.shape
+    k_hat = dequantize(qkv.k_tensor(), torch.float64)
+    k_mean = qkv.k_mean[:, :, None, :] if qkv.k_mean is not None and Sk else None
+    v_codes = v_scale = None
+    if cfg.quantizes_pv:
+        v_codes = qkv.vt_in_key_order()[..., :Sk].transpose(-1, -2).float()
+        v_scale = qkv.v_scale[:, :, None, :].expand(B, H, Sk, D)
+        v = v_codes  # shape only
+    else:
+        v = qkv.v
+    return _fake_quant_core(q, None, v, cfg, k_mean, None, k_hat, None, v_codes, v_scale, causal=causal,
+                            attn_mask=attn_mask, scale=scale, return_lse=return_lse, block_n=block_n,
+                            top_left=top_left, Sk=Sk)
+
+
+def _fake_quant_core(q, k, v, cfg, k_mean, ks, k_hat, v_mean, v_codes, v_scale, *, causal, attn_mask, scale,
+                     return_lse, block_n, top_left, Sk=None):
+    """Scores from the quantised operands, then the kernels' tile-wise online softmax and P·V.
+
+    k: the raw keys (only read for unquantised Q·K); ks: the smoothed fp32 keys (only read by
+    smooth_q's bias); k_hat: dequantised K codes fp64 (B, Hkv, Sk, D) when Q·K is quantised;
+    v_codes / v_scale: FP8 V codes as fp32 and their scales expanded to (B, Hkv, Sk, Dv) when
+    P·V is quantised, else ``v`` is used as it is.
+    """
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2] if Sk is None else Sk
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qf = q.float()
+
+    # --- scores: quantisation of Q, bias restoration -------------------------------------------
     q_mean = block_mean(qf, cfg.q_mean_block) if cfg.smooth_q and Sq else None
     qs = qf - q_mean.repeat_interleave(cfg.q_mean_block, dim=-2)[..., :Sq, :] if q_mean is not None else qf
     if cfg.quantizes_qk:
         q_hat = dequantize(quantize(qs, cfg.q), torch.float64)
-        k_hat = dequantize(quantize(ks, cfg.k), torch.float64)
         scores = (q_hat @ expand_kv(k_hat, Hq).transpose(-1, -2)).float()
     else:
         # full precision: the kernel feeds the input dtype to the MMA and accumulates in fp32
@@ -145,15 +200,12 @@ def fake_quant_attention(
     t = _masked_scores(scores * scale, keep, additive)
     t = t.expand(B, Hq, Sq, Sk)
 
-    # --- P·V: V quantisation, tile-wise online softmax ----------------------------------------
-    v_mean = token_mean(vf) if cfg.smooth_v and Sk else None
-    vs = vf - v_mean if v_mean is not None else vf
+    # --- P·V: tile-wise online softmax ---------------------------------------------------------
     if cfg.quantizes_pv:
-        v_q = quantize(vs, cfg.v)
-        v_codes = expand_kv(v_q.data.float(), Hq)  # fp8 values as fp32, exact
-        v_scale = expand_kv(expand_scales(v_q.scale, v_q.granularity, v_q.shape), Hq)
+        v_codes = expand_kv(v_codes, Hq)
+        v_scale = expand_kv(v_scale, Hq)
     else:
-        v_lp = expand_kv(v if q.dtype != torch.float32 else vf, Hq)
+        v_lp = expand_kv(v if q.dtype != torch.float32 else v.float(), Hq)
 
     Dv = v.shape[-1]
     m = torch.full((B, Hq, Sq), float("-inf"), device=q.device)
