@@ -41,7 +41,7 @@ if has sweep; then
   timeout 120 python3 benchmarks/sweep.py --out "$OUT" --presets fp8,none --variants 2 >> "$OUT/sweep.log" 2>&1
 fi
 if has launch; then
-  timeout 60 python3 benchmarks/launch_overhead.py --profile > "$OUT/launch.log" 2>&1
+  timeout 200 python3 benchmarks/launch_overhead.py --out "$OUT" > "$OUT/launch.log" 2>&1
 fi
 if has bench; then
   timeout 200 python3 benchmarks/kernel_bench.py --out "$OUT" --quick --presets int8,int8-fp8,fp8,int4,none \

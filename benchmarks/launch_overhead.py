@@ -1,7 +1,7 @@
 """Cost of one small attention call: CPU time per call and GPU time per call, SDPA vs each preset.
 
     python benchmarks/launch_overhead.py [--out DIR] [--shapes S1,S2] [--presets P1,P2]
-                                         [--profile] [--torch-profile]
+                                         [--profile PRESET@SHAPE ...] [--torch-profile PRESET@SHAPE ...]
 
 For each shape (default: the six small shapes of ``qflash bench``) and each implementation
 (SDPA's default backend, then ``qflash.attention`` per preset):
@@ -12,9 +12,10 @@ For each shape (default: the six small shapes of ``qflash bench``) and each impl
 - ``graph_us``: GPU time per call under CUDA-graph replay (the call captured once, replayed
   ``n`` times between two CUDA events): the kernels alone, no host cost.
 
-Prints one table and writes ``launch_overhead.json`` under ``--out``. ``--profile``: cProfile of
-``qflash.attention`` (int8-fp8, first shape). ``--torch-profile``: torch.profiler tables
-(launches, allocations, any host synchronisation) for int8 and int8-fp8 at the first shape.
+Prints one table and writes ``launch_overhead.json`` under ``--out``. ``--profile int8@1x1x1024x128``:
+cProfile of ``qflash.attention`` for that preset and shape (repeatable). ``--torch-profile`` (same
+spelling): torch.profiler table of the call (kernels with their GPU times, launches, allocations,
+any host synchronisation). ``--no-table`` skips the table.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default=None, help="BxHxS[:Sk]xD,... (default: the small bench shapes)")
     ap.add_argument("--presets", default="none,int8,int8-fp8,fp8")
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--torch-profile", action="store_true")
+    ap.add_argument("--profile", action="append", default=[], metavar="PRESET@SHAPE")
+    ap.add_argument("--torch-profile", action="append", default=[], metavar="PRESET@SHAPE")
+    ap.add_argument("--no-table", action="store_true")
     args = ap.parse_args()
     shapes = parse_shapes(args.shapes) if args.shapes else SMALL
     presets = args.presets.split(",")
@@ -84,7 +86,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     hdr = f"{'shape':<16} {'impl':<10} {'family':<9} {'cpu us':>7} {'x sdpa':>6} {'gpu us':>7} {'x sdpa':>6}"
     print(hdr)
-    for shape in shapes:
+    for shape in [] if args.no_table else shapes:
         g = torch.Generator(device="cuda").manual_seed(0)
         mk = lambda s: torch.randn(shape.batch, shape.heads, s, shape.head_dim, device="cuda",  # noqa: E731
                                    dtype=torch.bfloat16, generator=g)
@@ -109,35 +111,42 @@ def main() -> None:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
 
-    shape = shapes[0]
-    q, k, v = (torch.randn(shape.batch, shape.heads, s, shape.head_dim, device="cuda", dtype=torch.bfloat16)
-               for s in (shape.seq, shape.keys, shape.keys))
-    if args.profile:
+    for what in args.profile:
+        preset, q, k, v = _profile_inputs(what)
         import cProfile
         import pstats
 
         for _ in range(20):
-            qflash.attention(q, k, v, quant="int8-fp8")
+            qflash.attention(q, k, v, quant=preset)
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(200):
-            qflash.attention(q, k, v, quant="int8-fp8")
+            qflash.attention(q, k, v, quant=preset)
         torch.cuda.synchronize()
         pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(18)
-    if args.torch_profile:
+        print(f"== cProfile {what} (200 calls)")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+    for what in args.torch_profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for p in ("int8", "int8-fp8"):
-            for _ in range(10):
-                qflash.attention(q, k, v, quant=p)
+        preset, q, k, v = _profile_inputs(what)
+        for _ in range(10):
+            qflash.attention(q, k, v, quant=preset)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                qflash.attention(q, k, v, quant=preset)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    qflash.attention(q, k, v, quant=p)
-                torch.cuda.synchronize()
-            print(f"== torch.profiler {p} (20 calls)")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+        print(f"== torch.profiler {what} (20 calls)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=60))
+
+
+def _profile_inputs(what: str):
+    preset, spec = what.split("@")
+    shape = parse_shapes(spec)[0]
+    q, k, v = (torch.randn(shape.batch, shape.heads, s, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+               for s in (shape.seq, shape.keys, shape.keys))
+    return preset, q, k, v
 
 
 if __name__ == "__main__":
