@@ -1,0 +1,232 @@
+"""Ring attention: every rank keeps its queries, the K/V blocks travel around the ring.
+
+Step t on rank r computes its queries against the block of rank ``(r - t) mod P`` with
+``qflash.attention(..., return_lse=True)`` while the next block is already on its way
+(``comm.RingExchange``: ``batch_isend_irecv`` into fresh buffers, two in flight at most), and
+folds the partial result into an fp32 running output with the log-sum-exp (``merge.merge_into``).
+
+Causal: the ranks hold the sequence in zig-zag order (rank r: chunks r and 2P-1-r of 2P; the
+caller permutes, ``api``), so that each rank does the same work. Then block (r, src) is
+
+    src == r: the local causal attention (both chunks, equal lengths: plain causal);
+    src <  r: all local queries against the first chunk of src's block (fully visible);
+    src >  r: the second local chunk of queries against all of src's block (fully visible);
+
+half a block's work for every off-diagonal step, on every rank.
+
+Backward (``RingAttention.backward``): the K/V blocks go around the ring again, and each block's
+dK/dV accumulator (fp32) travels with it and arrives home after the last step. A block's
+gradients use the *global* O and lse (rows of the merged result), which makes the blockwise
+gradients exact: dS = P ∘ (dP − rowsum(dO ∘ O) + dlse) with P = exp(S − lse_global). On CUDA the
+block gradients come from the backward kernel family (``family.backward`` with the global O and
+lse); on other devices from fp32 PyTorch math here (``_block_grads_torch``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .comm import RingExchange, rank_and_size
+from .merge import merge_into
+
+__all__ = ["RingAttention", "RingPlan", "ring_forward"]
+
+
+@dataclass(frozen=True, eq=False)
+class RingPlan:
+    """Everything a ring call needs besides the tensors (same on every rank but ``q_first``).
+
+    klens: local key lengths of every rank (group-rank order). Causal only: ``k_first[i]`` is the
+    length of rank i's first zig-zag chunk, ``q_first`` this rank's (queries and keys share it).
+    """
+
+    group: object
+    quant: object  # QuantConfig
+    scale: float
+    causal: bool
+    klens: tuple
+    k_first: tuple
+    q_first: int
+    backend: str
+    bwd_recompute: bool | None = None
+
+
+def _block(plan: RingPlan, r: int, src: int, sq: int, sk: int):
+    """(query rows, key columns, diagonal?) that rank r computes against src's block, or None."""
+    if not plan.causal:
+        rows, cols, diag = slice(0, sq), slice(0, sk), False
+    elif src == r:
+        rows, cols, diag = slice(0, sq), slice(0, sk), True
+    elif src < r:
+        rows, cols, diag = slice(0, sq), slice(0, plan.k_first[src]), False
+    else:
+        rows, cols, diag = slice(plan.q_first, sq), slice(0, sk), False
+    if rows.stop <= rows.start or cols.stop <= cols.start:
+        return None
+    return rows, cols, diag
+
+
+def ring_forward(q, k, v, plan: RingPlan, quant=None):
+    """Merged attention of the local queries over every rank's K/V.
+
+    q (B, Hq, sq, D), k/v (B, Hkv, sk, D): HND, this rank's (zig-zag, if causal) share.
+    Returns out fp32 (B, Hq, sq, D) and lse fp32 (B, Hq, sq) (-inf: a row that saw no key).
+    ``quant`` overrides ``plan.quant`` (the backward's exact recompute).
+    """
+    from ..api import attention
+
+    r, P = rank_and_size(plan.group)
+    B, H, sq, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.zeros((B, H, sq, v.shape[-1]), dtype=torch.float32, device=q.device)
+    lse = torch.full((B, H, sq), float("-inf"), dtype=torch.float32, device=q.device)
+    ring = RingExchange(plan.group)
+    kb, vb = k, v
+    for step in range(P):
+        src = (r - step) % P
+        if step + 1 < P:  # the next block travels while this one is computed
+            n = plan.klens[(r - step - 1) % P]
+            ring.start([kb, vb], [(B, Hkv, n, D), (B, Hkv, n, v.shape[-1])])
+        blk = _block(plan, r, src, sq, kb.shape[2])
+        if blk is not None:
+            rows, cols, diag = blk
+            o, part_lse = attention(q[:, :, rows], kb[:, :, cols], vb[:, :, cols], quant=plan.quant if quant is None
+                                    else quant, causal=diag, scale=plan.scale, return_lse=True, backend=plan.backend)
+            merge_into(out[:, :, rows], lse[:, :, rows], o, part_lse)
+        if step + 1 < P:
+            kb, vb = ring.wait()
+    return out, lse
+
+
+def _block_grads_torch(q, k, v, dout, lse, delta, dlse, scale, diag):
+    """fp32 gradients of one block given the global lse and delta = rowsum(dO ∘ O).
+
+    q, dout (B, Hq, m, D); k, v (B, Hkv, n, D); lse, delta, dlse (B, Hq, m) (dlse may be None).
+    Returns dq (B, Hq, m, D), dk, dv (B, Hkv, n, D), all fp32.
+    """
+    B, Hq, m, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qf, do = q.float(), dout.float()
+    kf = k.float().repeat_interleave(g, dim=1)
+    vf = v.float().repeat_interleave(g, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    if diag:  # bottom-right causal, as qflash.attention aligns it
+        i = torch.arange(m, device=q.device)[:, None]
+        j = torch.arange(n, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (n - m), float("-inf"))
+    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - ref[..., None])
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ vf.transpose(-1, -2)
+    shift = delta if dlse is None else delta - dlse.float()
+    ds = p * (dp - shift[..., None])
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-1, -2) @ qf) * scale
+    if g > 1:
+        dk = dk.view(B, Hkv, g, n, D).sum(2)
+        dv = dv.view(B, Hkv, g, n, dv.shape[-1]).sum(2)
+    return dq, dk, dv
+
+
+def _grad_family(plan: RingPlan, q, k):
+    """The kernel family for the block gradients, or None for the PyTorch math."""
+    from ..kernels import dispatch
+    from ..spec import AttnSpec
+
+    spec = AttnSpec.build("none", causal=False, scale=plan.scale, return_lse=True, backend=plan.backend)
+    fam = dispatch.backward_family(spec, q, k, None)
+    return None if fam is dispatch.REFERENCE else fam
+
+
+def _block_grads(fam, plan, q, k, v, out, dout, lse, delta, dlse, diag):
+    if fam is None:
+        return _block_grads_torch(q, k, v, dout, lse, delta, dlse, plan.scale, diag)
+    from ..spec import AttnSpec
+
+    spec = AttnSpec.build("none", causal=diag, scale=plan.scale, return_lse=True, backend=fam.name)
+    dq, dk, dv, _ = fam.backward(spec, q, k, v, out, lse.contiguous(), dout,
+                                 None if dlse is None else dlse.contiguous(), None, mask_grad=False)
+    return dq.float(), dk.float(), dv.float()
+
+
+def _needs_recompute(plan: RingPlan, fam, dtype) -> bool:
+    """Whether the backward first recomputes the exact global O and lse: as ``qflash.attention``
+    decides (``qflash.autograd``), and always for quantised presets on the PyTorch path (the
+    reference backward is exact, whatever the policy)."""
+    from ..autograd import recompute
+    from ..spec import AttnSpec
+
+    spec = AttnSpec.build(plan.quant, bwd_recompute=plan.bwd_recompute)
+    if not spec.quantized:
+        return False
+    return fam is None or recompute(spec, dtype)
+
+
+def ring_backward(q, k, v, out, lse, dout, dlse, plan: RingPlan):
+    """dq, dk, dv (like q, k, v) of the ring forward, with the K/V blocks and their dK/dV
+    accumulators (fp32) going around the ring once more."""
+    r, P = rank_and_size(plan.group)
+    B, H, sq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    fam = _grad_family(plan, q, k)
+    if _needs_recompute(plan, fam, q.dtype):
+        from ..config import PRESETS
+
+        out, lse = ring_forward(q, k, v, plan, quant=PRESETS["none"])
+        out = out.to(q.dtype)
+    delta = (dout.float() * out.float()).sum(-1)
+    dq = torch.zeros((B, H, sq, D), dtype=torch.float32, device=q.device)
+    dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    kv_ring, acc_ring = RingExchange(plan.group, 0), RingExchange(plan.group, 2)
+    kb, vb = k, v
+    for step in range(P):
+        src = (r - step) % P
+        nxt = plan.klens[(r - step - 1) % P]
+        if step + 1 < P:
+            kv_ring.start([kb, vb], [(B, Hkv, nxt, D), (B, Hkv, nxt, Dv)])
+        blk = _block(plan, r, src, sq, kb.shape[2])
+        grads = None
+        if blk is not None:
+            rows, cols, diag = blk
+            grads = _block_grads(fam, plan, q[:, :, rows], kb[:, :, cols], vb[:, :, cols], out[:, :, rows],
+                                 dout[:, :, rows], lse[:, :, rows], delta[:, :, rows],
+                                 None if dlse is None else dlse[:, :, rows], diag)
+        if step > 0:  # this block's accumulator, from the rank that held the block before
+            dk_acc, dv_acc = acc_ring.wait()
+        if grads is not None:
+            dq[:, :, rows] += grads[0]
+            dk_acc[:, :, cols] += grads[1]
+            dv_acc[:, :, cols] += grads[2]
+        if P > 1:  # pass it on; after the last step it reaches the block's owner
+            acc_ring.start([dk_acc, dv_acc], [(B, Hkv, nxt, D), (B, Hkv, nxt, Dv)])
+        if step + 1 < P:
+            kb, vb = kv_ring.wait()
+    if P > 1:
+        dk_acc, dv_acc = acc_ring.wait()
+    return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+
+class RingAttention(torch.autograd.Function):
+    """``ring_forward`` with ``ring_backward`` as its gradient: (q, k, v, plan) -> (out, lse).
+
+    out is in q's dtype, (B, Hq, sq, Dv) contiguous; lse fp32 (B, Hq, sq)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = ring_forward(q, k, v, plan)
+        out = out.to(q.dtype)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = ring_backward(q, k, v, out, lse, dout, dlse, ctx.plan)
+        return dq, dk, dv, None
