@@ -28,7 +28,9 @@ so ``remove`` puts back the very same objects and the model computes bit-identic
 
 Calls that ``qflash.sdpa`` cannot run quantised (for example a VAE's head dim of 512) go to
 PyTorch's SDPA with a one-time ``QFlashFallbackWarning``. Context parallelism
-(``processor._parallel_config``) is left to diffusers' own dispatch, with a one-time warning.
+(``processor._parallel_config``) is left to diffusers' own dispatch, with a one-time warning,
+unless ``apply(..., parallel=...)`` asked for qflash's (``qflash.parallel``): then the Flux
+processors run ``qflash.parallel.attention`` on each rank's token shard, whoever sharded them.
 
 A diffusers *attention backend* named "qflash" (``model.set_attention_backend``) is not
 registered: in diffusers 0.42 backend names are members of a closed ``AttentionBackendName``
@@ -97,9 +99,10 @@ def _warn_once(key: str, message: str) -> None:
 class _QFlashProcessorMixin:
     """Bookkeeping shared by the qflash processors: the quant preset and the replaced processor."""
 
-    def __init__(self, quant: str | QuantConfig = "int8", *, fallback: bool = True, original=None):
+    def __init__(self, quant: str | QuantConfig = "int8", *, fallback: bool = True, original=None, parallel=None):
         super().__init__()  # the diffusers processor's own __init__ (next in the MRO)
         self._qflash_init(quant, fallback, original)
+        self.qflash_parallel = parallel  # a qflash.parallel.ParallelConfig (Flux processors only) or None
 
     def _qflash_init(self, quant: str | QuantConfig, fallback: bool, original) -> None:
         resolve_quant(quant)
@@ -233,7 +236,8 @@ if FLUX_SUPPORTED:
             attention_mask: torch.Tensor | None = None,
             image_rotary_emb: torch.Tensor | None = None,
         ) -> torch.Tensor:
-            if self._parallel_config is not None:  # context parallel: diffusers' own dispatch
+            if self._parallel_config is not None and getattr(self, "qflash_parallel", None) is None:
+                # context parallel without qflash's: diffusers' own dispatch
                 _warn_once(
                     "flux-cp",
                     "qflash: context parallelism is enabled on a Flux attention; it runs diffusers' own attention "
@@ -301,6 +305,8 @@ if FLUX_SUPPORTED:
 
         def _attend(self, query, key, value, attn_mask):
             """(B, S, H, D) in and out — what diffusers' "native" backend does, with qflash.sdpa."""
+            if getattr(self, "qflash_parallel", None) is not None:
+                return _parallel_attend(self.qflash_parallel, self.qflash_quant, query, key, value, attn_mask)
             if (
                 attn_mask is not None
                 and attn_mask.ndim == 2
@@ -370,7 +376,35 @@ def _register_hook_metadata() -> None:
             _warn_once("hook-registry", f"qflash: diffusers' layer-skip hooks will not know qflash processors ({exc})")
 
 
-def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True) -> dict:
+def _parallel_attend(parallel, quant, query, key, value, attn_mask):
+    """Sequence-parallel Flux attention: this rank's [text shard, image shard] tokens, (B, S, H, D).
+
+    Joint attention without a mask is order-free over keys, so the global sequence may be the
+    ranks' local [text, image] pieces one after the other (how diffusers' context-parallel plan
+    for Flux shards ``hidden_states`` and ``encoder_hidden_states``)."""
+    from ..parallel import attention as parallel_attention
+
+    if attn_mask is not None:
+        raise NotImplementedError("qflash.integrations.diffusers: parallel= does not take an attention mask")
+    return parallel_attention(query, key, value, group=parallel.group, mode=parallel.mode, quant=quant,
+                              layout="NHD", ulysses_size=parallel.ulysses_size, check_ranks=parallel.check_ranks)
+
+
+def _parallel_config(parallel):
+    """``apply``'s ``parallel=``: None, a mode name, or a ``qflash.parallel.ParallelConfig``."""
+    if parallel is None:
+        return None
+    from ..parallel import ParallelConfig
+
+    if isinstance(parallel, str):
+        return ParallelConfig(mode=parallel)
+    if not isinstance(parallel, ParallelConfig):
+        raise TypeError("parallel must be None, 'ulysses' / 'ring' / 'hybrid' or a qflash.parallel.ParallelConfig, "
+                        f"got {type(parallel).__name__}")
+    return parallel
+
+
+def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True, parallel=None) -> dict:
     """Install qflash attention into a diffusers model or pipeline; returns a summary.
 
     Args:
@@ -378,6 +412,11 @@ def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: boo
             modules), or a pipeline, whose ``torch.nn.Module`` components are all processed.
         quant: qflash preset name or ``QuantConfig`` (see ``qflash.sdpa``).
         fallback: passed to ``qflash.sdpa`` (True: unsupported calls use PyTorch's SDPA).
+        parallel: None, or sequence parallelism for the Flux attentions: a mode name ("ulysses",
+            "ring", "hybrid"; the default process group) or a ``qflash.parallel.ParallelConfig``.
+            Each rank then runs the model on its shard of the image and text tokens (and of
+            ``img_ids`` / ``txt_ids``), and the Flux processors call ``qflash.parallel.attention``
+            (README "Sequence parallel"). Generic SDPA processors (VAE, UNets) stay local.
 
     Applying again changes ``quant`` in place and still remembers the first originals.
 
@@ -387,20 +426,24 @@ def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: boo
     resolve_quant(quant)
     if not isinstance(fallback, bool):
         raise TypeError(f"fallback must be a bool, got {type(fallback).__name__}")
+    parallel = _parallel_config(parallel)
     replaced: Counter = Counter()
     skipped: Counter = Counter()
     updated = 0
     for module in _attention_modules(model_or_pipeline):
         proc = module.processor
         if isinstance(proc, _QFLASH_TYPES):
-            module.set_processor(type(proc)(quant, fallback=fallback, original=proc.qflash_original))
+            cls = type(proc)
+            module.set_processor(cls(quant, fallback=fallback, original=proc.qflash_original,
+                                     parallel=parallel if cls is QFlashFluxAttnProcessor else None))
             updated += 1
             continue
         cls = _replacement_for(proc)
         if cls is None:
             skipped[type(proc).__name__] += 1
             continue
-        module.set_processor(cls(quant, fallback=fallback, original=proc))
+        module.set_processor(cls(quant, fallback=fallback, original=proc,
+                                 parallel=parallel if cls is QFlashFluxAttnProcessor else None))
         replaced["flux" if cls is QFlashFluxAttnProcessor else "sdpa"] += 1
     if not replaced and not updated:
         hint = ""
@@ -428,9 +471,9 @@ def remove(model_or_pipeline) -> int:
 
 
 @contextlib.contextmanager
-def applied(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True):
+def applied(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True, parallel=None):
     """``apply`` on entry, ``remove`` on exit (also on an exception); yields ``apply``'s summary."""
-    summary = apply(model_or_pipeline, quant, fallback=fallback)
+    summary = apply(model_or_pipeline, quant, fallback=fallback, parallel=parallel)
     try:
         yield summary
     finally:
