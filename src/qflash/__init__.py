@@ -1,6 +1,7 @@
 """qflash: quantised flash attention for PyTorch (INT8 / INT4 / FP8, Triton kernels on NVIDIA GPUs,
 an exact pure-PyTorch path everywhere else)."""
 
+from . import parallel as parallel  # qflash.parallel.attention (torch.distributed: imported by torch)
 from .api import attention
 from .config import (
     PRESETS,
