@@ -241,8 +241,7 @@ BF16_TOL = 4.5e-3
 @pytest.mark.parametrize("P, spec", [(P, c) for c in CASES for P in c[1]],
                          ids=[f"{P}ranks-{c[0]}" for c in CASES for P in c[1]])
 def test_matches_single_process(P, spec):
-    _id, _, mode, causal, *_rest = spec
-    quant, dtype = spec[9], spec[12]
+    _id, mode, quant, dtype = spec[0], spec[2], spec[9], spec[12]
     for r, m in enumerate(results(P, _id)):
         assert m["dtype_ok"] and m["shape_ok"], (r, m)
         tol = EXACT_TOL[mode] if dtype == "float32" else BF16_TOL

@@ -137,9 +137,9 @@ def attention(
     if err:
         raise ValueError(err)
     if check_ranks:
-        meta = dict(batch=B, hq=Hq, hkv=Hkv, d=D, dtype=q.dtype, layout=layout, causal=causal, mode=mode,
-                    quant=config_key(cfg), scale=scale, ulysses_size=U if mode == "hybrid" else 0,
-                    return_lse=return_lse)
+        meta = {"batch": B, "hq": Hq, "hkv": Hkv, "d": D, "dtype": q.dtype, "layout": layout, "causal": causal,
+                "mode": mode, "quant": config_key(cfg), "scale": scale,
+                "ulysses_size": U if mode == "hybrid" else 0, "return_lse": return_lse}
         qlens, klens = check_ranks_fn(group, q, meta, sq, sk)
     else:
         qlens, klens = [sq] * P, [sk] * P
@@ -147,7 +147,7 @@ def attention(
         raise ValueError(f"causal sequence parallelism needs equal q and k shards on every rank, got q {qlens}, "
                          f"k {klens}")
 
-    common = dict(quant=cfg, scale=scale, causal=causal, backend=backend)
+    common = {"quant": cfg, "scale": scale, "causal": causal, "backend": backend}
 
     def local(qh, kh, vh):
         res = _local_attention(qh, kh, vh, return_lse=return_lse, bwd_recompute=bwd_recompute, **common)

@@ -95,7 +95,7 @@ def check_ranks(group, q: torch.Tensor, meta: dict, sq: int, sk: int) -> tuple[l
 
 def _seq_to_heads(x: torch.Tensor, group, lens: list[int]) -> torch.Tensor:
     """(B, H, lens[r], D) -> (B, H/P, sum(lens), D): head slice r of the whole sequence."""
-    r, P = rank_and_size(group)
+    _, P = rank_and_size(group)
     B, H, s, D = x.shape
     hp = H // P
     send = x.reshape(B, P, hp, s, D).transpose(0, 1).contiguous()  # (P, B, hp, s, D): one chunk per peer
@@ -115,7 +115,7 @@ def _heads_to_seq(y: torch.Tensor, group, lens: list[int], nhd: bool = False) ->
     result is the HND view of a contiguous (B, lens[r], H, D) buffer (what NHD callers want),
     else contiguous HND."""
     r, P = rank_and_size(group)
-    B, hp, S, D = y.shape
+    B, hp, _, D = y.shape
     s = lens[r]
     if P == 1:
         return y.transpose(1, 2).contiguous().transpose(1, 2) if nhd else y.contiguous()
