@@ -20,6 +20,7 @@ from .dropin import (
     patch_sdpa,
     sdpa,
 )
+from .prequant import QuantizedKV, quantize_kv
 from .quant import QuantizedTensor, dequantize, pack_int4, quantize, unpack_int4
 from .sage_compat import sageattn
 
@@ -33,6 +34,7 @@ __all__ = [
     "Precision",
     "QFlashFallbackWarning",
     "QuantConfig",
+    "QuantizedKV",
     "QuantizedTensor",
     "Strategy",
     "__version__",
@@ -43,6 +45,7 @@ __all__ = [
     "pack_int4",
     "patch_sdpa",
     "quantize",
+    "quantize_kv",
     "resolve_quant",
     "sageattn",
     "sdpa",

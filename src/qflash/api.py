@@ -89,10 +89,10 @@ def validate_inputs(q, k, v, *, causal, attn_mask, scale, layout, quant) -> Quan
 
 def attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k,
+    v: torch.Tensor | None = None,
     *,
-    quant: str | QuantConfig = "int8",
+    quant: str | QuantConfig | None = None,
     causal: bool = False,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
@@ -107,8 +107,12 @@ def attention(
     Args:
         q: queries, (B, Hq, Sq, D) for layout "HND" or (B, Sq, Hq, D) for "NHD"; fp16/bf16/fp32.
         k: keys, (B, Hkv, Sk, D) / (B, Sk, Hkv, D); Hq must be a multiple of Hkv (GQA/MQA).
-        v: values, same shape as k.
-        quant: a preset name or a ``QuantConfig``:
+            Or a ``qflash.QuantizedKV`` (``qflash.quantize_kv`` or a fused prologue made it; its
+            codes are HND whatever ``layout`` says of q), with ``v`` None: K and V are not
+            quantised again (forward only; q must have the dtype K/V had; ``qflash.prequant``).
+        v: values, same shape as k (None when k is a QuantizedKV).
+        quant: a preset name or a ``QuantConfig``; None: ``"int8"``, or a QuantizedKV's own
+            preset (another one raises ValueError):
 
             =========  ==================================================  ===============
             preset     operands                                            rel. L2 (N(0,1))
@@ -148,13 +152,40 @@ def attention(
         (and their lse is -inf).
     """
     from .ops import run  # the op: compile / CUDA-graph safe
+    from .quant.kv import QuantizedKV
 
+    if isinstance(k, QuantizedKV):
+        return _attention_kv(q, k, v, quant=quant, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout,
+                             return_lse=return_lse, backend=backend)
+    if quant is None:
+        quant = "int8"
     cfg = validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
     spec = AttnSpec.build(cfg, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, return_lse=return_lse,
                           backend=backend, bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute)
     if layout == "NHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out, lse = run(spec, q, k, v, attn_mask)
+    if layout == "NHD":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _attention_kv(q, qkv, v, *, quant, causal, attn_mask, scale, layout, return_lse, backend):
+    """``attention`` on a ``QuantizedKV`` (checks in ``qflash.prequant.check_kv``)."""
+    from .ops import run_kv
+    from .prequant import check_kv, kv_stand_in
+
+    cfg = check_kv(q, qkv, v, quant, layout)
+    stand_in = kv_stand_in(q, qkv, layout) if isinstance(q, torch.Tensor) and q.dim() == 4 else qkv.k
+    validate_inputs(q, stand_in, stand_in, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=cfg)
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise NotImplementedError("qflash.attention on a QuantizedKV is forward only (no gradients): call it under "
+                                  "torch.no_grad() / inference_mode, or pass k and v tensors")
+    spec = AttnSpec.build(cfg, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, return_lse=return_lse,
+                          backend=backend)
+    if layout == "NHD":
+        q = q.transpose(1, 2)
+    out, lse = run_kv(spec, q, qkv, attn_mask)
     if layout == "NHD":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -54,6 +54,7 @@ __all__ = [
     "config_key",
     "reference_backward",
     "run",
+    "run_kv",
 ]
 
 OUT_LAYOUTS = LAYOUTS
@@ -189,6 +190,15 @@ def run(spec: AttnSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     want_lse = autograd.wants_lse(spec, q, k, v, attn_mask)
     out, lse = torch.ops.qflash.attention_fwd(q, k, v, attn_mask, spec.key(want_lse))
     return out, (lse if spec.return_lse else None)
+
+
+def run_kv(spec: AttnSpec, q: torch.Tensor, qkv, attn_mask: torch.Tensor | None = None):
+    """Attention of validated HND q on a ``QuantizedKV`` (``qflash.prequant``): ``(out, lse | None)``.
+
+    Forward only, eager: the dispatcher's ``forward_kv`` directly (no custom op, so no
+    ``torch.compile`` graph and no autograd; ``qflash.attention`` refuses q that needs a gradient).
+    """
+    return dispatch.forward_kv(spec, q, qkv, attn_mask)
 
 
 def call_attention_fwd(

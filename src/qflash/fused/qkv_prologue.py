@@ -67,6 +67,12 @@ STAT_BLOCK = 64  # keys per step of a stats program (kv_quant's BLOCK)
 
 
 @triton.jit
+def _max_nan(a, b):
+    # NaN-propagating max (``tl.max`` drops NaNs): a NaN input gives a NaN scale, never finite codes
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _load_rows(xa, sab, sas, sah, xb, sbb, sbs, sbh, b, h, rows, S_A, S, offs_d, HEAD_DIM: tl.constexpr):
     """Rows ``rows`` of the concatenation [x_prefix; x] of head h, batch b, as fp32 (R, D_PAD); zeros
     past S and in padded channels. Each row picks its source (prefix rows first)."""
@@ -139,12 +145,12 @@ def prologue_stats_kernel(
                 ksum += k.to(KA.dtype.element_ty).to(tl.float32)
             if V_STATS:
                 v = _load_rows(VA, svab, svas, svah, VB, svbb, svbs, svbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
-                vmax = tl.maximum(vmax, tl.abs(v))
+                vmax = _max_nan(vmax, tl.abs(v))
         out = (bh.to(tl.int64) * n_chunks + pid) * HEAD_DIM + offs_d
         if SMOOTH_K:
             tl.store(KSum + out, tl.sum(ksum, axis=0), mask=dmask)
         if V_STATS:
-            tl.store(VMax + out, tl.max(vmax, axis=0), mask=dmask)
+            tl.store(VMax + out, tl.reduce(vmax, 0, _max_nan), mask=dmask)
     elif HAS_Q:
         rows = (pid - n_chunks) * Q_ROWS + tl.arange(0, Q_ROWS)
         x = _load_rows(QA, sqab, sqas, sqah, QB, sqbb, sqbs, sqbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
@@ -195,15 +201,15 @@ def prologue_quant_kernel(
         if pid == 0:
             tl.store(KM + bh.to(tl.int64) * HEAD_DIM + offs_d, mean, mask=dmask)
     if K_PER_TOKEN:
-        amax = tl.max(tl.abs(k), axis=1)
-        amax = tl.where(amax > 1e-30, amax, 1.0)
+        amax = tl.reduce(tl.abs(k), 1, _max_nan)
+        amax = tl.where(amax <= 1e-30, 1.0, amax)  # NaN stays NaN
         inv = tl.math.div_rn(tl.full([BLOCK_N], KMAX, tl.float32), amax)
         k_codes = _symmetric_codes(k, inv[:, None], KMAX, IS_INT)
         tl.store(KS + bh.to(tl.int64) * S + rows, tl.math.div_rn(amax, tl.full([BLOCK_N], KMAX, tl.float32)),
                  mask=nmask)
     else:
-        amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
-        amax = tl.where(amax > 1e-30, amax, 1.0)
+        amax = tl.reduce(tl.reduce(tl.abs(k), 1, _max_nan), 0, _max_nan)
+        amax = tl.where(amax <= 1e-30, 1.0, amax)  # NaN stays NaN
         k_codes = _symmetric_codes(k, tl.math.div_rn(KMAX, amax), KMAX, IS_INT)
         tl.store(KS + bh.to(tl.int64) * n_blocks + pid, tl.math.div_rn(amax, KMAX))
     tl.store(KC + bh.to(tl.int64) * S * HEAD_DIM + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], k_codes,
@@ -214,7 +220,7 @@ def prologue_quant_kernel(
     if QUANT_V:
         vmax = _reduce_partials(VMax + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, True, CHUNKS,
                                 HEAD_DIM)
-        vmax = tl.where(vmax > 1e-30, vmax, 1.0)
+        vmax = tl.where(vmax <= 1e-30, 1.0, vmax)  # NaN stays NaN
         qmax_d = tl.full([HEAD_DIM_PAD], 448.0, tl.float32)
         v_codes = _symmetric_codes(v, tl.math.div_rn(qmax_d, vmax)[None, :], 448.0, False)
         if V_PERMUTED:
@@ -249,6 +255,14 @@ def triton_unsupported_reason(cfg: QuantConfig, head_dim: int, rope: bool) -> st
     if head_dim > 256:
         return f"head dim {head_dim} > 256"
     return None
+
+
+def _config(quant) -> QuantConfig:
+    cfg = resolve_quant(quant)
+    why = unsupported_reason(cfg)
+    if why is not None:
+        raise ValueError(f"rmsnorm_rope_quantize: quant {cfg.name!r} cannot be pre-quantised: {why}")
+    return cfg
 
 
 def _strides3(x):
@@ -379,7 +393,7 @@ def rmsnorm_rope_quantize_reference(q, k, v, quant, *, norm_q=None, norm_k=None,
                                     norm_k_prefix=None, v_order="keys"):
     """The unfused definition: ``rmsnorm_rope_reference`` of q and k (rounded to their dtype), the V
     concat, ``quantize_kv_reference``. Same arguments and results as ``rmsnorm_rope_quantize``."""
-    cfg = resolve_quant(quant)
+    cfg = _config(quant)
     _check(q, k, v, q_prefix, k_prefix, v_prefix, norm_q, norm_k, norm_q_prefix, norm_k_prefix, cos, sin, v_order)
 
     def prep(x, w, x_p, w_p):
@@ -404,7 +418,7 @@ def rmsnorm_rope_quantize_triton(q, k, v, quant, *, norm_q=None, norm_k=None, ep
                                  q_prefix=None, k_prefix=None, v_prefix=None, norm_q_prefix=None, norm_k_prefix=None,
                                  v_order="keys"):
     """The two Triton launches (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
-    cfg = resolve_quant(quant)
+    cfg = _config(quant)
     _check(q, k, v, q_prefix, k_prefix, v_prefix, norm_q, norm_k, norm_q_prefix, norm_k_prefix, cos, sin, v_order)
     why = triton_unsupported_reason(cfg, k.shape[-1], cos is not None)
     if why is not None:

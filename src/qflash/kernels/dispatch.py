@@ -19,7 +19,8 @@ from .family import Family, FamilySupport
 from .hopper import FAMILY as _HOPPER
 from .portable import FAMILY as _PORTABLE
 
-__all__ = ["FAMILIES", "REFERENCE", "backward_family", "family", "forward", "select", "explain"]
+__all__ = ["FAMILIES", "REFERENCE", "backward_family", "family", "forward", "forward_kv", "preferred_kv_order",
+           "select", "select_kv", "explain"]
 
 ALIASES = {"triton": "portable"}  # the pre-families name of the portable family
 
@@ -37,6 +38,20 @@ class ReferenceFamily(Family):
 
         res = fake_quant_attention(q, k, v, spec.quant, causal=spec.is_causal, attn_mask=attn_mask, scale=spec.scale,
                                    return_lse=spec.return_lse, top_left=spec.top_left)
+        out, lse = res if spec.return_lse else (res, None)
+        if spec.layout == "NHD":
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        return out, lse
+
+    def supports_kv(self, spec, q, qkv, attn_mask, *, explicit=False) -> tuple[bool, str]:
+        return True, ""
+
+    def forward_kv(self, spec, q, qkv, attn_mask):
+        """``reference.fake_quant_attention_kv``: the given codes, dequantised (``QuantizedKV``)."""
+        from ..reference import fake_quant_attention_kv
+
+        res = fake_quant_attention_kv(q, qkv, causal=spec.is_causal, attn_mask=attn_mask, scale=spec.scale,
+                                      return_lse=spec.return_lse, top_left=spec.top_left)
         out, lse = res if spec.return_lse else (res, None)
         if spec.layout == "NHD":
             out = out.transpose(1, 2).contiguous().transpose(1, 2)
@@ -105,6 +120,44 @@ def _select(spec, q, k, v, attn_mask) -> Family:
 def forward(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask):
     """Run the forward on the selected family: ``(out, lse | None)`` (contract: ``family``)."""
     return select(spec, q, k, v, attn_mask).forward(spec, q, k, v, attn_mask)
+
+
+# --- pre-quantised K/V (``qflash.quant.kv.QuantizedKV``) -----------------------------------------
+# A family that reads them has ``supports_kv(spec, q, qkv, attn_mask, *, explicit) -> (ok, why)``,
+# ``forward_kv(spec, q, qkv, attn_mask) -> (out, lse)`` (the ``forward`` contract with K/V given as
+# codes) and ``kv_order(cfg, device, dtype, head_dim) -> "keys" | "hopper" | None`` (the Vᵀ order it
+# reads without a gather; None: it would not run that call). Optional: families without them are
+# skipped. Not cached: ``supports_kv`` is a few attribute reads.
+
+
+def select_kv(spec, q: torch.Tensor, qkv, attn_mask) -> Family:
+    """The family that runs attention on a ``QuantizedKV``: the named one, or the first that can."""
+    if spec.backend != "auto":
+        fam = family(spec.backend)
+        if not hasattr(fam, "forward_kv"):
+            raise NotImplementedError(f"qflash kernel family {fam.name!r} does not take pre-quantised K/V")
+        ok, why = fam.supports_kv(spec, q, qkv, attn_mask, explicit=True)
+        if not ok:
+            raise NotImplementedError(f"qflash kernel family {fam.name!r} cannot run this call on a QuantizedKV: {why}")
+        return fam
+    for fam in _ORDER:
+        if hasattr(fam, "supports_kv") and fam.supports_kv(spec, q, qkv, attn_mask)[0]:
+            return fam
+    return REFERENCE
+
+
+def forward_kv(spec, q: torch.Tensor, qkv, attn_mask):
+    """``forward`` with pre-quantised keys and values: ``(out, lse | None)``."""
+    return select_kv(spec, q, qkv, attn_mask).forward_kv(spec, q, qkv, attn_mask)
+
+
+def preferred_kv_order(cfg, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The Vᵀ order of the first family that would run ``cfg`` on this device ("keys" if none says)."""
+    for fam in _ORDER:
+        order = fam.kv_order(cfg, device, dtype, head_dim) if hasattr(fam, "kv_order") else None
+        if order is not None:
+            return order
+    return "keys"
 
 
 def backward_family(spec, q: torch.Tensor, k: torch.Tensor, attn_mask) -> Family:

@@ -96,6 +96,42 @@ class HopperFamily(Family):
         return attention_fwd_hopper(q, k, v, spec.quant, scale=spec.scale, return_lse=spec.return_lse,
                                     causal_offset=off, out=out)
 
+    # pre-quantised K/V (qflash.quant.kv.QuantizedKV; protocol in kernels/dispatch.py)
+    def supports_kv(self, spec, q, qkv, attn_mask, *, explicit=False):
+        ok, why = self.supports(spec, q, qkv.k, qkv.k, attn_mask, explicit=explicit)
+        if not ok:
+            return ok, why
+        from .tuning import tiles_for
+
+        if qkv.k_block != tiles_for(spec.quant, q.shape[-1]).block_n:
+            return False, f"K scale block {qkv.k_block} (kernel: {tiles_for(spec.quant, q.shape[-1]).block_n})"
+        if q.numel() == 0 or qkv.seq_len == 0:
+            return False, "empty dimension (the reference family returns the empty result)"
+        return True, ""
+
+    def forward_kv(self, spec, q, qkv, attn_mask):
+        from .launch import attention_fwd_hopper_kv
+
+        B, Hq, Sq, D = q.shape
+        if spec.layout == "NHD":
+            out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+        else:
+            out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+        Sk = qkv.seq_len
+        off = 0 if spec.causal == "top_left" else (Sk - Sq) if spec.causal == "bottom_right" else None
+        return attention_fwd_hopper_kv(q, qkv, scale=spec.scale, return_lse=spec.return_lse, causal_offset=off,
+                                       out=out)
+
+    def kv_order(self, cfg, device, dtype, head_dim):
+        s = self.support
+        if (device.type != "cuda" or s.device_ok(device, False) is not None or dtype not in s.dtypes
+                or not s.head_dims[0] <= head_dim <= s.head_dims[1] or head_dim % s.head_dim_multiple
+                or recipe_mismatch(cfg) is not None):
+            return None
+        from .tuning import tiles_for
+
+        return "hopper" if tiles_for(cfg, head_dim).v_permuted else "keys"
+
     def tuning(self, device) -> str:
         from .tuning import _TILES
 

@@ -18,7 +18,7 @@ from .tuning import HopperTiles, tiles_for
 
 LOG2E = 1.4426950408889634
 
-__all__ = ["Launch", "build_launch", "attention_fwd_hopper", "gl_dtype", "quantize_kv"]
+__all__ = ["Launch", "build_launch", "attention_fwd_hopper", "attention_fwd_hopper_kv", "gl_dtype", "quantize_kv"]
 
 
 def gl_dtype(dtype: torch.dtype):
@@ -129,5 +129,34 @@ def attention_fwd_hopper(q, k, v, cfg: QuantConfig, *, scale: float | None = Non
     if lse is not None and ksum is not None:
         # K was smoothed (mean subtracted): softmax is invariant, the log-sum-exp is not
         km = (ksum.sum(dim=2) / k.shape[2]).repeat_interleave(Hq // k.shape[1], dim=1)  # (B, Hq, D)
+        lse += scale * torch.einsum("bhsd,bhd->bhs", q.float(), km)
+    return out, lse
+
+
+def attention_fwd_hopper_kv(q, qkv, *, scale: float | None = None, return_lse: bool = False,
+                            causal_offset: int | None = None, out: torch.Tensor | None = None,
+                            tiles: HopperTiles | None = None):
+    """``attention_fwd_hopper`` on a pre-quantised ``qflash.quant.kv.QuantizedKV`` (K block(128)
+    codes, Vᵀ FP8 per channel): one launch, the attention kernel; Vᵀ is gathered into the kernel's
+    order first only if it was written in the other one."""
+    B, Hq, Sq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    tiles = tiles or tiles_for(qkv.quant, D)
+    vt = qkv.v if (qkv.v_order == "hopper") == tiles.v_permuted else None
+    if vt is None:
+        vt = qkv.vt_in_key_order()
+        if tiles.v_permuted:
+            from ...quant.kv import hopper_key_order
+
+            perm = torch.empty_like(vt)
+            perm.view(torch.uint8)[..., hopper_key_order(vt.shape[-1], vt.device)] = vt.view(torch.uint8)
+            vt = perm
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else None
+    build_launch(q, qkv.k, qkv.k_scale, vt, qkv.v_scale, out, lse, scale, tiles, causal_offset)()
+    if lse is not None and qkv.k_mean is not None:
+        # K was smoothed (mean subtracted): softmax is invariant, the log-sum-exp is not
+        km = qkv.k_mean.repeat_interleave(Hq // qkv.shape[1], dim=1)  # (B, Hq, D)
         lse += scale * torch.einsum("bhsd,bhd->bhs", q.float(), km)
     return out, lse

@@ -30,6 +30,24 @@ class PortableFamily(Family):
                              scale=spec.scale, return_lse=spec.return_lse, out_layout=spec.layout,
                              top_left=spec.causal == "top_left")
 
+    # pre-quantised K/V (qflash.quant.kv.QuantizedKV; protocol in kernels/dispatch.py)
+    def supports_kv(self, spec, q, qkv, attn_mask, *, explicit=False):
+        ok, why = self.supports(spec, q, qkv.k, qkv.k, attn_mask, explicit=explicit)
+        if ok and (q.numel() == 0 or qkv.seq_len == 0):
+            return False, "empty dimension (the reference family returns the empty result)"
+        return ok, why
+
+    def forward_kv(self, spec, q, qkv, attn_mask):
+        from .launch import attention_fwd_kv
+
+        return attention_fwd_kv(q, qkv, spec.quant, causal=spec.causal != "none", attn_mask=attn_mask,
+                                scale=spec.scale, return_lse=spec.return_lse, out_layout=spec.layout,
+                                top_left=spec.causal == "top_left")
+
+    def kv_order(self, cfg, device, dtype, head_dim):
+        ok, _ = kernel_support(cfg, head_dim)
+        return "keys" if ok and self.support.device_ok(device, False) is None else None
+
     def backward(self, spec, q, k, v, out, lse, grad_out, grad_lse, attn_mask, *, mask_grad, grad_buffers=None):
         from .bwd_launch import ste_backward
 

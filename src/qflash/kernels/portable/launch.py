@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...config import GranularityKind, Precision, QuantConfig
+from ...config import GranularityKind, OperandQuant, Precision, QuantConfig
 from ..common import LOG2E, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
 from ..fastlaunch import FastLauncher, PlanCache
 from ..kv_quant import quantize_kv
@@ -25,7 +25,7 @@ FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the ker
 _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
 _ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=14)
 
-__all__ = ["attention_fwd", "quantize_qkv", "QKVCodes", "kernel_support"]
+__all__ = ["attention_fwd", "attention_fwd_kv", "quantize_q", "quantize_qkv", "QKVCodes", "kernel_support"]
 
 _KIND = {Precision.INT8: QK_INT8, Precision.INT4: QK_INT4, Precision.FP8_E4M3: QK_FP8}
 _TORCH_CODE_DTYPE = {Precision.INT8: torch.int8, Precision.INT4: torch.uint8, Precision.FP8_E4M3: torch.float8_e4m3fn}
@@ -102,6 +102,7 @@ def _rows(g, default: int) -> int:
     return g.size if g.kind is GranularityKind.BLOCK else default
 
 
+_FLOAT_OPERAND = OperandQuant(Precision.FP32)  # "not quantised" (config.py's placeholder)
 _V_GLOBAL_ROWS = 128  # key block of the repeated per-channel V scale (V granularity channel(0))
 
 
@@ -179,6 +180,7 @@ def attention_fwd(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     fused_quant: bool | None = None,
+    codes: QKVCodes | None = None,
 ):
     """Quantised attention forward on HND views; returns (out HND view, lse (B, Hq, Sq) fp32 | None).
 
@@ -189,10 +191,13 @@ def attention_fwd(
     (B, Hq, Sq) contiguous), e.g. NaN-poisoned in tests or static buffers for CUDA graphs.
     ``top_left``: align ``causal`` to the top-left corner (query i sees keys j <= i, PyTorch SDPA's)
     instead of the bottom-right one (j <= i + Sk - Sq); the kernel only moves its diagonal.
+    ``codes``: operands already quantised (``attention_fwd_kv``); k / v then only give shapes
+    (and v the values when P·V is not quantised).
     Raises ``NotImplementedError`` for configs ``kernel_support`` rejects.
     """
+    pre_codes = codes
     plan_key = None
-    if out is None and lse is None and attn_mask is None and q.is_cuda:
+    if out is None and lse is None and attn_mask is None and q.is_cuda and pre_codes is None:
         plan_key = _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config, fused_quant)
         plan = _PLANS.get(plan_key, q.device)
         if plan is not None:
@@ -234,7 +239,9 @@ def attention_fwd(
             kc = dataclasses.replace(kc, num_stages=cap)
     block_m, block_n = kc.block_m, kc.block_n
     head_dim_pad = max(next_pow2(D), 32)
-    if fused_quant is None:
+    if pre_codes is not None:
+        fused_quant = False
+    elif fused_quant is None:
         fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, Sk, block_m)
     if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n) is None:
         raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
@@ -258,7 +265,7 @@ def attention_fwd(
         has_lse_corr = bool(return_lse and cfg.smooth_k)
     else:
         if cfg.quantizes_qk:
-            codes = quantize_qkv(q, k, v, cfg)
+            codes = pre_codes if pre_codes is not None else quantize_qkv(q, k, v, cfg)
             qa, ka = codes.q, codes.k
             qs, ks = codes.q_scale, codes.k_scale
             q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else codes.q_rows
@@ -346,3 +353,43 @@ def attention_fwd(
     if plan_key is not None and codes is None and bias is None and lse_corr is None:
         _PLANS.remember(plan_key, grid, pointers, scalars, (*given, out, lse), kc.num_warps, kc.num_stages)
     return out, lse
+
+
+# --- pre-quantised K/V (``qflash.quant.kv.QuantizedKV``) ---------------------------------------
+
+
+def quantize_q(q: torch.Tensor, cfg: QuantConfig):
+    """Q codes, scales and rows per scale (``QKVCodes.q`` / ``q_scale`` / ``q_rows``) by the shared
+    quantiser given no keys: ``quantize_qkv`` with Sk = 0 and P·V in float has nothing else to do."""
+    B, Hq, Sq, D = q.shape
+    q_only = cfg.with_(v=_FLOAT_OPERAND, p=_FLOAT_OPERAND, smooth_k=False, smooth_v=False)
+    none = q[:, :, :0]
+    c = quantize_qkv(q, none, none, q_only)
+    return c.q, c.q_scale, c.q_rows
+
+
+def attention_fwd_kv(q: torch.Tensor, qkv, cfg: QuantConfig, *, causal: bool = False,
+                     attn_mask: torch.Tensor | None = None, scale: float | None = None, return_lse: bool = False,
+                     out_layout: str = "HND", top_left: bool = False, kernel_config: KernelConfig | None = None,
+                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+    """``attention_fwd`` on a ``QuantizedKV``: Q quantised here (one launch), K/V codes as given
+    (Vᵀ gathered into key order first if it is in the Hopper order), then the attention kernel."""
+    B, Hkv, Sk, D = qkv.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if scale < 0:  # as attention_fwd: negate q, not the scale (the kernel's running max needs c >= 0)
+        q, scale = -q, -scale
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    qc, qs, q_rows = quantize_q(q, cfg)
+    k_rows = qkv.k_block if qkv.k_block > 1 else _DEFAULT_ROWS
+    if cfg.quantizes_pv:
+        vt = qkv.vt_in_key_order()
+        vs = qkv.v_scale.unsqueeze(2).expand(B, Hkv, vt.shape[-1] // _V_GLOBAL_ROWS, D)
+        v = qkv.k  # shapes only
+    else:
+        vt = vs = None
+        v = qkv.v
+    codes = QKVCodes(qc, qs, None, qkv.k, qkv.k_scale, qkv.k_mean, vt, vs, None, q_rows, k_rows, _V_GLOBAL_ROWS)
+    return attention_fwd(q, qkv.k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse,
+                         out_layout=out_layout, top_left=top_left, kernel_config=kernel_config, out=out, lse=lse,
+                         codes=codes)
