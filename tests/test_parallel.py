@@ -337,3 +337,32 @@ def test_one_gpu_world_runs_the_cuda_path():
         for key in ("dq", "dk", "dv"):  # same gradient policy (reuse/recompute) and kernels
             assert m[key] < 2e-2, (key, m)
         assert m["exact"] < 1.5 * max(m["single_exact"], 1e-3), m
+
+
+def test_merge_handles_empty_blocks_and_nan():
+    """merge_into on its own: blocks of one key set merged == attention over all keys; a block that
+    masked a row (lse -inf, zero output) weighs nothing; a row empty everywhere stays 0 / -inf; NaN
+    in a block's output or lse reaches the merged row (as in SDPA)."""
+    from qflash.parallel.merge import merge_into
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 6, 8, generator=g)
+    k, v = torch.randn(1, 2, 10, 8, generator=g), torch.randn(1, 2, 10, 8, generator=g)
+    keep = torch.ones(6, 10, dtype=torch.bool)
+    keep[0, 4:] = False  # row 0 sees only the first block
+    keep[1] = False  # row 1 sees nothing
+    want, want_lse = exact_attention(q, k, v, attn_mask=keep, return_lse=True)
+    out = torch.zeros(1, 2, 6, 8)
+    lse = torch.full((1, 2, 6), float("-inf"))
+    for a, b in ((0, 4), (4, 10)):
+        o, l = exact_attention(q, k[:, :, a:b], v[:, :, a:b], attn_mask=keep[:, a:b], return_lse=True)
+        merge_into(out, lse, o, l)  # a row masked in a block: zero output, lse -inf
+    assert rel_l2(out, want) < 1e-7  # measured 6.9e-8
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1])) and torch.isneginf(lse[:, :, 1]).all()
+    assert rel_l2(lse[:, :, [0, 2, 3, 4, 5]], want_lse[:, :, [0, 2, 3, 4, 5]]) < 1e-7  # measured 4.9e-8
+    bad = torch.zeros(1, 2, 6, 8)
+    bad[0, 0, 3, 0] = float("nan")
+    merge_into(out, lse, bad, torch.zeros(1, 2, 6))
+    assert torch.isnan(out[0, 0, 3]).any() and not torch.isnan(out[0, 0, 2]).any()
+    merge_into(out, lse, torch.zeros(1, 2, 6, 8), torch.full((1, 2, 6), float("nan")))
+    assert torch.isnan(out).all() and torch.isnan(lse).all()

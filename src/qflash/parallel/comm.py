@@ -16,6 +16,7 @@ import zlib
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "HeadsToSeq",
@@ -139,6 +140,7 @@ class SeqToHeads(torch.autograd.Function):
         return _seq_to_heads(x, group, lens)
 
     @staticmethod
+    @once_differentiable  # the collectives in the backward are not differentiable
     def backward(ctx, g):
         return _heads_to_seq(g, ctx.group, ctx.lens), None, None
 
@@ -152,6 +154,7 @@ class HeadsToSeq(torch.autograd.Function):
         return _heads_to_seq(y, group, lens, nhd)
 
     @staticmethod
+    @once_differentiable  # the collectives in the backward are not differentiable
     def backward(ctx, g):
         return _seq_to_heads(g, ctx.group, ctx.lens), None, None, None
 
@@ -223,6 +226,7 @@ class Redistribute(torch.autograd.Function):
         return _redistribute(x, group, src, dst)
 
     @staticmethod
+    @once_differentiable  # the collectives in the backward are not differentiable
     def backward(ctx, g):
         return _redistribute(g.contiguous(), ctx.group, ctx.dst, ctx.src), None, None, None
 
