@@ -99,10 +99,12 @@ def _warn_once(key: str, message: str) -> None:
 class _QFlashProcessorMixin:
     """Bookkeeping shared by the qflash processors: the quant preset and the replaced processor."""
 
-    def __init__(self, quant: str | QuantConfig = "int8", *, fallback: bool = True, original=None, parallel=None):
+    def __init__(self, quant: str | QuantConfig = "int8", *, fallback: bool = True, original=None, parallel=None,
+                 fuse_prologue: bool = False):
         super().__init__()  # the diffusers processor's own __init__ (next in the MRO)
         self._qflash_init(quant, fallback, original)
         self.qflash_parallel = parallel  # a qflash.parallel.ParallelConfig (Flux processors only) or None
+        self.qflash_fuse_prologue = fuse_prologue  # qflash.integrations.fused_prologue where the pattern matches
 
     def _qflash_init(self, quant: str | QuantConfig, fallback: bool, original) -> None:
         resolve_quant(quant)
@@ -118,7 +120,8 @@ class _QFlashProcessorMixin:
         return sdpa(query, key, value, attn_mask=attn_mask, quant=self.qflash_quant, fallback=self.qflash_fallback)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(quant={self.qflash_quant!r})"
+        fused = ", fuse_prologue=True" if getattr(self, "qflash_fuse_prologue", False) else ""
+        return f"{type(self).__name__}(quant={self.qflash_quant!r}{fused})"
 
 
 class QFlashAttnProcessor2_0(_QFlashProcessorMixin, AttnProcessor2_0):
@@ -186,12 +189,19 @@ class QFlashAttnProcessor2_0(_QFlashProcessorMixin, AttnProcessor2_0):
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
 
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        fused = None
+        if getattr(self, "qflash_fuse_prologue", False):  # q/k norm + K/V quantisation in one prologue
+            from . import fused_prologue
 
-        hidden_states = self._sdpa(query, key, value, attn_mask=attention_mask)
+            fused = fused_prologue.generic_attention(attn, query, key, value, self.qflash_quant, attention_mask)
+        if fused is not None:
+            hidden_states = fused
+        else:
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            hidden_states = self._sdpa(query, key, value, attn_mask=attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -257,13 +267,11 @@ if FLUX_SUPPORTED:
                 encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
                 encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
                 encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-                value = torch.cat([encoder_value, value], dim=1)
             else:
-                encoder_query = encoder_key = None
+                encoder_query = encoder_key = encoder_value = None
 
-            query, key = self._prologue(attn, query, key, encoder_query, encoder_key, image_rotary_emb)
-
-            hidden_states = self._attend(query, key, value, attention_mask)
+            hidden_states = self._prologue_attend(attn, query, key, value, encoder_query, encoder_key, encoder_value,
+                                                  image_rotary_emb, attention_mask)
             hidden_states = hidden_states.flatten(2, 3)
             hidden_states = hidden_states.to(query.dtype)
 
@@ -276,6 +284,16 @@ if FLUX_SUPPORTED:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
                 return hidden_states, encoder_hidden_states
             return hidden_states
+
+        def _prologue_attend(self, attn, query, key, value, encoder_query, encoder_key, encoder_value,
+                             image_rotary_emb, attn_mask):
+            """The [text, image] concat of v, ``_prologue`` and ``_attend``: (B, S, H, D) parts in (encoder_*
+            None in single-stream blocks), (B, S_txt + S_img, H, D) out. A processor that fuses all three
+            (``fuse_prologue=True``) overrides this one step."""
+            if encoder_value is not None:
+                value = torch.cat([encoder_value, value], dim=1)
+            query, key = self._prologue(attn, query, key, encoder_query, encoder_key, image_rotary_emb)
+            return self._attend(query, key, value, attn_mask)
 
         def _prologue(self, attn, query, key, encoder_query, encoder_key, image_rotary_emb):
             """diffusers' q/k RMSNorm, [text, image] concat and RoPE; (B, S, H, D) in and out."""
@@ -302,6 +320,27 @@ if FLUX_SUPPORTED:
         ((B, S_k) key padding, or anything SDPA broadcasts to (B, H, S_q, S_k)), rotary
         embeddings (cos, sin). Returns image (and text) hidden states.
         """
+
+        def _prologue_attend(self, attn, query, key, value, encoder_query, encoder_key, encoder_value,
+                             image_rotary_emb, attn_mask):
+            if getattr(self, "qflash_fuse_prologue", False) and getattr(self, "qflash_parallel", None) is None:
+                from . import fused_prologue
+
+                out = fused_prologue.flux_attention(attn, query, key, value, encoder_query, encoder_key,
+                                                    encoder_value, image_rotary_emb, self.qflash_quant, attn_mask)
+                if out is not None:
+                    return out
+            return super()._prologue_attend(attn, query, key, value, encoder_query, encoder_key, encoder_value,
+                                            image_rotary_emb, attn_mask)
+
+        def _prologue(self, attn, query, key, encoder_query, encoder_key, image_rotary_emb):
+            if getattr(self, "qflash_fuse_prologue", False):  # presets quantising K/V inside attention
+                from . import fused_prologue
+
+                fused = fused_prologue.flux_norm_rope(attn, query, key, encoder_query, encoder_key, image_rotary_emb)
+                if fused is not None:
+                    return fused
+            return super()._prologue(attn, query, key, encoder_query, encoder_key, image_rotary_emb)
 
         def _attend(self, query, key, value, attn_mask):
             """(B, S, H, D) in and out — what diffusers' "native" backend does, with qflash.sdpa."""
@@ -404,7 +443,8 @@ def _parallel_config(parallel):
     return parallel
 
 
-def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True, parallel=None) -> dict:
+def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True, parallel=None,
+          fuse_prologue: bool = False) -> dict:
     """Install qflash attention into a diffusers model or pipeline; returns a summary.
 
     Args:
@@ -417,6 +457,13 @@ def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: boo
             Each rank then runs the model on its shard of the image and text tokens (and of
             ``img_ids`` / ``txt_ids``), and the Flux processors call ``qflash.parallel.attention``
             (README "Sequence parallel"). Generic SDPA processors (VAE, UNets) stay local.
+        fuse_prologue: the q/k RMSNorm + RoPE + [text, image] concat before each attention done by
+            one fused prologue that also writes the preset's quantised K/V
+            (``qflash.integrations.fused_prologue``: two Triton launches, then
+            ``qflash.attention(q, QuantizedKV)``), for Flux blocks and for generic processors with
+            RMSNorm q/k norms; calls that do not match that pattern (a mask, gradients, other
+            norms, ``parallel=``) run unfused. Presets whose K/V cannot be pre-quantised (``none``,
+            ``int4``) get the fused RMSNorm + RoPE only (Flux). Forward only.
 
     Applying again changes ``quant`` in place and still remembers the first originals.
 
@@ -427,6 +474,8 @@ def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: boo
     if not isinstance(fallback, bool):
         raise TypeError(f"fallback must be a bool, got {type(fallback).__name__}")
     parallel = _parallel_config(parallel)
+    if not isinstance(fuse_prologue, bool):
+        raise TypeError(f"fuse_prologue must be a bool, got {type(fuse_prologue).__name__}")
     replaced: Counter = Counter()
     skipped: Counter = Counter()
     updated = 0
@@ -435,7 +484,8 @@ def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: boo
         if isinstance(proc, _QFLASH_TYPES):
             cls = type(proc)
             module.set_processor(cls(quant, fallback=fallback, original=proc.qflash_original,
-                                     parallel=parallel if cls is QFlashFluxAttnProcessor else None))
+                                     parallel=parallel if cls is QFlashFluxAttnProcessor else None,
+                                     fuse_prologue=fuse_prologue))
             updated += 1
             continue
         cls = _replacement_for(proc)
@@ -443,7 +493,8 @@ def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: boo
             skipped[type(proc).__name__] += 1
             continue
         module.set_processor(cls(quant, fallback=fallback, original=proc,
-                                 parallel=parallel if cls is QFlashFluxAttnProcessor else None))
+                                 parallel=parallel if cls is QFlashFluxAttnProcessor else None,
+                                 fuse_prologue=fuse_prologue))
         replaced["flux" if cls is QFlashFluxAttnProcessor else "sdpa"] += 1
     if not replaced and not updated:
         hint = ""
@@ -471,9 +522,10 @@ def remove(model_or_pipeline) -> int:
 
 
 @contextlib.contextmanager
-def applied(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True, parallel=None):
+def applied(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: bool = True, parallel=None,
+            fuse_prologue: bool = False):
     """``apply`` on entry, ``remove`` on exit (also on an exception); yields ``apply``'s summary."""
-    summary = apply(model_or_pipeline, quant, fallback=fallback, parallel=parallel)
+    summary = apply(model_or_pipeline, quant, fallback=fallback, parallel=parallel, fuse_prologue=fuse_prologue)
     try:
         yield summary
     finally:
