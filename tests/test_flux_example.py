@@ -49,7 +49,8 @@ def test_tiny_end_to_end(run_mod, tmp_path, capsys):
         assert "CPU run: qflash runs its pure-PyTorch reference path here" in stdout.split("| res ")[0]
     table_lines = [ln for ln in stdout.splitlines() if ln.startswith("| 1024")]
     assert [ln.split("|")[2].strip() for ln in table_lines] == [
-        "sdpa", "int8", "int8-fp8", "int4", "sage", "no-attn", "sdpa+fused", "int8-fp8+fused", "sdpa (rerun)"]
+        "sdpa", "int8", "int8-fp8", "int4", "sage", "no-attn", "sdpa+fused", "int8-fp8+fused", "int8-fp8+fusedq",
+        "sdpa (rerun)"]
     assert stdout.rstrip().splitlines()[-1].startswith("speed-up:")  # the table is the last thing printed
 
     res = json.loads((tmp_path / "flux_results.json").read_text())
@@ -69,11 +70,33 @@ def test_tiny_end_to_end(run_mod, tmp_path, capsys):
     assert rows["no-attn"]["attn_cos_min"] == 0.0 and rows["no-attn"]["rel_l2_vs_no_attn"] == pytest.approx(1.0)
     assert rows["sdpa+fused"]["out_rel_l2"] < 1e-5  # fp32: the fused prologue is the same math
     assert rows["int8-fp8+fused"]["out_rel_l2"] == pytest.approx(rows["int8-fp8"]["out_rel_l2"], rel=1e-2, abs=1e-6)
+    # issue 16: the fused prologue writing quantised K/V (fp32 CPU: the same numbers as unfused)
+    assert rows["int8-fp8+fusedq"]["out_rel_l2"] == pytest.approx(rows["int8-fp8"]["out_rel_l2"], rel=1e-2, abs=1e-6)
+    assert rows["int8-fp8+fusedq"]["installed"]["apply_summary"]["flux"] == 2
     assert rows["int8"]["installed"]["how"] == "qflash.integrations.diffusers.apply"
     assert rows["int8"]["installed"]["processors"] == 2
     pro = res["resolutions"][0]["prologue"]
     assert pro["max_abs_diff"] < 1e-4 and pro["unfused_step_ms"] > 0 and pro["fused_step_ms"] > 0
     assert res["env"]["diffusers"] and res["params"] > 0
+
+
+def test_tiny_breakdown(run_mod, tmp_path, capsys):
+    """--breakdown: per-part times per mode; the parts add up and every attention call is counted."""
+    rc = run_mod.main(["--tiny", "--resolution", "1024", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                       "--modes", "sdpa", "int8-fp8", "int8-fp8+fusedq", "sdpa+fused", "--no-prologue",
+                       "--no-rerun-baseline", "--breakdown", "--out", str(tmp_path)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "Per-part time, ms per forward" in stdout and "| 1024 | int8-fp8+fusedq |" in stdout.split("Per-part")[1]
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "flux_results.json").read_text())["resolutions"][0]["rows"]}
+    for name, r in rows.items():
+        b = r["breakdown"]
+        assert b["calls_per_forward"]["attn_module"] == 2 and b["calls_per_forward"]["attention"] == 2, name
+        assert b["calls_per_forward"]["prologue"] == (10 if name == "sdpa" else 2), name  # 6 norms + 4 RoPE
+        assert 0 < b["prologue_ms"] and 0 < b["attention_ms"] and b["attn_other_ms"] > 0, name
+        assert b["outside_attention_ms"] > 0 and b["attn_module_ms"] < b["forward_ms"], name
+        assert b["forward_ms"] == pytest.approx(b["outside_attention_ms"] + b["attn_module_ms"])
+    assert rows["int8-fp8+fusedq"]["out_rel_l2"] == pytest.approx(rows["int8-fp8"]["out_rel_l2"], rel=1e-2, abs=1e-6)
 
 
 def test_tiny_as_a_script_writes_to_OUT(tmp_path):

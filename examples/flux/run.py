@@ -53,7 +53,8 @@ try:  # qflash from this checkout when it is not installed (e.g. a GPU machine g
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-RANDOM_MODES = ["sdpa", "int8", "int8-fp8", "int4", "sage", "no-attn", "sdpa+fused", "int8-fp8+fused"]
+RANDOM_MODES = ["sdpa", "int8", "int8-fp8", "int4", "sage", "no-attn", "sdpa+fused", "int8-fp8+fused",
+                "int8-fp8+fusedq"]
 REAL_MODES = ["sdpa", "int8", "int8-fp8", "int4", "sage"]
 HF_REPOS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 3.5 dev, 0 schnell)")
     p.add_argument("--no-prologue", action="store_true",
                    help="skip the separate RMSNorm+RoPE (unfused vs fused) timing")
+    p.add_argument("--breakdown", action="store_true",
+                   help="random mode: per mode, also time the parts of the forward with CUDA events (extra "
+                        "forwards): outside attention, attention modules, their prologue (q/k RMSNorm + concat + "
+                        "RoPE, + K/V quantisation with +fusedq) and the attention call (quantisation inside it "
+                        "included)")
     p.add_argument("--no-rerun-baseline", action="store_true",
                    help="do not time the baseline a second time after all modes (a drift check)")
     return p
@@ -265,6 +271,122 @@ class _AttnCapture:
             h.remove()
 
 
+class _PartTimer:
+    """CUDA events (``time.perf_counter`` on a CPU) around the parts of each forward (``--breakdown``):
+
+    - ``attn_module``: each Flux attention module's whole call (projections ... output projection);
+    - ``prologue``: q/k RMSNorm + [text, image] concat + RoPE — diffusers' norm modules and
+      ``apply_rotary_emb`` (default processor), the hooked processors' ``_prologue`` (qflash,
+      ``+fused``), or ``rmsnorm_rope_quantize`` (``+fusedq``, which also writes the quantised K/V);
+    - ``attention``: ``dispatch_attention_fn`` / ``_attend`` / ``qflash.attention(q, QuantizedKV)``
+      (an unfused qflash call quantises K/V inside it).
+
+    Installed by wrapping (instance attributes, module hooks, two module-level names), all undone
+    on exit. Regions never nest within one part. Enter it after the mode's processors are installed.
+    """
+
+    PARTS = ("attn_module", "prologue", "attention")
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.pairs = {p: [] for p in self.PARTS}
+        self.undo = []
+
+    def _now(self):
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _wrap(self, part, fn):
+        def timed(*args, **kwargs):
+            start = self._now()
+            out = fn(*args, **kwargs)
+            self.pairs[part].append((start, self._now()))
+            return out
+        return timed
+
+    def _hook(self, module, part):
+        def pre(mod, args):
+            self.pairs[part].append([self._now(), None])
+
+        def post(mod, args, output):
+            self.pairs[part][-1][1] = self._now()
+
+        hs = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        self.undo += [h.remove for h in hs]
+
+    def _patch(self, owner, name, part):
+        real = getattr(owner, name)
+        setattr(owner, name, self._wrap(part, real))
+        self.undo.append(lambda: setattr(owner, name, real))
+
+    def __enter__(self):
+        from diffusers.models.transformers import transformer_flux
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        from qflash.integrations import fused_prologue
+
+        native = False
+        for module in self.model.modules():
+            if type(module).__name__ != "FluxAttention":
+                continue
+            self._hook(module, "attn_module")
+            proc = module.processor
+            if type(proc) is FluxAttnProcessor:
+                native = True
+                for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                    if getattr(module, name, None) is not None:
+                        self._hook(getattr(module, name), "prologue")
+            else:
+                for name, part in (("_prologue", "prologue"), ("_attend", "attention")):
+                    if hasattr(proc, name):
+                        setattr(proc, name, self._wrap(part, getattr(proc, name)))
+                        self.undo.append(lambda proc=proc, name=name: proc.__dict__.pop(name, None))
+        if native:
+            self._patch(transformer_flux, "apply_rotary_emb", "prologue")
+            self._patch(transformer_flux, "dispatch_attention_fn", "attention")
+        self._patch(fused_prologue, "rmsnorm_rope_quantize", "prologue")
+        self._patch(fused_prologue, "attention", "attention")
+        return self
+
+    def __exit__(self, *exc):
+        for fn in reversed(self.undo):
+            fn()
+        self.undo = []
+
+    def totals_ms(self) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            ms = lambda a, b: a.elapsed_time(b)  # noqa: E731
+        else:
+            ms = lambda a, b: (b - a) * 1e3  # noqa: E731
+        return {p: sum(ms(a, b) for a, b in pairs if b is not None) for p, pairs in self.pairs.items()}
+
+
+def time_breakdown(model, fwd, device, reps: int) -> dict:
+    """Mean ms per forward of each part (``_PartTimer``) over ``reps`` forwards, after one untimed."""
+    fwd()
+    fw = []
+    with _PartTimer(model, device) as pt:
+        for _ in range(reps):
+            start = pt._now()
+            fwd()
+            fw.append((start, pt._now()))
+        parts = pt.totals_ms()
+        calls = {p: len(v) // reps for p, v in pt.pairs.items()}
+    if device.type == "cuda":
+        total = sum(a.elapsed_time(b) for a, b in fw)
+    else:
+        total = sum((b - a) * 1e3 for a, b in fw)
+    out = {"forward_ms": total / reps, **{f"{p}_ms": v / reps for p, v in parts.items()}, "calls_per_forward": calls,
+           "forwards": reps}
+    out["outside_attention_ms"] = out["forward_ms"] - out["attn_module_ms"]
+    out["attn_other_ms"] = out["attn_module_ms"] - out["prologue_ms"] - out["attention_ms"]
+    return out
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     na, nb = torch.linalg.vector_norm(a).item(), torch.linalg.vector_norm(b).item()
@@ -330,6 +452,8 @@ def run_random(args, ft) -> dict:
                         with _AttnCapture(model) as cap:
                             fwd()
                         blocks = cap.outputs
+                    if args.breakdown:
+                        row["breakdown"] = time_breakdown(model, fwd, device, reps)
             except Exception as exc:  # one failing mode must not lose the others' numbers
                 if device.type == "cuda" and isinstance(exc, torch.cuda.OutOfMemoryError):
                     row.update(status="error", reason="CUDA out of memory")
@@ -418,7 +542,31 @@ def random_tables(result: dict) -> str:
              "(weights, inputs). relL2/no-attn: output relL2 as a share of removing attention entirely "
              "(with random weights attention moves the output little, so out cos is close to 1 for any mode). "
              "attn-block cos min: worst cosine of one attention block's output vs the baseline run's.")
-    return "\n".join([*out, "", head, _table(headers, rows), notes])
+    text = "\n".join([*out, "", head, _table(headers, rows), notes])
+    bd = _breakdown_table(result)
+    return text if not bd else text + "\n\n" + bd
+
+
+def _breakdown_table(result: dict) -> str:
+    """``--breakdown``: mean ms per forward of each part, per mode (empty without the flag)."""
+    headers = ["res", "mode", "forward", "outside attn", "attn modules", "prologue", "attention", "attn other",
+               "calls/fwd (prologue, attention)"]
+    rows = []
+    for entry in result["resolutions"]:
+        for r in entry["rows"]:
+            b = r.get("breakdown")
+            if not b:
+                continue
+            c = b["calls_per_forward"]
+            rows.append([str(entry["resolution"]), r["mode"], *(_fmt(b[k], ".2f") for k in (
+                "forward_ms", "outside_attention_ms", "attn_module_ms", "prologue_ms", "attention_ms",
+                "attn_other_ms")), f"{c['prologue']}, {c['attention']}"])
+    if not rows:
+        return ""
+    return ("Per-part time, ms per forward (--breakdown: events around each part, separate forwards; "
+            "prologue = q/k RMSNorm + concat + RoPE (+ K/V quantisation with +fusedq); attention = the attention "
+            "call (an unfused qflash call quantises K/V inside it); attn other = projections, output projection, "
+            "V concat)\n" + _table(headers, rows))
 
 
 # --------------------------------------------------------------------------------------------

@@ -190,14 +190,17 @@ NON_QFLASH = ("sdpa", "sage", "no-attn")
 class Mode:
     """One attention variant. ``base``: "sdpa" (diffusers' default), a qflash preset name,
     "sage" (SageAttention) or "no-attn" (attention output zeros: a ceiling, not a method);
-    ``fused``: q/k RMSNorm + RoPE by ``rmsnorm_rope`` instead of diffusers' unfused ops."""
+    ``fused``: q/k RMSNorm + RoPE by ``rmsnorm_rope`` instead of diffusers' unfused ops;
+    ``fusedq`` (qflash presets): ``apply(..., fuse_prologue=True)`` — the prologue also writes the
+    quantised K/V (``qflash.fused.qkv_prologue``) and attention reads them (issue 16)."""
 
     base: str
     fused: bool = False
+    fusedq: bool = False
 
     @property
     def name(self) -> str:
-        return self.base + ("+fused" if self.fused else "")
+        return self.base + ("+fused" if self.fused else "") + ("+fusedq" if self.fusedq else "")
 
     @property
     def is_baseline(self) -> bool:
@@ -217,15 +220,21 @@ class Mode:
             what = "attention removed (output zeros; ceiling)"
         else:
             what = f"qflash {self.base}"
+        if self.fusedq:
+            return what + " + fused RMSNorm/RoPE/K-V quantisation prologue"
         return what + (" + fused RMSNorm/RoPE" if self.fused else "")
 
 
 def parse_mode(text: str) -> Mode:
     """"sdpa", "int8", "int8-fp8", "int4", "fp8", "none", "sage", "no-attn", each optionally with
-    "+fused"; raises ValueError naming the choices otherwise."""
+    "+fused" (qflash presets also "+fusedq"); raises ValueError naming the choices otherwise."""
     base, plus, suffix = str(text).strip().partition("+")
+    if suffix == "fusedq":
+        if base not in PRESETS:
+            raise ValueError(f"mode {text!r}: '+fusedq' applies to qflash presets {sorted(PRESETS)}")
+        return Mode(base, fusedq=True)
     if plus and suffix != "fused":
-        raise ValueError(f"mode {text!r}: the only suffix is '+fused'")
+        raise ValueError(f"mode {text!r}: the suffixes are '+fused' and (qflash presets) '+fusedq'")
     choices = list(NON_QFLASH) + sorted(PRESETS)
     if base not in choices:
         raise ValueError(f"mode {text!r}: expected one of {choices}, optionally with '+fused'")
@@ -318,8 +327,9 @@ def installed(model: torch.nn.Module, mode: Mode) -> Iterator[dict]:
     """Run ``model`` (a FluxTransformer2DModel) with ``mode``'s attention inside the block.
 
     - baseline ("sdpa"): nothing is changed;
-    - a qflash preset (unfused): ``qflash.integrations.diffusers.apply(model, quant=...)``, then
-      ``remove`` — the library's own integration, as a user would run it;
+    - a qflash preset (unfused, or ``+fusedq``): ``qflash.integrations.diffusers.apply(model,
+      quant=..., fuse_prologue=...)``, then ``remove`` — the library's own integration, as a user
+      would run it;
     - everything else: ``BenchFluxAttnProcessor`` on every Flux attention, originals put back.
 
     Yields a summary dict (``{"processors": n, "how": ...}``).
@@ -330,7 +340,7 @@ def installed(model: torch.nn.Module, mode: Mode) -> Iterator[dict]:
     if mode.is_qflash and not mode.fused:
         from ..integrations import diffusers as qfd
 
-        summary = qfd.apply(model, quant=mode.base)
+        summary = qfd.apply(model, quant=mode.base, fuse_prologue=mode.fusedq)
         try:
             if summary["flux"] + summary["updated"] == 0:
                 raise RuntimeError(f"qflash.integrations.diffusers.apply replaced no Flux processor: {summary}")
