@@ -248,13 +248,16 @@ def pieces(args) -> list[dict]:
                 # Ulysses: H/N heads of the whole sequence, two all-to-alls of q, k, v in and o out
                 hq = max(H // N, 1)
                 att = functools.partial(qflash.attention, quant=p)
-                t_u = median_ms(functools.partial(att, q[:, :hq], k[:, :hq], v[:, :hq], causal=causal),
-                                device, args.warmup, args.iters)
+                # contiguous operands, as a rank holds them (the all-to-all / ring buffers are)
+                qu, ku, vu = (t[:, :hq].contiguous() for t in (q, k, v))
+                t_u = median_ms(functools.partial(att, qu, ku, vu, causal=causal), device, args.warmup, args.iters)
+                del qu, ku, vu
                 # Ring: per step one block (non-causal: s x s; causal zig-zag: s/2 x s, diagonal once)
-                ks, vs = k[:, :, :s], v[:, :, :s]
-                t_blk = median_ms(functools.partial(att, q[:, :, :s // 2] if causal else q[:, :, :s], ks, vs,
-                                                    return_lse=True), device, args.warmup, args.iters)
-                t_diag = median_ms(functools.partial(att, q[:, :, :s], ks, vs, causal=True, return_lse=True),
+                qs, ks, vs = (t[:, :, :s].contiguous() for t in (q, k, v))
+                qh = qs[:, :, : s // 2].contiguous()
+                t_blk = median_ms(functools.partial(att, qh if causal else qs, ks, vs, return_lse=True), device,
+                                  args.warmup, args.iters)
+                t_diag = median_ms(functools.partial(att, qs, ks, vs, causal=True, return_lse=True),
                                    device, args.warmup, args.iters) if causal else t_blk
                 row[f"{p}:ulysses_local_ms"] = t_u
                 row[f"{p}:ring_block_ms"] = t_blk

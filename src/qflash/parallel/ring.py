@@ -85,6 +85,7 @@ def ring_forward(q, k, v, plan: RingPlan, quant=None):
     lse = torch.full((B, H, sq), float("-inf"), dtype=torch.float32, device=q.device)
     ring = RingExchange(plan.group)
     kb, vb = k, v
+    q_rows = {}  # the causal second chunk of queries, made contiguous once (kernels copy strided operands)
     for step in range(P):
         src = (r - step) % P
         if step + 1 < P:  # the next block travels while this one is computed
@@ -93,7 +94,10 @@ def ring_forward(q, k, v, plan: RingPlan, quant=None):
         blk = _block(plan, r, src, sq, kb.shape[2])
         if blk is not None:
             rows, cols, diag = blk
-            o, part_lse = attention(q[:, :, rows], kb[:, :, cols], vb[:, :, cols], quant=plan.quant if quant is None
+            key = (rows.start, rows.stop)
+            if key not in q_rows:
+                q_rows[key] = q if rows.start == 0 else q[:, :, rows].contiguous()
+            o, part_lse = attention(q_rows[key], kb[:, :, cols], vb[:, :, cols], quant=plan.quant if quant is None
                                     else quant, causal=diag, scale=plan.scale, return_lse=True, backend=plan.backend)
             merge_into(out[:, :, rows], lse[:, :, rows], o, part_lse)
         if step + 1 < P:
