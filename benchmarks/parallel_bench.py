@@ -278,6 +278,8 @@ def pieces(args) -> list[dict]:
 
 
 def _time_kv_quant(k, v, device, args):
+    if device.type != "cuda":  # a Triton kernel: CUDA only (the CPU interpreter would time Python)
+        return float("nan")
     try:
         from qflash.config import resolve_quant
         from qflash.kernels.kv_quant import quantize_kv

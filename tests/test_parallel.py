@@ -366,3 +366,27 @@ def test_merge_handles_empty_blocks_and_nan():
     assert torch.isnan(out[0, 0, 3]).any() and not torch.isnan(out[0, 0, 2]).any()
     merge_into(out, lse, torch.zeros(1, 2, 6, 8), torch.full((1, 2, 6), float("nan")))
     assert torch.isnan(out).all() and torch.isnan(lse).all()
+
+
+def test_parallel_bench_runs_on_cpu_world_of_one(tmp_path, capsys):
+    """benchmarks/parallel_bench.py at tiny shapes: a group of one (no torchrun) and --pieces."""
+    import importlib.util
+    from pathlib import Path
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_bench.py"
+    spec = importlib.util.spec_from_file_location("parallel_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--tiny", "--shapes", "tiny", "--presets", "none", "int8", "--iters", "1",
+                       "--warmup", "0", "--json", str(out)]) == 0
+    assert not dist.is_initialized()
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 1 and all(x["ok"] for x in res["check"])
+    assert {(x["mode"], x["quant"]) for x in res["timing"]} == {(m, p) for m in ("ulysses", "ring")
+                                                                 for p in ("none", "int8")}
+    assert bench.main(["--pieces", "--device", "cpu", "--tiny", "--shapes", "tiny-causal", "--presets", "none",
+                       "--world", "2", "--iters", "1", "--warmup", "0"]) == 0
+    assert "ring pred @370" in capsys.readouterr().out
