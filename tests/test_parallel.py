@@ -58,12 +58,20 @@ CASES = [
     ("ring-causal-nocheck", (2, 4), "ring", True, 2, 2, 32, None, 16, "none", "HND", None, "float32", "auto"),
     ("ulysses-gqa-nocheck", (4,), "ulysses", False, 4, 2, 32, None, 16, "int8", "NHD", None, "float32", "auto"),
 ]
+# run on 4 ranks with user process groups (see _worker)
+SUBGROUP_CASES = [
+    ("pairs-ring-causal", (4,), "ring", True, 2, 1, 30, None, 16, "none", "HND", None, "float32", "auto"),
+    ("pairs-ulysses", (4,), "ulysses", False, 2, 2, 16, None, 16, "none", "NHD", None, "float32", "auto"),
+    ("quad-hybrid-causal", (4,), "hybrid", True, 4, 2, 32, None, 16, "none", "HND", 2, "float32", "auto"),
+]
 ERRORS = ["ulysses-heads", "hybrid-no-size", "hybrid-bad-size", "ranks-head-dim", "ranks-dtype", "causal-qk-lengths",
           "bad-mode"]
 
 
-def _case(spec, rank: int, P: int, device: str = "cpu") -> dict:
+def _case(spec, rank: int, P: int, device: str = "cpu", group=None) -> dict:
     _id, _, mode, causal, Hq, Hkv, S, Sk, D, quant, layout, U, dtype, backend = spec
+    if group is not None:  # a sub-group: shards over its ranks
+        rank, P = dist.get_rank(group), dist.get_world_size(group)
     Sk = Sk or S
     dtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(_id.encode()))  # the same on every rank
@@ -96,7 +104,7 @@ def _case(spec, rank: int, P: int, device: str = "cpu") -> dict:
     shard = [nhd(t[:, :, a:b]).detach().clone().requires_grad_() for t, a, b in
              ((q, qa, qb), (k, ka, kb), (v, ka, kb))]
     out, lse = qp.attention(*shard, mode=mode, quant=quant, causal=causal, layout=layout, return_lse=True,
-                            ulysses_size=U, backend=backend, check_ranks="nocheck" not in _id)
+                            ulysses_size=U, backend=backend, check_ranks="nocheck" not in _id, group=group)
     o = hnd(out)
     loss(o, lse, dlse[:, :, qa:qb], dout[:, :, qa:qb]).backward()
     grads = [hnd(t.grad) for t in shard]
@@ -176,6 +184,15 @@ def _worker(rank: int, P: int, path: str, outdir: str) -> None:
                 res[spec[0]]["seconds"] = time.perf_counter() - t0
             except Exception:  # noqa: BLE001 - reported by the test of that case
                 res[spec[0]] = {"error": traceback.format_exc()}
+    if P == 4:  # user groups: two pairs running their own rings / Ulysses, and a 4-rank group that is not WORLD
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        quad = dist.new_group([0, 1, 2, 3])
+        for spec, group in ((SUBGROUP_CASES[0], pairs[rank // 2]), (SUBGROUP_CASES[1], pairs[rank // 2]),
+                            (SUBGROUP_CASES[2], quad)):
+            try:
+                res[spec[0]] = _case(spec, rank, P, group=group)
+            except Exception:  # noqa: BLE001
+                res[spec[0]] = {"error": traceback.format_exc()}
     if P == 2:
         for name in ERRORS:
             res["error:" + name] = _error_case(name, rank, P)
@@ -239,8 +256,8 @@ EXACT_TOL = {"ulysses": 8e-8, "ring": 7e-7, "hybrid": 7e-7}
 BF16_TOL = 4.5e-3
 
 
-@pytest.mark.parametrize("P, spec", [(P, c) for c in CASES for P in c[1]],
-                         ids=[f"{P}ranks-{c[0]}" for c in CASES for P in c[1]])
+@pytest.mark.parametrize("P, spec", [(P, c) for c in CASES + SUBGROUP_CASES for P in c[1]],
+                         ids=[f"{P}ranks-{c[0]}" for c in CASES + SUBGROUP_CASES for P in c[1]])
 def test_matches_single_process(P, spec):
     _id, mode, quant, dtype = spec[0], spec[2], spec[9], spec[12]
     for r, m in enumerate(results(P, _id)):

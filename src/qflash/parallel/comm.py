@@ -278,23 +278,26 @@ _HYBRID: dict[tuple, tuple] = {}
 def hybrid_groups(group, ulysses_size: int):
     """(Ulysses group, ring group) of this rank for ``ulysses_size`` consecutive ranks per Ulysses
     group: group-rank ``g·U + u`` is in Ulysses group ``g`` (ranks g·U .. g·U+U-1) and ring group
-    ``u`` (ranks u, U+u, 2U+u, ...). Built once per (group ranks, backend, U) with ``dist.new_group``
-    and cached; the first call is collective over the *default* group (``new_group``'s rule), so
-    every process must make it, in the same order."""
+    ``u`` (ranks u, U+u, 2U+u, ...). Built once per (group ranks, backend, U) and cached.
+
+    ``group`` None (the default group): every process creates every sub-group, in one order
+    (``dist.new_group``'s rule), so the first call is collective over the default group. Another
+    group: each member creates only its two sub-groups, synchronised among their members
+    (``use_local_synchronization``), so processes outside ``group`` are not involved.
+    """
     r, P = rank_and_size(group)
     ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(P))
     backend = dist.get_backend(group)
     key = (ranks, str(backend), ulysses_size)
     if key not in _HYBRID:
         U, R = ulysses_size, P // ulysses_size
-        mine = [None, None]
-        for g in range(R):  # every process creates every sub-group, in one order
-            pg = dist.new_group([ranks[g * U + u] for u in range(U)], backend=backend)
-            if r // U == g:
-                mine[0] = pg
-        for u in range(U):
-            pg = dist.new_group([ranks[g * U + u] for g in range(R)], backend=backend)
-            if r % U == u:
-                mine[1] = pg
-        _HYBRID[key] = tuple(mine)
+        members = [[ranks[g * U + u] for u in range(U)] for g in range(R)]  # the Ulysses groups
+        members += [[ranks[g * U + u] for g in range(R)] for u in range(U)]  # then the ring groups
+        mine = (r // U, R + r % U)
+        if group is None:
+            made = [dist.new_group(m, backend=backend) for m in members]
+            _HYBRID[key] = (made[mine[0]], made[mine[1]])
+        else:  # Ulysses groups first on every rank: no two members wait on each other in a cycle
+            _HYBRID[key] = tuple(dist.new_group(members[i], backend=backend, use_local_synchronization=True)
+                                 for i in mine)
     return _HYBRID[key]
