@@ -89,7 +89,8 @@ def attention(
             whole sequence for Hq/P heads; Hq must divide by P; GQA with Hkv < P repeats K/V
             heads), "ring" (K/V blocks go around the ring, partials merged by their lse; any
             head count), or "hybrid" (Ulysses inside groups of ``ulysses_size`` consecutive
-            ranks, ring across those groups).
+            ranks, ring across those groups; the sub-groups are created on the first call:
+            ``comm.hybrid_groups`` says which processes must take part).
         quant: a preset or ``QuantConfig`` (as ``qflash.attention``). Each rank quantises what it
             computes with; the ring passes K/V in the input dtype (see the README).
         causal: causal over the global sequence (needs s_r == t_r on every rank). The ring
