@@ -34,7 +34,7 @@ import qflash.parallel as qp
 from qflash.reference import exact_attention
 
 # rel. L2 vs exact fp64, same preset budgets as test_attention_api.SMALL_BUDGET (small shapes)
-BUDGET = {"none": 3.5e-3, "int8": 0.015, "int8-fp8": 0.058}
+BUDGET = {"none": 3.5e-3, "int8": 0.015, "int8-fp8": 0.058, "int4": 0.25, "fp8": 0.08}
 
 # (id, world sizes, mode, causal, Hq, Hkv, S (q), Sk (None: S), D, quant, layout, ulysses_size, dtype, backend)
 CASES = [
@@ -49,6 +49,8 @@ CASES = [
     ("ring-cross", (2,), "ring", False, 2, 1, 16, 24, 16, "none", "HND", None, "float32", "auto"),
     ("ring-int8-causal-gqa", (2, 4), "ring", True, 4, 2, 30, None, 16, "int8", "HND", None, "float32", "auto"),
     ("ring-int8fp8", (2,), "ring", False, 2, 2, 32, None, 16, "int8-fp8", "HND", None, "float32", "auto"),
+    ("ring-int4-causal", (2,), "ring", True, 2, 2, 32, None, 16, "int4", "HND", None, "float32", "auto"),
+    ("ulysses-fp8-gqa", (2,), "ulysses", False, 4, 2, 32, None, 16, "fp8", "NHD", None, "float32", "auto"),
     ("ring-causal-bf16", (2,), "ring", True, 2, 2, 32, None, 16, "none", "HND", None, "bfloat16", "auto"),
     ("ring-causal-portable", (2,), "ring", True, 2, 1, 32, None, 16, "none", "HND", None, "float32", "portable"),
     ("hybrid-causal", (4,), "hybrid", True, 4, 2, 32, None, 16, "none", "HND", 2, "float32", "auto"),
@@ -270,10 +272,12 @@ def test_matches_single_process(P, spec):
             assert m["out"] < tol and m["lse"] < tol, (r, m)
         else:
             # The ring smooths and scales K per block: another quantisation of the same numbers,
-            # as accurate. Measured vs exact, worst rank: ring / single-process <= 0.97 (int8
-            # 5.3-6.7e-3, int8-fp8 3.3e-2); ring vs single-process <= 7.2e-3 (int8), 3.7e-2 (int8-fp8).
+            # as accurate. Measured vs exact, worst rank: ring / single-process <= 0.99 (int8
+            # 5.3-6.7e-3, int8-fp8 3.3e-2, int4 1.0e-1); ring vs single-process <= 7.2e-3 (int8),
+            # 3.7e-2 (int8-fp8), 1.4e-1 (int4).
             assert m["exact"] < min(BUDGET[quant], 1.5 * m["single_exact"]), (r, m)
-            assert m["lse"] < 4e-3, (r, m)  # measured <= 2.7e-3
+            # lse vs single-process, measured <= 2.7e-3 (int8, int8-fp8); int4 3.9e-2 (coarser scores)
+            assert m["lse"] < (6e-2 if quant == "int4" else 4e-3), (r, m)
 
 
 @pytest.mark.parametrize("name", ERRORS)
