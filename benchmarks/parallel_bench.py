@@ -24,7 +24,7 @@ Distributed mode, in order:
 ``--pieces`` (one device, no process group): for N in ``--world``, times what one rank of N does
 locally — Ulysses' attention on H/N heads of the whole sequence; the ring's block attentions (the
 causal diagonal block and the half blocks of the zig-zag schedule), the fp32 LSE merge per step,
-and quantising a K/V shard once (``kernels.kv_quant.quantize_kv``, int8-fp8) — and predicts the
+and quantising a K/V shard once (``qflash.quantize_kv``, int8-fp8) — and predicts the
 N-device time from the bytes each rank moves at the bus bandwidths given (``--gbps``; defaults
 from published NCCL figures for NVLink4, docs/perf/NOTES.md "Sequence parallelism"). It prints a
 Markdown table for NOTES.md.
@@ -136,13 +136,13 @@ def hybrid_size(N: int, H: int) -> int | None:
     return max(sizes) if sizes else None
 
 
-def mode_kwargs(mode: str, N: int, H: int):
+def mode_kwargs(mode: str, N: int, H: int, ring_kv: str = "auto"):
     if mode == "ulysses":
         return {} if H % N == 0 else None
     if mode == "hybrid":
         u = hybrid_size(N, H)
-        return None if u is None else {"ulysses_size": u}
-    return {}
+        return None if u is None else {"ulysses_size": u, "ring_kv": ring_kv}
+    return {"ring_kv": ring_kv}
 
 
 def global_qkv(B, H, S, D, device, dtype, seed=0):
@@ -170,7 +170,7 @@ def check(args, r, N, device, dtype) -> list[dict]:
         for quant in args.presets:
             single = qflash.attention(q, k, v, quant=quant, causal=causal)
             for mode in args.modes:
-                kw = mode_kwargs(mode, N, H)
+                kw = mode_kwargs(mode, N, H, "auto")
                 if kw is None:
                     continue
                 out = qp.attention(shard(q, r, N), shard(k, r, N), shard(v, r, N), mode=mode, quant=quant,
@@ -198,10 +198,12 @@ def timing(args, r, N, device, dtype) -> list[dict]:
                                               device, args.warmup, args.iters), device)
         qs, ks, vs = shard(q, r, N), shard(k, r, N), shard(v, r, N)
         for mode in args.modes:
-            kw = mode_kwargs(mode, N, H)
+            kw = mode_kwargs(mode, N, H, args.ring_kv)
             if kw is None:
                 continue
             for quant in args.presets:
+                if kw.get("ring_kv") == "codes" and (causal or quant == "none"):
+                    kw = {**kw, "ring_kv": "auto"}  # codes are non-causal, quantised presets only
                 qp.attention(qs, ks, vs, mode=mode, quant=quant, causal=causal, **kw)  # checked once
                 run = functools.partial(qp.attention, qs, ks, vs, mode=mode, quant=quant, causal=causal,
                                         check_ranks=False, **kw)
@@ -266,7 +268,11 @@ def pieces(args) -> list[dict]:
                 for gbps in args.gbps:
                     bw = gbps * 1e6  # bytes per ms
                     a2a = 4 * shard_bytes * (N - 1) / N / bw  # q, k, v out and o back, (N-1)/N of each leaves
-                    kv_step = 2 * shard_bytes / bw  # K and V shard (input dtype) per ring step
+                    # K and V per ring step: input dtype (causal, none), or the codes (non-causal
+                    # ring_kv "codes": int8/fp8 K + fp8 V ~ 1 byte each; int8 keeps V in bf16)
+                    kv_bytes = 2 * shard_bytes if causal or p == "none" else \
+                        (1.5 if p == "int8" else 1.0) * shard_bytes
+                    kv_step = kv_bytes / bw
                     zigzag = (4 * shard_bytes / bw) if causal else 0.0  # q, k, v in and o out, ~all of it moves
                     ring = (t_diag + row["merge_step_ms"]) + (N - 1) * max(t_blk + row["merge_step_ms"], kv_step) + \
                         zigzag
@@ -280,13 +286,9 @@ def pieces(args) -> list[dict]:
 def _time_kv_quant(k, v, device, args):
     if device.type != "cuda":  # a Triton kernel: CUDA only (the CPU interpreter would time Python)
         return float("nan")
-    try:
-        from qflash.config import resolve_quant
-        from qflash.kernels.kv_quant import quantize_kv
-
-        cfg = resolve_quant("int8-fp8")
+    try:  # what the non-causal ring does once per rank (ring_kv="codes")
         kc, vc = k.contiguous(), v.contiguous()
-        return median_ms(functools.partial(quantize_kv, kc, vc, cfg, 128), device, args.warmup, args.iters)
+        return median_ms(functools.partial(qflash.quantize_kv, kc, vc, "int8-fp8"), device, args.warmup, args.iters)
     except Exception as exc:  # noqa: BLE001 - the quantiser's signature may move; report, don't fail
         print(f"quantise-once not timed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return float("nan")
@@ -319,7 +321,8 @@ def print_timing(rows) -> None:
     print("\n| " + " | ".join(heads) + " |")
     print("|" + "---|" * len(heads))
     for x in rows:
-        mode = x["mode"] + (f" (U={x['ulysses_size']})" if "ulysses_size" in x else "")
+        mode = x["mode"] + (f" (U={x['ulysses_size']})" if "ulysses_size" in x else "") + \
+            (f" kv={x['ring_kv']}" if x.get("ring_kv", "auto") != "auto" else "")
         print(f"| {x['shape']}{' causal' if x['causal'] else ''} | {x['N']} | {mode} | {x['quant']} | {x['ms']:.3f} | "
               f"{x['sdpa_1dev_ms']:.3f} | {x['same_1dev_ms']:.3f} | {x['speedup_vs_sdpa_1dev']:.2f}x | "
               f"{x['speedup_vs_same_1dev']:.2f}x | {x['efficiency']:.0%} |")
@@ -335,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
+    ap.add_argument("--ring-kv", default="auto", choices=("auto", "codes", "input"),
+                    help="what the ring passes (qflash.parallel.attention's ring_kv)")
     ap.add_argument("--json", default=None, help="write the results here (rank 0)")
     ap.add_argument("--pieces", action="store_true", help="one device: time one rank's pieces, predict N devices")
     ap.add_argument("--world", nargs="+", type=int, default=[2, 4, 8], help="--pieces: the N to predict")

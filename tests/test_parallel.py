@@ -48,7 +48,11 @@ CASES = [
     ("ring-causal-empty-chunks", (4,), "ring", True, 2, 1, 6, None, 8, "none", "HND", None, "float32", "auto"),
     ("ring-cross", (2,), "ring", False, 2, 1, 16, 24, 16, "none", "HND", None, "float32", "auto"),
     ("ring-int8-causal-gqa", (2, 4), "ring", True, 4, 2, 30, None, 16, "int8", "HND", None, "float32", "auto"),
-    ("ring-int8fp8", (2,), "ring", False, 2, 2, 32, None, 16, "int8-fp8", "HND", None, "float32", "auto"),
+    # non-causal quantised rings pass K/V codes (ring_kv "auto" = "codes"); "-input": the input-dtype K/V
+    ("ring-int8fp8-codes", (2, 4), "ring", False, 2, 2, 30, None, 16, "int8-fp8", "HND", None, "float32", "auto"),
+    ("ring-int8-codes-gqa-cross", (2,), "ring", False, 4, 2, 16, 40, 16, "int8", "HND", None, "float32", "auto"),
+    ("ring-fp8-codes-bf16", (2,), "ring", False, 2, 1, 32, None, 16, "fp8", "NHD", None, "bfloat16", "auto"),
+    ("ring-int8fp8-input", (2,), "ring", False, 2, 2, 32, None, 16, "int8-fp8", "HND", None, "float32", "auto"),
     ("ring-int4-causal", (2,), "ring", True, 2, 2, 32, None, 16, "int4", "HND", None, "float32", "auto"),
     ("ulysses-fp8-gqa", (2,), "ulysses", False, 4, 2, 32, None, 16, "fp8", "NHD", None, "float32", "auto"),
     ("ring-causal-bf16", (2,), "ring", True, 2, 2, 32, None, 16, "none", "HND", None, "bfloat16", "auto"),
@@ -67,7 +71,7 @@ SUBGROUP_CASES = [
     ("quad-hybrid-causal", (4,), "hybrid", True, 4, 2, 32, None, 16, "none", "HND", 2, "float32", "auto"),
 ]
 ERRORS = ["ulysses-heads", "hybrid-no-size", "hybrid-bad-size", "ranks-head-dim", "ranks-dtype", "causal-qk-lengths",
-          "bad-mode"]
+          "bad-mode", "codes-causal", "codes-none", "bad-ring-kv"]
 
 
 def _case(spec, rank: int, P: int, device: str = "cpu", group=None) -> dict:
@@ -106,7 +110,8 @@ def _case(spec, rank: int, P: int, device: str = "cpu", group=None) -> dict:
     shard = [nhd(t[:, :, a:b]).detach().clone().requires_grad_() for t, a, b in
              ((q, qa, qb), (k, ka, kb), (v, ka, kb))]
     out, lse = qp.attention(*shard, mode=mode, quant=quant, causal=causal, layout=layout, return_lse=True,
-                            ulysses_size=U, backend=backend, check_ranks="nocheck" not in _id, group=group)
+                            ulysses_size=U, backend=backend, check_ranks="nocheck" not in _id, group=group,
+                            ring_kv="input" if "-input" in _id else "codes" if "-codes" in _id else "auto")
     o = hnd(out)
     loss(o, lse, dlse[:, :, qa:qb], dout[:, :, qa:qb]).backward()
     grads = [hnd(t.grad) for t in shard]
@@ -139,6 +144,9 @@ def _error_case(name: str, rank: int, P: int) -> str:
                                             mode="ring", quant="none"),
         "causal-qk-lengths": lambda: qp.attention(t(), t(S=6), t(S=6), mode="ring", causal=True),
         "bad-mode": lambda: qp.attention(t(), t(), t(), mode="context"),
+        "codes-causal": lambda: qp.attention(t(), t(), t(), mode="ring", causal=True, ring_kv="codes"),
+        "codes-none": lambda: qp.attention(t(), t(), t(), mode="ring", quant="none", ring_kv="codes"),
+        "bad-ring-kv": lambda: qp.attention(t(), t(), t(), mode="ring", ring_kv="int8"),
     }
     try:
         calls[name]()
@@ -174,16 +182,23 @@ def _diffusers_case(rank: int, P: int) -> dict:
 
 
 def _worker(rank: int, P: int, path: str, outdir: str) -> None:
+    import qflash.parallel.ring as ring_mod
+
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=P,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
+    codes_calls = []  # which ring forwards passed K/V codes (ring_kv)
+    real_codes = ring_mod._ring_codes
+    ring_mod._ring_codes = lambda *a, **kw: (codes_calls.append(1), real_codes(*a, **kw))[1]
     res = {}
     for spec in CASES:
         if P in spec[1]:
             try:
                 t0 = time.perf_counter()
+                codes_calls.clear()
                 res[spec[0]] = _case(spec, rank, P)
                 res[spec[0]]["seconds"] = time.perf_counter() - t0
+                res[spec[0]]["codes_calls"] = len(codes_calls)
             except Exception:  # noqa: BLE001 - reported by the test of that case
                 res[spec[0]] = {"error": traceback.format_exc()}
     if P == 4:  # user groups: two pairs running their own rings / Ulysses, and a 4-rank group that is not WORLD
@@ -264,6 +279,10 @@ def test_matches_single_process(P, spec):
     _id, mode, quant, dtype = spec[0], spec[2], spec[9], spec[12]
     for r, m in enumerate(results(P, _id)):
         assert m["dtype_ok"] and m["shape_ok"], (r, m)
+        if "codes_calls" in m:  # quantised non-causal rings pass K/V codes unless told "input"
+            codes = mode in ("ring", "hybrid") and not spec[3] and quant in ("int8", "int8-fp8", "fp8") \
+                and "-input" not in _id
+            assert (m["codes_calls"] > 0) == codes, (r, m)
         tol = EXACT_TOL[mode] if dtype == "float32" else BF16_TOL
         # straight-through gradients: exact attention's on CPU, whatever the preset
         for key in ("dq", "dk", "dv"):
@@ -273,8 +292,9 @@ def test_matches_single_process(P, spec):
         else:
             # The ring smooths and scales K per block: another quantisation of the same numbers,
             # as accurate. Measured vs exact, worst rank: ring / single-process <= 0.99 (int8
-            # 5.3-6.7e-3, int8-fp8 3.3e-2, int4 1.0e-1); ring vs single-process <= 7.2e-3 (int8),
-            # 3.7e-2 (int8-fp8), 1.4e-1 (int4).
+            # 5.3-6.7e-3, int8-fp8 2.7-3.3e-2, int4 1.0e-1; K/V codes passed: <= 1.06, fp8 bf16
+            # 4.7e-2); ring vs single-process <= 7.2e-3 (int8), 4.0e-2 (int8-fp8), 5.1e-2 (fp8),
+            # 1.4e-1 (int4).
             assert m["exact"] < min(BUDGET[quant], 1.5 * m["single_exact"]), (r, m)
             # lse vs single-process, measured <= 2.7e-3 (int8, int8-fp8); int4 3.9e-2 (coarser scores)
             assert m["lse"] < (6e-2 if quant == "int4" else 4e-3), (r, m)
@@ -291,6 +311,9 @@ def test_errors_are_raised_on_every_rank(name):
         "ranks-dtype": "ranks disagree on dtype",
         "causal-qk-lengths": "this rank has 8 queries and 6 keys",
         "bad-mode": "mode must be one of ('ulysses', 'ring', 'hybrid')",
+        "codes-causal": "ring_kv='codes' cannot be used here: causal",
+        "codes-none": "ring_kv='codes' cannot be used here: quant 'none' does not quantise",
+        "bad-ring-kv": "ring_kv must be one of ('auto', 'codes', 'input'), got 'int8'",
     }[name]
     for r, msg in enumerate(msgs):
         assert want in msg, (r, msg)

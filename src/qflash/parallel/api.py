@@ -14,7 +14,7 @@ from .comm import Redistribute, check_ranks, contiguous_intervals, hybrid_groups
 from .ring import RingAttention, RingPlan
 from .ulysses import split_heads_error, ulysses_attention
 
-__all__ = ["MODES", "ParallelConfig", "attention"]
+__all__ = ["MODES", "RING_KV", "ParallelConfig", "attention"]
 
 MODES = ("ulysses", "ring", "hybrid")
 
@@ -34,12 +34,27 @@ class ParallelConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
 
-def _ring(q, k, v, *, group, qlens, klens, quant, scale, causal, backend, bwd_recompute, want_lse):
+RING_KV = ("auto", "codes", "input")
+
+
+def _kv_codes(ring_kv: str, quant, causal: bool, klens) -> bool:
+    """Whether the ring passes quantised K/V (``ring_kv``: "codes", "input" or "auto" = when it can)."""
+    from ..quant.kv import unsupported_reason
+
+    why = ("causal (the zig-zag chunks are not block-aligned yet)" if causal else
+           unsupported_reason(quant) or ("a rank holds no keys" if not all(klens) else None))
+    if ring_kv == "codes" and why is not None:
+        raise ValueError(f"ring_kv='codes' cannot be used here: {why}; use ring_kv='input' or 'auto'")
+    return ring_kv != "input" and why is None
+
+
+def _ring(q, k, v, *, group, qlens, klens, quant, scale, causal, backend, bwd_recompute, want_lse, ring_kv):
     """Ring attention over ``group`` on HND shards (contiguous, rank order): (out HND, lse | None).
     Causal: permuted to zig-zag order and back around the ring (``comm.Redistribute``)."""
     r, P = rank_and_size(group)
     if not causal:
-        plan = RingPlan(group, quant, scale, False, tuple(klens), (), 0, backend, bwd_recompute)
+        plan = RingPlan(group, quant, scale, False, tuple(klens), (), 0, backend, bwd_recompute,
+                        _kv_codes(ring_kv, quant, causal, klens))
         out, lse = RingAttention.apply(q, k, v, plan)
         return out, (lse if want_lse else None)
     src, dst = contiguous_intervals(qlens), zigzag_intervals(sum(qlens), P)
@@ -47,6 +62,7 @@ def _ring(q, k, v, *, group, qlens, klens, quant, scale, causal, backend, bwd_re
     # one exchange for q, k and v together (same tokens, causal needs equal q/k shards)
     x = Redistribute.apply(torch.cat([q, k, v], dim=1), group, src, dst)
     q, k, v = x.split([Hq, Hkv, Hkv], dim=1)
+    _kv_codes(ring_kv, quant, causal, klens)  # raises for ring_kv="codes"
     zlens = tuple(sum(b - a for a, b in iv) for iv in dst)
     first = tuple(iv[0][1] - iv[0][0] for iv in dst)
     plan = RingPlan(group, quant, scale, True, zlens, first, first[r], backend, bwd_recompute)
@@ -73,6 +89,7 @@ def attention(
     check_ranks: bool = True,
     backend: str = "auto",
     bwd_recompute: bool | None = None,
+    ring_kv: str = "auto",
 ):
     """Sequence-parallel ``qflash.attention``: each rank passes its shard of the sequence.
 
@@ -92,7 +109,7 @@ def attention(
             ranks, ring across those groups; the sub-groups are created on the first call:
             ``comm.hybrid_groups`` says which processes must take part).
         quant: a preset or ``QuantConfig`` (as ``qflash.attention``). Each rank quantises what it
-            computes with; the ring passes K/V in the input dtype (see the README).
+            computes with (see ``ring_kv`` for what the ring passes).
         causal: causal over the global sequence (needs s_r == t_r on every rank). The ring
             balances the work by moving the shards into zig-zag order (rank r holds chunks r and
             2P-1-r of 2P) and back, inside this call: one extra exchange of q, k, v and of the
@@ -101,15 +118,22 @@ def attention(
         layout: "HND" or "NHD", for inputs and output.
         return_lse: also return this rank's rows of the global log-sum-exp, fp32 (B, Hq, s_r).
         ulysses_size: "hybrid" only: ranks per Ulysses group (must divide the group size and Hq).
-        check_ranks: one ``all_gather`` of a 14-int row per call (one device-to-host sync):
+        check_ranks: one ``all_gather`` of a 15-int row per call (one device-to-host sync):
             every rank raises the same ``ValueError`` if the ranks disagree on batch, heads, head
-            dim, dtype, layout, causal, mode, quant, scale, ulysses_size or return_lse, and the
+            dim, dtype, layout, causal, mode, quant, scale, ulysses_size, return_lse or ring_kv, and the
             shard lengths are learnt. False skips it: every rank is assumed to hold the same
             shapes as this one (equal shards); a mismatch is then undefined (a hang or an error
             from the backend). Never checked: devices, strides, and the values.
         backend: the local kernel family, as ``qflash.attention``'s ``backend``.
         bwd_recompute: as ``qflash.attention``'s (ring: whether the backward reruns an exact
             ring forward for the exact global O and lse).
+        ring_kv: what the ring's forward passes around. "codes": each rank quantises its K/V
+            shard once (``qflash.quantize_kv``) and the codes, scales and K mean travel (int8 K +
+            fp8 V: about half the bytes of bf16); non-causal only, presets ``int8``,
+            ``int8-fp8``, ``fp8`` (ValueError otherwise). "input": K/V in the input dtype, each
+            rank quantising every block it receives. "auto" (default): "codes" where it applies.
+            The backward always passes K/V in the input dtype (its gradients are exact
+            attention's at the unquantised K/V).
 
     Returns:
         This rank's rows of the output, in q's layout and dtype (B, Hq, s_r, D), or ``(out, lse)``.
@@ -120,6 +144,8 @@ def attention(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if ring_kv not in RING_KV:
+        raise ValueError(f"ring_kv must be one of {RING_KV}, got {ring_kv!r}")
     cfg = validate_inputs(q, k, v, causal=causal, attn_mask=None, scale=scale, layout=layout, quant=quant)
     if not isinstance(check_ranks, bool):
         raise TypeError(f"check_ranks must be a bool, got {type(check_ranks).__name__}")
@@ -140,7 +166,7 @@ def attention(
     if check_ranks:
         meta = {"batch": B, "hq": Hq, "hkv": Hkv, "d": D, "dtype": q.dtype, "layout": layout, "causal": causal,
                 "mode": mode, "quant": config_key(cfg), "scale": scale,
-                "ulysses_size": U if mode == "hybrid" else 0, "return_lse": return_lse}
+                "ulysses_size": U if mode == "hybrid" else 0, "return_lse": return_lse, "ring_kv": ring_kv}
         qlens, klens = check_ranks_fn(group, q, meta, sq, sk)
     else:
         qlens, klens = [sq] * P, [sk] * P
@@ -156,12 +182,12 @@ def attention(
 
     if mode == "ring":
         out, lse = _ring(q, k, v, group=group, qlens=qlens, klens=klens, bwd_recompute=bwd_recompute,
-                         want_lse=return_lse, **common)
+                         want_lse=return_lse, ring_kv=ring_kv, **common)
     elif mode == "ulysses" or U == P:
         out, lse = ulysses_attention(q, k, v, group=group, qlens=qlens, klens=klens, nhd=nhd, inner=local)
     elif U == 1:
         out, lse = _ring(q, k, v, group=group, qlens=qlens, klens=klens, bwd_recompute=bwd_recompute,
-                         want_lse=return_lse, **common)
+                         want_lse=return_lse, ring_kv=ring_kv, **common)
     else:
         ugroup, rgroup = hybrid_groups(group, U)
         g = r // U
@@ -171,7 +197,7 @@ def attention(
 
         def across(qh, kh, vh):
             return _ring(qh, kh, vh, group=rgroup, qlens=seg_q, klens=seg_k, bwd_recompute=bwd_recompute,
-                         want_lse=return_lse, **common)
+                         want_lse=return_lse, ring_kv=ring_kv, **common)
 
         out, lse = ulysses_attention(q, k, v, group=ugroup, qlens=uq, klens=uk, nhd=nhd, inner=across)
     if nhd:

@@ -52,7 +52,7 @@ def _meta_device(group, t: torch.Tensor) -> torch.device:
 
 # Fields of the metadata row each rank contributes; the last two (sequence lengths) may differ.
 _FIELDS = ("batch", "q heads", "kv heads", "head dim", "dtype", "layout", "causal", "mode", "quant",
-           "scale", "ulysses_size", "return_lse", "q length", "k length")
+           "scale", "ulysses_size", "return_lse", "ring_kv", "q length", "k length")
 _SAME = len(_FIELDS) - 2
 
 
@@ -61,17 +61,17 @@ def _code(s: str) -> int:
 
 
 def check_ranks(group, q: torch.Tensor, meta: dict, sq: int, sk: int) -> tuple[list[int], list[int]]:
-    """One ``all_gather`` of a 14-int64 row per rank: raises the same ``ValueError`` on every rank
+    """One ``all_gather`` of a 15-int64 row per rank: raises the same ``ValueError`` on every rank
     if any field but the sequence lengths differs between ranks, and returns every rank's
     (q lengths, k lengths). Collective; no deadlock on a mismatch since every rank reaches it.
 
     ``meta``: batch, heads, head dim, dtype, layout, causal, mode, quant key, scale, ulysses_size,
-    return_lse (the scale compares its float64 bits). Not checked: strides, devices, the values.
+    return_lse, ring_kv (the scale compares its float64 bits). Not checked: strides, devices, the values.
     """
     row = [meta["batch"], meta["hq"], meta["hkv"], meta["d"], _code(str(meta["dtype"])), _code(meta["layout"]),
            int(meta["causal"]), _code(meta["mode"]), _code(meta["quant"]),
            struct.unpack("<q", struct.pack("<d", float(meta["scale"])))[0], int(meta["ulysses_size"] or 0),
-           int(meta["return_lse"]), sq, sk]
+           int(meta["return_lse"]), _code(meta["ring_kv"]), sq, sk]
     _, P = rank_and_size(group)
     mine = torch.tensor(row, dtype=torch.int64, device=_meta_device(group, q))
     rows = torch.empty(P * len(row), dtype=torch.int64, device=mine.device)
@@ -240,8 +240,9 @@ class RingExchange:
     """One step of the ring: send tensors to rank r+1 and receive same-shaped ones from r-1,
     asynchronously (``batch_isend_irecv``), so the caller computes while they travel.
 
-    ``start(tensors, shapes)`` posts the sends of ``tensors`` and the receives of fresh buffers of
-    ``shapes`` (dtype/device of the first tensor); ``wait()`` returns the received buffers.
+    ``start(tensors, shapes, dtypes=None)`` posts the sends of ``tensors`` and the receives of fresh
+    buffers of ``shapes`` (``dtypes``: one per buffer, default the first tensor's; its device);
+    ``wait()`` returns the received buffers.
     Empty tensors are not sent (both sides skip them, they know the lengths).
     """
 
@@ -251,10 +252,10 @@ class RingExchange:
         self.next, self.prev = _global(group, (r + 1) % P), _global(group, (r - 1) % P)
         self._reqs, self._bufs = [], []
 
-    def start(self, tensors, shapes, dtype=None):
+    def start(self, tensors, shapes, dtypes=None):
         t0 = tensors[0]
-        dtype = dtype or t0.dtype
-        self._bufs = [torch.empty(s, dtype=dtype, device=t0.device) for s in shapes]
+        dtypes = dtypes or [t0.dtype] * len(shapes)
+        self._bufs = [torch.empty(s, dtype=dt, device=t0.device) for s, dt in zip(shapes, dtypes)]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, self.tag0 + i)
                for i, t in enumerate(tensors) if t.numel()]
         ops += [dist.P2POp(dist.irecv, b, self.prev, self.group, self.tag0 + i)

@@ -52,6 +52,7 @@ class RingPlan:
     q_first: int
     backend: str
     bwd_recompute: bool | None = None
+    kv_codes: bool = False  # the forward passes each rank's K/V quantised once (non-causal; see _ring_codes)
 
 
 def _block(plan: RingPlan, r: int, src: int, sq: int, sk: int):
@@ -83,6 +84,9 @@ def ring_forward(q, k, v, plan: RingPlan, quant=None):
     Hkv = k.shape[1]
     out = torch.zeros((B, H, sq, v.shape[-1]), dtype=torch.float32, device=q.device)
     lse = torch.full((B, H, sq), float("-inf"), dtype=torch.float32, device=q.device)
+    if plan.kv_codes and quant is None:
+        _ring_codes(q, k, v, plan, out, lse)
+        return out, lse
     ring = RingExchange(plan.group)
     kb, vb = k, v
     q_rows = {}  # the causal second chunk of queries, made contiguous once (kernels copy strided operands)
@@ -103,6 +107,57 @@ def ring_forward(q, k, v, plan: RingPlan, quant=None):
         if step + 1 < P:
             kb, vb = ring.wait()
     return out, lse
+
+
+def _codes_fields(qkv) -> list:
+    """The tensors of a ``QuantizedKV`` that travel (codes, scales, K mean), in a fixed order."""
+    return [t for t in (qkv.k, qkv.k_scale, qkv.k_mean, qkv.v, qkv.v_scale) if t is not None]
+
+
+def _codes_buffers(qkv, n: int) -> tuple[list, list]:
+    """Shapes and dtypes of ``_codes_fields`` for a block of ``n`` keys shaped like ``qkv``'s."""
+    import math
+
+    from ..quant.kv import V_BLOCK
+
+    B, H, _, D = qkv.k.shape
+    specs = [((B, H, n, D), qkv.k.dtype),
+             ((B, H, n if qkv.k_block == 1 else math.ceil(n / qkv.k_block)), torch.float32)]
+    if qkv.k_mean is not None:
+        specs.append(((B, H, D), torch.float32))
+    if qkv.quant.quantizes_pv:
+        specs.append(((B, H, D, math.ceil(n / V_BLOCK) * V_BLOCK), qkv.v.dtype))
+    else:
+        specs.append(((B, H, n, D), qkv.v.dtype))
+    if qkv.v_scale is not None:
+        specs.append(((B, H, D), torch.float32))
+    return [x[0] for x in specs], [x[1] for x in specs]
+
+
+def _ring_codes(q, k, v, plan: RingPlan, out, lse) -> None:
+    """Non-causal ring forward on quantised K/V: each rank quantises its K/V shard once
+    (``qflash.quantize_kv``) and the codes, scales and K mean travel instead of the input-dtype
+    K/V (int8 K + fp8 V: about half the bytes). Fills ``out`` / ``lse`` in place."""
+    import dataclasses
+
+    from ..api import attention
+    from ..prequant import quantize_kv
+
+    r, P = rank_and_size(plan.group)
+    mine = quantize_kv(k, v, plan.quant)
+    cur = mine
+    ring = RingExchange(plan.group)
+    for step in range(P):
+        if step + 1 < P:
+            shapes, dtypes = _codes_buffers(mine, plan.klens[(r - step - 1) % P])
+            ring.start(_codes_fields(cur), shapes, dtypes)
+        if q.shape[2] and cur.k.shape[2]:
+            o, part_lse = attention(q, cur, quant=plan.quant, scale=plan.scale, return_lse=True, backend=plan.backend)
+            merge_into(out, lse, o, part_lse)
+        if step + 1 < P:
+            got = iter(ring.wait())
+            cur = dataclasses.replace(mine, **{name: (next(got) if getattr(mine, name) is not None else None)
+                                               for name in ("k", "k_scale", "k_mean", "v", "v_scale")})
 
 
 def _block_grads_torch(q, k, v, dout, lse, delta, dlse, scale, diag):
