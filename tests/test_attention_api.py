@@ -19,11 +19,6 @@ from qflash.reference import exact_attention, fake_quant_attention
 
 # Triton kernels run here: a GPU, or Triton's CPU interpreter (tests/conftest.py sets it without one)
 _KERNELS = torch.cuda.is_available() or interpreter_enabled()
-if interpreter_enabled():  # bf16/fp8 conversions as the GPU does them (tests/triton_interpreter_shim.py)
-    import triton_interpreter_shim
-
-    triton_interpreter_shim.apply()
-
 # (B, Hq, Hkv, Sq, Sk, D, causal, dtype)
 SHAPES = [
     pytest.param(1, 2, 2, 1, 1, 64, False, torch.bfloat16, id="S1-D64-bf16"),

@@ -14,7 +14,6 @@ import torch
 from helpers import rel_l2
 
 from qflash.config import PRESETS
-from qflash.kernels.common import interpreter_enabled
 from qflash.kernels.common import triton_usable as kernels_usable
 from qflash.reference import exact_attention
 
@@ -22,11 +21,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 if not kernels_usable(torch.device(DEVICE))[0]:
     pytest.skip("Triton kernels cannot run here (no CUDA, interpreter off)", allow_module_level=True)
-
-if interpreter_enabled():
-    import triton_interpreter_shim
-
-    triton_interpreter_shim.apply()
 
 from qflash.autograd import saved_bytes
 from qflash.kernels.portable.bwd_launch import (

@@ -21,17 +21,11 @@ import os
 import pytest
 import torch
 
-from qflash.kernels.common import interpreter_enabled
 from qflash.kernels.common import triton_usable as kernels_usable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if not kernels_usable(torch.device(DEVICE))[0]:
     pytest.skip("Triton kernels cannot run here (no CUDA, interpreter off)", allow_module_level=True)
-if interpreter_enabled():
-    import triton_interpreter_shim
-
-    triton_interpreter_shim.apply()
-
 _spec = importlib.util.spec_from_file_location(
     "train_tiny", os.path.join(os.path.dirname(__file__), "..", "examples", "train_tiny.py"))
 train_tiny = importlib.util.module_from_spec(_spec)

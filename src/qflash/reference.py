@@ -18,6 +18,10 @@ Conventions shared with the kernels:
 - ``attn_mask`` is boolean (True = attend) or float (added to the scaled scores), broadcastable
   to (B, Hq, Sq, Sk).
 - A row whose keys are all masked returns zeros, and its log-sum-exp is -inf.
+- NaN/Inf in q, k or v reach the rows that use them as in PyTorch SDPA (math backend): a NaN
+  score or a +Inf one (Inf·finite) makes its row NaN, a NaN/Inf in v the columns it feeds.
+- An additive mask of ``torch.finfo(dtype).min`` swamps the scores in fp32 (as in SDPA): a row
+  masked with it entirely is the mean of v, and its gradient that of the uniform softmax.
 - ``lse`` is the natural-log log-sum-exp of the scaled, masked scores, shape (B, Hq, Sq), fp32.
 """
 
@@ -64,6 +68,21 @@ def _masked_scores(t: torch.Tensor, keep, additive) -> torch.Tensor:
     return t
 
 
+def _softmax_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, lse, has_keys) of scores t (..., Sk): p = softmax (0 on rows with no visible key).
+
+    Normalised by the row sum, not by exp(lse): under a finfo.min mask lse swamps log(Sk) in fp32
+    and exp(t - lse) would be 1 per key. A NaN or +Inf score makes its row NaN (SDPA's result).
+    """
+    m = t.amax(dim=-1, keepdim=True) if t.shape[-1] else t.new_full((*t.shape[:-1], 1), float("-inf"))
+    has = m != float("-inf")  # NaN rows count as having keys: they stay NaN
+    e = torch.exp(t - torch.where(has, m, torch.zeros_like(m)))
+    total = e.sum(dim=-1, keepdim=True)
+    p = torch.where(has, e / torch.where(has, total, torch.ones_like(total)), torch.zeros_like(e))
+    lse = torch.where(has, m + torch.log(torch.where(has, total, torch.ones_like(total))), m)
+    return p, lse.squeeze(-1), has
+
+
 def exact_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,11 +108,9 @@ def exact_attention(
     vf = expand_kv(v, Hq).to(compute_dtype)
     keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device, top_left)
     t = _masked_scores(qf @ kf.transpose(-1, -2) * scale, keep, additive)
-    lse = torch.logsumexp(t, dim=-1) if Sk else torch.full((B, Hq, Sq), float("-inf"), dtype=compute_dtype, device=q.device)
-    finite = torch.isfinite(lse)
-    p = torch.exp(t - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    p = torch.where(finite[..., None], p, torch.zeros_like(p))
-    out = (p @ vf).to(q.dtype)
+    t = t.expand(B, Hq, Sq, Sk)
+    p, lse, has = _softmax_rows(t)
+    out = torch.where(has, p @ vf, torch.zeros((), dtype=vf.dtype, device=vf.device)).to(q.dtype)
     return (out, lse.float()) if return_lse else out
 
 
@@ -214,7 +231,7 @@ def _fake_quant_core(q, k, v, cfg, k_mean, ks, k_hat, v_mean, v_codes, v_scale, 
     for n0 in range(0, Sk, block_n):
         tt = t[..., n0:n0 + block_n]
         m_new = torch.maximum(m, tt.amax(dim=-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        m_safe = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)  # +Inf/NaN stay: NaN rows
         p = torch.exp(tt - m_safe[..., None])
         alpha = torch.exp(m - m_safe)
         l = l * alpha + p.sum(dim=-1)
@@ -228,7 +245,7 @@ def _fake_quant_core(q, k, v, cfg, k_mean, ks, k_hat, v_mean, v_codes, v_scale, 
             pv = p.to(v_lp.dtype).float() @ v_lp[..., n0:n0 + block_n, :].float()
         acc = acc * alpha[..., None] + pv
         m = m_new
-    has_keys = l > 0
+    has_keys = l != 0  # 0 iff no visible key; a NaN row stays NaN
     out = torch.where(has_keys[..., None], acc / torch.where(has_keys, l, torch.ones_like(l))[..., None], torch.zeros_like(acc))
     if v_mean is not None:
         out = torch.where(has_keys[..., None], out + expand_kv(v_mean, Hq), out)
@@ -278,10 +295,8 @@ def reference_backward(
         s = s + additive.float()
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)))
-    p = torch.where(finite, p, torch.zeros_like(p))  # (B, Hq, Sq, Sk); rows with no key: 0
+    s = s.expand(B, Hq, Sq, Sk)
+    p = _softmax_rows(s)[0]  # (B, Hq, Sq, Sk); rows with no key: 0; NaN rows NaN
 
     do = grad_out.float()
     dv = torch.matmul(p.transpose(-1, -2), do)  # (B, Hq, Sk, Dv)

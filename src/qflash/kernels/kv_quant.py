@@ -15,7 +15,7 @@ v scale     (B, Hkv, nb, D) or (B, Hkv, D)       fp32       per key block and ch
 ==========  ===================================  =========  ========================================
 
 The arithmetic is ``qflash.quant.core``'s (fp32, ``inv = qmax / amax`` in IEEE division, round
-half to even for INT8, an all-zero group gets ``amax = 1``), so ``qflash.reference`` reproduces
+half to even for INT8, an all-zero group gets ``amax = 1``, a group holding a NaN a NaN scale), so ``qflash.reference`` reproduces
 the codes exactly. Token statistics that need every key (the K mean for smoothing, the V channel
 maximum for one scale per channel) come from a statistics pass before it (``kv_stats_kernel``:
 at most MAX_CHUNKS partials per head, summed in a fixed order by the quantiser).
@@ -42,6 +42,12 @@ def stat_rows(sk: int, block: int = 64) -> int:
     """Keys per statistics program: at most MAX_CHUNKS partials per head, a multiple of ``block``."""
     per = -(-sk // MAX_CHUNKS)
     return max(block, -(-per // block) * block)
+
+
+@triton.jit
+def _max_nan(a, b):
+    # NaN-propagating max (``tl.max`` drops NaNs): a NaN input must give a NaN scale, never finite codes
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -75,13 +81,13 @@ def kv_stats_kernel(
             ksum += tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=nmask,
                             other=0.0).to(tl.float32)
         if V_PER_CHANNEL:
-            vmax = tl.maximum(vmax, tl.abs(tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vs
-                                                   + offs_d[None, :], mask=nmask, other=0.0).to(tl.float32)))
+            vmax = _max_nan(vmax, tl.abs(tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vs
+                                                 + offs_d[None, :], mask=nmask, other=0.0).to(tl.float32)))
     out = (bh.to(tl.int64) * n_chunks + pid) * HEAD_DIM + offs_d
     if SMOOTH_K:
         tl.store(KSum + out, tl.sum(ksum, axis=0), mask=dmask)
     if V_PER_CHANNEL:
-        tl.store(VMax + out, tl.max(vmax, axis=0), mask=dmask)
+        tl.store(VMax + out, tl.reduce(vmax, 0, _max_nan), mask=dmask)
 
 
 @triton.jit
@@ -91,7 +97,7 @@ def _reduce_partials(base, n_chunks, offs_d, IS_MAX: tl.constexpr, CHUNKS: tl.co
     x = tl.load(base + offs_c[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=(offs_c < n_chunks)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     if IS_MAX:
-        return tl.max(x, axis=0)
+        return tl.reduce(x, 0, _max_nan)
     return tl.sum(x, axis=0)
 
 
@@ -143,8 +149,8 @@ def quantize_kv_kernel(
             mean = _reduce_partials(KSum + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, False,
                                     CHUNKS, HEAD_DIM) / Sk
             k = tl.where(m2, k - mean[None, :], 0.0)
-        amax = tl.max(tl.max(tl.abs(k), axis=1), axis=0)
-        amax = tl.where(amax > 1e-30, amax, 1.0)
+        amax = tl.reduce(tl.reduce(tl.abs(k), 1, _max_nan), 0, _max_nan)
+        amax = tl.where(amax <= 1e-30, 1.0, amax)  # NaN stays NaN
         k_codes = _symmetric_codes(k, tl.math.div_rn(KMAX, amax), KMAX, IS_INT)
         kc_base = KC + bh.to(tl.int64) * Sk * HEAD_DIM
         tl.store(kc_base + offs_n[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], k_codes, mask=m2)
@@ -158,8 +164,8 @@ def quantize_kv_kernel(
         vmax = _reduce_partials(VMax + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, True, CHUNKS,
                                 HEAD_DIM)
     else:
-        vmax = tl.max(tl.abs(v), axis=0)
-    vmax = tl.where(vmax > 1e-30, vmax, 1.0)
+        vmax = tl.reduce(tl.abs(v), 0, _max_nan)
+    vmax = tl.where(vmax <= 1e-30, 1.0, vmax)  # NaN stays NaN
     qmax_d = tl.full([HEAD_DIM_PAD], 448.0, tl.float32)
     v_codes = _symmetric_codes(v, tl.math.div_rn(qmax_d, vmax)[None, :], 448.0, False)
     vt_base = VT + bh.to(tl.int64) * HEAD_DIM * (n_blocks * BLOCK_N)

@@ -6,7 +6,8 @@ uses them. Arithmetic is fp32 throughout:
 
 - symmetric:  ``inv = qmax / amax``; ``code = clamp(round_half_even(x * inv), -qmax, qmax)``;
   ``scale = amax / qmax``; ``x ≈ code * scale``. An all-zero group gets ``amax = 1`` (any
-  scale reproduces zeros), so no scale is ever 0 or NaN.
+  scale reproduces zeros), so no scale is ever 0; a group holding a NaN gets a NaN scale (never
+  finite codes that would hide it), one holding an Inf an Inf scale.
 - asymmetric: ``scale = (max - min) / (hi - lo)``; ``zero = round(lo - min / scale)``;
   ``code = clamp(round(x / scale) + zero, lo, hi)``; ``x ≈ (code - zero) * scale``.
 - fp8 e4m3: symmetric with ``qmax = 448``; the code is ``(x * inv)`` rounded to e4m3 (RTNE).
@@ -186,7 +187,7 @@ def quantize(
     xg, dims = _grouped(xf, g)
     if strategy is Strategy.SYMMETRIC:
         amax = _reduce(xg.abs(), dims, "max")
-        amax = torch.where(amax > _TINY, amax, torch.ones_like(amax))
+        amax = torch.where(amax <= _TINY, torch.ones_like(amax), amax)  # NaN stays NaN: its rows become NaN
         scale_g = amax / precision.qmax
         inv_g = precision.qmax / amax
         scale = _scale_shape(scale_g, g, lead_len)
@@ -203,7 +204,7 @@ def quantize(
     xmax = _reduce(_grouped(xf, g, float("-inf"))[0], dims, "max")
     xmin = _reduce(_grouped(xf, g, float("inf"))[0], dims, "min")
     rng = xmax - xmin
-    rng = torch.where(rng > _TINY, rng, torch.ones_like(rng))
+    rng = torch.where(rng <= _TINY, torch.ones_like(rng), rng)
     scale_g = rng / (hi - lo)
     zero_g = round_half_even(lo - xmin / scale_g)
     scale = _scale_shape(scale_g, g, lead_len)

@@ -15,7 +15,8 @@ Three launches, no atomics, deterministic:
    loops over key blocks: ``dQ += dS·K``. Optionally writes dS (fp32) for the gradient of a
    floating-point (additive) mask.
 
-Scores are in log2 units: ``s2 = (q·kᵀ) * c + mask * log2(e)`` with ``c = scale * log2(e)``,
+Scores are in log2 units: ``s2 = (q·kᵀ) * c + mask * log2(e)`` with ``c = scale * log2(e)``
+(a finfo.min mask clamped as in the forward: ``quantize.scaled_additive_mask``, ``_lse2_split``),
 so ``P = exp2(s2 - lse2)``; dQ and dK are multiplied by ``scale`` once at the end, and the
 ``log2(e)`` factors cancel (dS is the gradient w.r.t. the natural-unit score).
 
@@ -51,8 +52,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common import CMASK_BOOL, CMASK_NONE
-from .quantize import quant_codes
+from ..common import CMASK_ADD, CMASK_BOOL, CMASK_NONE
+from .quantize import quant_codes, scaled_additive_mask
 
 
 @triton.jit
@@ -67,6 +68,25 @@ def _load_rows(base, offs_r, stride_r, R, offs_d, D: tl.constexpr, DPAD: tl.cons
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _lse2_split(lse2, offs_m, Sk, causal_off, IS_CAUSAL: tl.constexpr):
+    """(hi, lo) with ``P = exp2((s - hi) - lo)`` (additive masks only).
+
+    A row masked entirely with finfo.min has s = -FLT_MAX on every visible key (the forward clamps
+    the scaled mask there, ``scaled_additive_mask``) and lse2 = -inf or ~-FLT_MAX: lse swamps
+    log2(n) in fp32, so exp2(s - lse2) would be 1 (or inf) per key. Its softmax is uniform over its
+    n visible keys: hi = -FLT_MAX, lo = log2(n) gives P = 1/n, SDPA's gradient of that row.
+    """
+    floor = lse2 < -3.0e38
+    if IS_CAUSAL:
+        n = tl.minimum(tl.maximum(offs_m + causal_off + 1, 1), Sk)
+    else:
+        n = tl.full(offs_m.shape, 1, tl.int32) * Sk
+    hi = tl.where(floor, -3.4028234663852886e38, lse2)
+    lo = tl.where(floor, tl.math.log2(n.to(tl.float32)), 0.0)
+    return hi, lo
 
 
 @triton.jit
@@ -171,7 +191,7 @@ def _dkdv_tiles(
     mask_base, stride_mm, stride_mn,
     offs_n, offs_d, offs_dv, lo, hi, Sq, Sk, causal_off, qk_mult,
     QK_INT8: tl.constexpr, PDO_INT8: tl.constexpr, DS_INT8: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL_MASKED: tl.constexpr, CHECK_M: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, CAUSAL_MASKED: tl.constexpr, CHECK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -205,10 +225,14 @@ def _dkdv_tiles(
             if MASK_KIND == CMASK_BOOL:
                 sT = tl.where(tl.load(mptr, mask=mmask, other=0) != 0, sT, float("-inf"))
             else:
-                sT += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634
+                sT += scaled_additive_mask(tl.load(mptr, mask=mmask, other=0.0).to(tl.float32))
         if CAUSAL_MASKED:
             sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, sT, float("-inf"))
-        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASK_KIND == CMASK_ADD:
+            lse2_hi, lse2_lo = _lse2_split(lse2, offs_m, Sk, causal_off, IS_CAUSAL)
+            pT = tl.math.exp2((sT - lse2_hi[None, :]) - lse2_lo[None, :])
+        else:
+            pT = tl.math.exp2(sT - lse2[None, :])
         do = _load_rows(do_base, offs_m, stride_dom, Sq, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_M)
         # dV += Pᵀ·dO
         if PDO_INT8:
@@ -305,21 +329,21 @@ def bwd_dkdv_kernel(
                 dk, dv, k, kc, ks_mult, v, q_base, stride_qm, qc_base, qs_base, rb_base, do_base, stride_dom, doc_base,
                 dos_base, lse2_base, delta_base, mask_base, stride_mm, stride_mn,
                 offs_n, offs_d, offs_dv, m_lo, m_full, Sq, Sk, causal_off, qk_mult,
-                QK_INT8, PDO_INT8, DS_INT8, MASK_KIND, True, True,
+                QK_INT8, PDO_INT8, DS_INT8, MASK_KIND, IS_CAUSAL, True, True,
                 HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
             )
         dk, dv = _dkdv_tiles(
             dk, dv, k, kc, ks_mult, v, q_base, stride_qm, qc_base, qs_base, rb_base, do_base, stride_dom, doc_base,
             dos_base, lse2_base, delta_base, mask_base, stride_mm, stride_mn,
             offs_n, offs_d, offs_dv, m_full, m_even, Sq, Sk, causal_off, qk_mult,
-            QK_INT8, PDO_INT8, DS_INT8, MASK_KIND, False, False,
+            QK_INT8, PDO_INT8, DS_INT8, MASK_KIND, IS_CAUSAL, False, False,
             HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
         dk, dv = _dkdv_tiles(
             dk, dv, k, kc, ks_mult, v, q_base, stride_qm, qc_base, qs_base, rb_base, do_base, stride_dom, doc_base,
             dos_base, lse2_base, delta_base, mask_base, stride_mm, stride_mn,
             offs_n, offs_d, offs_dv, m_tail, Sq, Sq, Sk, causal_off, qk_mult,
-            QK_INT8, PDO_INT8, DS_INT8, MASK_KIND, False, True,
+            QK_INT8, PDO_INT8, DS_INT8, MASK_KIND, IS_CAUSAL, False, True,
             HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
 
@@ -367,13 +391,17 @@ def _dq_tiles(
             if MASK_KIND == CMASK_BOOL:
                 s = tl.where(tl.load(mptr, mask=mmask, other=0) != 0, s, float("-inf"))
             else:
-                s += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634
+                s += scaled_additive_mask(tl.load(mptr, mask=mmask, other=0.0).to(tl.float32))
         if MASKED:
             valid = (offs_n < Sk)[None, :]
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             s = tl.where(valid, s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
+        if MASK_KIND == CMASK_ADD:
+            lse2_hi, lse2_lo = _lse2_split(lse2, offs_m, Sk, causal_off, IS_CAUSAL)
+            p = tl.math.exp2((s - lse2_hi[:, None]) - lse2_lo[:, None])
+        else:
+            p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if WRITE_DS:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..common import CMASK_ADD, CMASK_BOOL, CMASK_NONE, CQK_FLOAT, CQK_INT4, CQK_INT8
-from .quantize import fp8_channel_codes, quant_codes
+from .quantize import _max_nan, fp8_channel_codes, guard_amax, quant_codes, scaled_additive_mask
 
 
 @triton.jit
@@ -65,9 +65,9 @@ def _token_absmax(base, stride_n, S, offs_d, dmask, BLOCK_N: tl.constexpr):
     top = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
     for start in range(0, S, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
-        top = tl.maximum(top, tl.abs(tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
-                                             mask=(offs < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)))
-    return tl.max(top, axis=0)
+        top = _max_nan(top, tl.abs(tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
+                                           mask=(offs < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)))
+    return tl.reduce(top, 0, _max_nan)  # NaN-propagating: a NaN in V gives a NaN channel scale
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _pv_fp8_tile(acc, alpha, p, v_base, stride_vn, vs_base, stride_vsb, v_desc, 
 
 @triton.jit
 def _attn_tiles(
-    acc, l_i, m_i, q, q_mult,
+    acc, l_i, m_i, d_i, q, q_mult,
     k_base, stride_kn, ks_base, stride_ks,
     v_base, stride_vn, vs_base, stride_vsb,
     mask_base, stride_mm, stride_mn,
@@ -110,7 +110,11 @@ def _attn_tiles(
 
     Scores stay in "raw" units x (the integer dot as an exact fp32, or the float dot) with
     ``s = x * c`` in log2 units; ``c`` is the row multiplier times the tile's K scale. Without bias
-    or additive mask, ``exp2(x * c - m)`` is one FMA.
+    or additive mask, ``P = exp2(fma(x, c, -m) - d)``: the running max m is the rounded
+    ``max(x)·c`` and d (per row, ``_row_residual``) the exact excess of the largest product over it,
+    so the largest P is exactly 1 (448 for FP8 P·V) at any logit size. Without d, P reaches
+    2^(ulp(m)/2): beyond fp16 at |logits| ~1e8 (fp16 |q|, |k| ~1e4), and the FP8 scale of 448 is
+    lost from logits ~1e6 on (m - log2 448 rounds).
     """
     dmask = offs_d < HEAD_DIM
     if PV_FP8:
@@ -170,7 +174,7 @@ def _attn_tiles(
             if MASK_KIND == CMASK_ADD:
                 mptr = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
                 mmask = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
-                x += tl.load(mptr, mask=mmask, other=0.0).to(tl.float32) * 1.4426950408889634
+                x += scaled_additive_mask(tl.load(mptr, mask=mmask, other=0.0).to(tl.float32))
         if MASK_KIND == CMASK_BOOL:
             mptr = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
             mmask = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
@@ -182,7 +186,8 @@ def _attn_tiles(
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             x = tl.where(valid, x, float("-inf"))
         if FMA_FORM:
-            m_new = tl.maximum(m_i, tl.max(x, axis=1) * c)
+            x_max = tl.max(x, axis=1)
+            m_new = tl.maximum(m_i, x_max * c)
         else:
             m_new = tl.maximum(m_i, tl.max(x, axis=1))
         if MASKED or MASK_KIND != CMASK_NONE:
@@ -190,10 +195,15 @@ def _attn_tiles(
         else:
             m_use = m_new
         if FMA_FORM:
-            p = tl.math.exp2(x * c[:, None] - (m_use - P_LOG2_SCALE)[:, None])
+            d_new = _row_residual(x_max, c, m_i, m_new, m_use, d_i)
+            p = tl.math.exp2(tl.math.fma(x, c[:, None], -m_use[:, None]) + (P_LOG2_SCALE - d_new)[:, None])
         else:
-            p = tl.math.exp2(x - (m_use - P_LOG2_SCALE)[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+            d_new = d_i  # x is already s, rounded: the max's x - m is exactly 0
+            if PV_FP8:
+                p = tl.math.exp2((x - m_use[:, None]) + P_LOG2_SCALE)  # m - log2(448) would round at huge m
+            else:
+                p = tl.math.exp2(x - m_use[:, None])
+        alpha = tl.math.exp2((m_i - m_use) + (d_i - d_new))
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if PV_FP8:
             # V is stored transposed and zero-padded to whole V blocks: no bounds needed.
@@ -225,7 +235,20 @@ def _attn_tiles(
                 v = tl.load(v_ptrs)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+        d_i = d_new
+    return acc, l_i, m_i, d_i
+
+
+@triton.jit
+def _row_residual(x_max, c, m_i, m_new, m_use, d_i):
+    """The running residual d: ``max(x·c) - m`` exactly (one FMA per row), kept across tiles.
+
+    m is the rounded max; where a tile raises it, d restarts from that tile's residual; where it
+    does not, d keeps the larger of the old one and this tile's (a tie after rounding).
+    """
+    r = tl.math.fma(x_max, c, -m_use)
+    r = tl.where(x_max == float("-inf"), float("-inf"), r)  # a fully masked tile: no residual
+    return tl.where(m_new > m_i, r, tl.maximum(d_i, r))
 
 
 @triton.jit
@@ -249,14 +272,16 @@ def _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d, s
 
 
 @triton.jit
-def _exp_scores(x, c, m_i, P_LOG2_SCALE: tl.constexpr):
-    """New running max and ``exp2(x·c - m + P_LOG2_SCALE)`` (one FMA per score)."""
-    m_new = tl.maximum(m_i, tl.max(x, axis=1) * c)
-    return m_new, tl.math.exp2(x * c[:, None] - (m_new - P_LOG2_SCALE)[:, None])
+def _exp_scores(x, c, m_i, d_i, P_LOG2_SCALE: tl.constexpr):
+    """New running max and residual, and ``exp2(fma(x, c, -m) - d + P_LOG2_SCALE)`` (see _attn_tiles)."""
+    x_max = tl.max(x, axis=1)
+    m_new = tl.maximum(m_i, x_max * c)
+    d_new = _row_residual(x_max, c, m_i, m_new, m_new, d_i)
+    return m_new, d_new, tl.math.exp2(tl.math.fma(x, c[:, None], -m_new[:, None]) + (P_LOG2_SCALE - d_new)[:, None])
 
 
 @triton.jit
-def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
+def _softmax_pv(acc, l_i, m_i, d_i, qk, c, start_n,
                 v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
                 KIND: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr, USE_TMA: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -268,10 +293,10 @@ def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
         P_LOG2_SCALE: tl.constexpr = 0.0
     if KIND == CQK_INT8 or KIND == CQK_INT4:
         xi = (qk + 0x4B400000).to(tl.float32, bitcast=True)  # qk + 1.5·2²³, exact (see _attn_tiles)
-        m_new, p = _exp_scores(xi - 12582912.0, c, m_i, P_LOG2_SCALE)
+        m_new, d_new, p = _exp_scores(xi - 12582912.0, c, m_i, d_i, P_LOG2_SCALE)
     else:
-        m_new, p = _exp_scores(qk, c, m_i, P_LOG2_SCALE)
-    alpha = tl.math.exp2(m_i - m_new)
+        m_new, d_new, p = _exp_scores(qk, c, m_i, d_i, P_LOG2_SCALE)
+    alpha = tl.math.exp2((m_i - m_new) + (d_i - d_new))
     l_i = l_i * alpha + tl.sum(p, axis=1)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
@@ -285,12 +310,12 @@ def _softmax_pv(acc, l_i, m_i, qk, c, start_n,
         else:
             v = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return acc, l_i, m_new, d_new
 
 
 @triton.jit
 def _attn_tiles_rotated(
-    acc, l_i, m_i, q, q_mult,
+    acc, l_i, m_i, d_i, q, q_mult,
     k_base, stride_kn, ks_base, stride_ks,
     v_base, stride_vn, vs_base, stride_vsb,
     k_desc, v_desc, k_row0, v_row0, offs_d, lo, hi, Sk,
@@ -307,17 +332,17 @@ def _attn_tiles_rotated(
         qk_next, ks_next = _qk_tile(q, k_base, stride_kn, ks_base, stride_ks, k_desc, k_row0, offs_d,
                                     start_n + BLOCK_N, Sk, KIND, K_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD,
                                     BLOCK_N, DOT_PRECISION)
-        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, start_n,
+        acc, l_i, m_i, d_i = _softmax_pv(acc, l_i, m_i, d_i, qk, q_mult * ks, start_n,
                                     v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
                                     KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
                                     DOT_PRECISION)
         qk = qk_next
         ks = ks_next
-    acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, q_mult * ks, hi - BLOCK_N,
+    acc, l_i, m_i, d_i = _softmax_pv(acc, l_i, m_i, d_i, qk, q_mult * ks, hi - BLOCK_N,
                                 v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
                                 KIND, PV_FP8, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
                                 DOT_PRECISION)
-    return acc, l_i, m_i
+    return acc, l_i, m_i, d_i
 
 
 @triton.jit
@@ -379,7 +404,7 @@ def attn_fwd_kernel(
     q_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
     if FUSED_QUANT and PV_FP8 and V_SCALE_BLOCK == 0:
         v_amax = _token_absmax(v_base, stride_vn, Sk, offs_d, dmask, BLOCK_N)
-        v_amax = tl.where(v_amax > 1e-30, v_amax, 1.0)  # quant.core: an all-zero group gets amax = 1
+        v_amax = guard_amax(v_amax)  # quant.core: an all-zero group gets amax = 1, NaN stays NaN
     if FUSED_QUANT:
         xq = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         if SMOOTH_K:
@@ -413,6 +438,7 @@ def attn_fwd_kernel(
     bias_base = Bias + b * stride_bb + h * stride_bh + (start_m // BIAS_BLOCK) * stride_bblk
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    d_i = tl.zeros([BLOCK_M], tl.float32)  # the max's exact excess over m (see _attn_tiles)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
@@ -429,8 +455,8 @@ def attn_fwd_kernel(
     v_row0 = ((b * (Hq // GQA_GROUP) + hk) * HEAD_DIM).to(tl.int32)
     if ROTATE:
         if full_end > 0:
-            acc, l_i, m_i = _attn_tiles_rotated(
-                acc, l_i, m_i, q, q_mult,
+            acc, l_i, m_i, d_i = _attn_tiles_rotated(
+                acc, l_i, m_i, d_i, q, q_mult,
                 k_base, stride_kn, ks_base, stride_kss,
                 v_base, stride_vn, vs_base, stride_vss,
                 k_desc=KDesc, v_desc=VDesc, k_row0=k_row0, v_row0=v_row0,
@@ -440,8 +466,8 @@ def attn_fwd_kernel(
                 DOT_PRECISION=DOT_PRECISION,
             )
     else:
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, q_mult,
+        acc, l_i, m_i, d_i = _attn_tiles(
+            acc, l_i, m_i, d_i, q, q_mult,
             k_base, stride_kn, ks_base, stride_kss,
             v_base, stride_vn, vs_base, stride_vss,
             mask_base, stride_mm, stride_mn, bias_base,
@@ -452,8 +478,8 @@ def attn_fwd_kernel(
             FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, q_mult,
+    acc, l_i, m_i, d_i = _attn_tiles(
+        acc, l_i, m_i, d_i, q, q_mult,
         k_base, stride_kn, ks_base, stride_kss,
         v_base, stride_vn, vs_base, stride_vss,
         mask_base, stride_mm, stride_mn, bias_base,
@@ -465,8 +491,9 @@ def attn_fwd_kernel(
         HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
 
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    # l = 0 exactly iff no key was visible; a NaN l (NaN input) counts as "has keys" and stays NaN
+    has_keys = l_i != 0.0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     if SMOOTH_V and not FUSED_QUANT:
         v_mean = tl.load(VMean + b * stride_vmb + hk * stride_vmh + offs_d, mask=dmask, other=0.0)
     if SMOOTH_V:
@@ -474,10 +501,14 @@ def attn_fwd_kernel(
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
     if RETURN_LSE:
-        log2_l = tl.math.log2(tl.where(has_keys, l_i, 1.0))
+        log2_l = tl.math.log2(tl.where(has_keys, l_i, 1.0)) + d_i
         if PV_FP8:
             log2_l -= 8.807354922057604  # l summed P scaled by 448
         lse = tl.where(has_keys, (m_i + log2_l) * 0.6931471805599453, float("-inf"))
+        if MASK_KIND == CMASK_ADD:
+            # a row under a finfo.min mask (m clamped at -FLT_MAX, see scaled_additive_mask): its lse is
+            # finfo.min + log(n) = -FLT_MAX in fp32, not m·ln 2 (the backward recognises it)
+            lse = tl.where(m_i < -3.0e38, -3.4028234663852886e38, lse)
         if HAS_LSE_CORR and FUSED_QUANT:
             lse += tl.sum(xq * k_mean[None, :], axis=1) * (qk_mult * 0.6931471805599453)
         elif HAS_LSE_CORR:

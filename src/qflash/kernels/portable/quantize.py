@@ -25,6 +25,42 @@ import triton
 import triton.language as tl
 
 from ..common import CQK_FP8, CQK_INT4, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8  # noqa: F401  (host codes re-exported)
+from .interpreter import apply_if_interpreting
+
+# Under TRITON_INTERPRET=1 the interpreter's fp8/bf16 conversions, bf16 dots and fma differ from the
+# GPU's: fix them (once) before any of the family's kernels runs (every kernel module imports this one).
+apply_if_interpreting()
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def absmax(x, axis):
+    """max |x| along ``axis``, NaN if any element is NaN (``tl.max`` drops NaNs, on the GPU and in the
+    interpreter alike). ``max.NaN.f32`` costs what ``max.f32`` does on sm_80+."""
+    return tl.reduce(tl.abs(x), axis, _max_nan)
+
+
+@triton.jit
+def guard_amax(amax):
+    """An all-zero group gets amax = 1 (any scale reproduces zeros); NaN stays NaN (``amax > tiny``
+    would make it 1 and hide a NaN input behind finite codes: a NaN scale makes its rows NaN)."""
+    return tl.where(amax <= 1e-30, 1.0, amax)
+
+
+@triton.jit
+def scaled_additive_mask(m):
+    """An additive mask value (natural units, fp32) in the kernels' log2 units.
+
+    ``torch.finfo(dtype).min`` (Hugging Face's "masked") times log2(e) overflows fp32 to -inf, which
+    would turn a row masked with it entirely into an empty row (zeros); SDPA gives the mean of V
+    there (the scores vanish next to the mask). Values below -FLT_MAX / log2(e) become -FLT_MAX,
+    so such a row stays finite and uniform; a true -inf stays -inf.
+    """
+    return tl.where(m >= -2.3587e38, m * 1.4426950408889634, tl.where(m == float("-inf"), float("-inf"), -3.4028234663852886e38))
 
 
 @triton.jit
@@ -39,7 +75,8 @@ def quant_codes(x, KIND: tl.constexpr, PER_ROW: tl.constexpr):
 
     codes are int8 (INT8, and INT4 values in [-7, 7], unpacked) or fp8 e4m3; ``x ≈ codes * scale``.
     The arithmetic is ``qflash.quant.core``'s: ``inv = qmax / amax`` (IEEE division), round half
-    to even, an all-zero group gets ``amax = 1``.
+    to even, an all-zero group gets ``amax = 1``; a group holding a NaN gets a NaN scale (its
+    codes are meaningless, the rows that use the scale become NaN, as SDPA's would).
     """
     if KIND == CQK_INT4:
         QMAX: tl.constexpr = 7.0
@@ -48,14 +85,12 @@ def quant_codes(x, KIND: tl.constexpr, PER_ROW: tl.constexpr):
     else:
         QMAX: tl.constexpr = 127.0
     if PER_ROW:
-        amax = tl.max(tl.abs(x), axis=1)
-        amax = tl.where(amax > 1e-30, amax, 1.0)
+        amax = guard_amax(absmax(x, 1))
         inv = tl.math.div_rn(tl.full(amax.shape, QMAX, tl.float32), amax)
         scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
         y = x * inv[:, None]
     else:
-        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        amax = tl.where(amax > 1e-30, amax, 1.0)
+        amax = guard_amax(tl.reduce(absmax(x, 1), 0, _max_nan))
         inv = tl.math.div_rn(QMAX, amax)
         scale = tl.math.div_rn(amax, QMAX)
         y = x * inv
@@ -69,8 +104,7 @@ def quant_codes(x, KIND: tl.constexpr, PER_ROW: tl.constexpr):
 @triton.jit
 def fp8_channel_codes(x):
     """FP8 e4m3 codes of an fp32 tile x [R, C] with one scale per column: (codes, scale [C])."""
-    amax = tl.max(tl.abs(x), axis=0)
-    amax = tl.where(amax > 1e-30, amax, 1.0)
+    amax = guard_amax(absmax(x, 0))
     inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
     scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
     return tl.clamp(x * inv[None, :], -448.0, 448.0).to(tl.float8e4nv), scale
