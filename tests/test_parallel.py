@@ -343,6 +343,7 @@ def test_needs_an_initialised_process_group():
 # forward, the ring's per-block backward on the portable Triton kernels with the global O and lse.
 GPU_CASES = [
     ("gpu-ring-causal-int8-gqa", (1,), "ring", True, 8, 2, 1000, None, 128, "int8", "HND", None, "bfloat16", "auto"),
+    # non-causal int8-fp8: the ring's QuantizedKV path (qflash.quantize_kv + attention(q, qkv)) on the GPU
     ("gpu-ring-int8fp8-nhd", (1,), "ring", False, 8, 8, 777, None, 64, "int8-fp8", "NHD", None, "bfloat16", "auto"),
     ("gpu-ulysses-causal-none", (1,), "ulysses", True, 4, 4, 512, None, 128, "none", "HND", None, "bfloat16", "auto"),
     ("gpu-hybrid-none-fp16", (1,), "hybrid", False, 4, 1, 300, None, 64, "none", "HND", 1, "float16", "auto"),
