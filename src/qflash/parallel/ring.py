@@ -144,7 +144,7 @@ def _ring_codes(q, k, v, plan: RingPlan, out, lse) -> None:
     from ..prequant import quantize_kv
 
     r, P = rank_and_size(plan.group)
-    mine = quantize_kv(k, v, plan.quant)
+    mine = quantize_kv(k.contiguous(), v.contiguous(), plan.quant)  # (HND-contiguous: the plainest input)
     cur = mine
     ring = RingExchange(plan.group)
     for step in range(P):
