@@ -14,6 +14,12 @@ caller permutes, ``api``), so that each rank does the same work. Then block (r, 
 
 half a block's work for every off-diagonal step, on every rank.
 
+What travels: non-causal rings with a pre-quantisable preset (``int8``, ``int8-fp8``, ``fp8``;
+``plan.kv_codes``) quantise each rank's K/V shard once (``qflash.quantize_kv``) and pass the
+``QuantizedKV``'s codes, scales and K mean (``_ring_codes``); otherwise K/V travel in the input
+dtype and each rank quantises every block it receives inside ``qflash.attention``. (Causal codes
+need zig-zag chunk boundaries aligned to the K scale blocks and the Vᵀ padding: not done.)
+
 Backward (``RingAttention.backward``): the K/V blocks go around the ring again, and each block's
 dK/dV accumulator (fp32) travels with it and arrives home after the last step. A block's
 gradients use the *global* O and lse (rows of the merged result), which makes the blockwise
