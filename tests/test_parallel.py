@@ -71,7 +71,7 @@ SUBGROUP_CASES = [
     ("quad-hybrid-causal", (4,), "hybrid", True, 4, 2, 32, None, 16, "none", "HND", 2, "float32", "auto"),
 ]
 ERRORS = ["ulysses-heads", "hybrid-no-size", "hybrid-bad-size", "ranks-head-dim", "ranks-dtype", "causal-qk-lengths",
-          "bad-mode", "codes-causal", "codes-none", "bad-ring-kv"]
+          "bad-mode", "codes-causal", "codes-none", "bad-ring-kv", "rank1-causal-lengths", "rank1-not-a-tensor"]
 
 
 def _case(spec, rank: int, P: int, device: str = "cpu", group=None) -> dict:
@@ -147,6 +147,10 @@ def _error_case(name: str, rank: int, P: int) -> str:
         "codes-causal": lambda: qp.attention(t(), t(), t(), mode="ring", causal=True, ring_kv="codes"),
         "codes-none": lambda: qp.attention(t(), t(), t(), mode="ring", quant="none", ring_kv="codes"),
         "bad-ring-kv": lambda: qp.attention(t(), t(), t(), mode="ring", ring_kv="int8"),
+        # one rank's own bad input: it raises its error, the other one a ValueError naming it (no hang)
+        "rank1-causal-lengths": lambda: qp.attention(t(), t(S=6 if rank else 8), t(S=6 if rank else 8), mode="ring",
+                                                     causal=True),
+        "rank1-not-a-tensor": lambda: qp.attention(t().numpy() if rank else t(), t(), t(), mode="ulysses"),
     }
     try:
         calls[name]()
@@ -314,9 +318,13 @@ def test_errors_are_raised_on_every_rank(name):
         "codes-causal": "ring_kv='codes' cannot be used here: causal",
         "codes-none": "ring_kv='codes' cannot be used here: quant 'none' does not quantise",
         "bad-ring-kv": "ring_kv must be one of ('auto', 'codes', 'input'), got 'int8'",
+        "rank1-causal-lengths": ("rank(s) [1] of the group rejected their inputs",
+                                 "this rank has 8 queries and 6 keys"),
+        "rank1-not-a-tensor": ("rank(s) [1] of the group rejected their inputs",
+                               "TypeError: q must be a torch.Tensor, got ndarray"),
     }[name]
     for r, msg in enumerate(msgs):
-        assert want in msg, (r, msg)
+        assert (want if isinstance(want, str) else want[r]) in msg, (r, msg)
 
 
 def test_diffusers_flux_sequence_parallel():

@@ -118,8 +118,10 @@ def attention(
         layout: "HND" or "NHD", for inputs and output.
         return_lse: also return this rank's rows of the global log-sum-exp, fp32 (B, Hq, s_r).
         ulysses_size: "hybrid" only: ranks per Ulysses group (must divide the group size and Hq).
-        check_ranks: one ``all_gather`` of a 15-int row per call (one device-to-host sync):
-            every rank raises the same ``ValueError`` if the ranks disagree on batch, heads, head
+        check_ranks: one ``all_gather`` of a 16-int row per call (one device-to-host sync):
+            a rank whose own inputs are bad raises its error and the others a ValueError naming
+            that rank (no rank is left waiting in a collective); every rank raises the same
+            ``ValueError`` if the ranks disagree on batch, heads, head
             dim, dtype, layout, causal, mode, quant, scale, ulysses_size, return_lse or ring_kv, and the
             shard lengths are learnt. False skips it: every rank is assumed to hold the same
             shapes as this one (equal shards); a mismatch is then undefined (a hang or an error
@@ -142,32 +144,31 @@ def attention(
         float rounding; quantised presets smooth and scale K per block, within the preset's
         error budget). Gradients flow to q, k, v (straight-through, as ``qflash.attention``).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if ring_kv not in RING_KV:
-        raise ValueError(f"ring_kv must be one of {RING_KV}, got {ring_kv!r}")
-    cfg = validate_inputs(q, k, v, causal=causal, attn_mask=None, scale=scale, layout=layout, quant=quant)
+    r, P = rank_and_size(group)
     if not isinstance(check_ranks, bool):
         raise TypeError(f"check_ranks must be a bool, got {type(check_ranks).__name__}")
-    r, P = rank_and_size(group)
+    try:  # a bad input on one rank must not leave the others waiting in a collective: see check_ranks
+        cfg = _validate(q, k, v, mode=mode, quant=quant, causal=causal, scale=scale, layout=layout,
+                        ulysses_size=ulysses_size, ring_kv=ring_kv, P=P)
+        error = None
+    except (ValueError, TypeError) as exc:
+        if not check_ranks:
+            raise
+        cfg, error = None, exc
     nhd = layout == "NHD"
-    if nhd:
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    B, Hq, sq, D = q.shape
-    Hkv, sk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    U = _ulysses_size(mode, ulysses_size, P)
-    if causal and sq != sk:
-        raise ValueError(f"causal sequence parallelism needs q and k/v shards of the same tokens: this rank has "
-                         f"{sq} queries and {sk} keys")
-    err = split_heads_error(Hq, U, f"mode={mode!r} over {U} ranks")
-    if err:
-        raise ValueError(err)
+    if error is None:
+        if nhd:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        B, Hq, sq, D = q.shape
+        Hkv, sk = k.shape[1], k.shape[2]
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        U = _ulysses_size(mode, ulysses_size, P)
     if check_ranks:
-        meta = {"batch": B, "hq": Hq, "hkv": Hkv, "d": D, "dtype": q.dtype, "layout": layout, "causal": causal,
-                "mode": mode, "quant": config_key(cfg), "scale": scale,
-                "ulysses_size": U if mode == "hybrid" else 0, "return_lse": return_lse, "ring_kv": ring_kv}
-        qlens, klens = check_ranks_fn(group, q, meta, sq, sk)
+        meta = None if error is not None else {
+            "batch": B, "hq": Hq, "hkv": Hkv, "d": D, "dtype": q.dtype, "layout": layout, "causal": causal,
+            "mode": mode, "quant": config_key(cfg), "scale": scale, "ulysses_size": U if mode == "hybrid" else 0,
+            "return_lse": return_lse, "ring_kv": ring_kv}
+        qlens, klens = check_ranks_fn(group, q, meta, 0 if error else sq, 0 if error else sk, error)
     else:
         qlens, klens = [sq] * P, [sk] * P
     if causal and qlens != klens:
@@ -207,6 +208,25 @@ def attention(
 
 
 check_ranks_fn = check_ranks  # the argument of attention() shadows the function's name
+
+
+def _validate(q, k, v, *, mode, quant, causal, scale, layout, ulysses_size, ring_kv, P):
+    """This rank's own input checks (ValueError / TypeError); returns the QuantConfig."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if ring_kv not in RING_KV:
+        raise ValueError(f"ring_kv must be one of {RING_KV}, got {ring_kv!r}")
+    cfg = validate_inputs(q, k, v, causal=causal, attn_mask=None, scale=scale, layout=layout, quant=quant)
+    s_ax = 2 if layout == "HND" else 1
+    sq, sk = q.shape[s_ax], k.shape[s_ax]
+    U = _ulysses_size(mode, ulysses_size, P)
+    if causal and sq != sk:
+        raise ValueError(f"causal sequence parallelism needs q and k/v shards of the same tokens: this rank has "
+                         f"{sq} queries and {sk} keys")
+    err = split_heads_error(q.shape[1 if layout == "HND" else 2], U, f"mode={mode!r} over {U} ranks")
+    if err:
+        raise ValueError(err)
+    return cfg
 
 
 def _ulysses_size(mode: str, ulysses_size, P: int) -> int:

@@ -41,9 +41,14 @@ def _global(group, group_rank: int) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
-def _meta_device(group, t: torch.Tensor) -> torch.device:
-    """Where a small collective's tensor must live for ``group``'s backend (NCCL: the GPU)."""
-    return t.device if t.is_cuda and "nccl" in str(dist.get_backend(group)).lower() else torch.device("cpu")
+def _meta_device(group, t) -> torch.device:
+    """Where a small collective's tensor must live for ``group``'s backend (NCCL: a GPU; ``t``'s if
+    it is a CUDA tensor, else the current one)."""
+    if "nccl" not in str(dist.get_backend(group)).lower():
+        return torch.device("cpu")
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        return t.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,33 +65,48 @@ def _code(s: str) -> int:
     return zlib.crc32(s.encode())
 
 
-def check_ranks(group, q: torch.Tensor, meta: dict, sq: int, sk: int) -> tuple[list[int], list[int]]:
-    """One ``all_gather`` of a 15-int64 row per rank: raises the same ``ValueError`` on every rank
-    if any field but the sequence lengths differs between ranks, and returns every rank's
-    (q lengths, k lengths). Collective; no deadlock on a mismatch since every rank reaches it.
+def check_ranks(group, q, meta: dict | None, sq: int, sk: int,
+                error: Exception | None = None) -> tuple[list[int], list[int]]:
+    """One ``all_gather`` of a 16-int64 row per rank, then the same outcome on every rank.
+
+    ``error``: this rank's own input error (``meta`` may then be None): it still takes part in
+    the gather, then raises it, and every other rank raises a ValueError naming it — so a bad
+    input on one rank stops all of them instead of leaving the others in a collective.
+    Otherwise raises a ValueError if any field but the sequence lengths differs between ranks,
+    and returns every rank's (q lengths, k lengths).
 
     ``meta``: batch, heads, head dim, dtype, layout, causal, mode, quant key, scale, ulysses_size,
     return_lse, ring_kv (the scale compares its float64 bits). Not checked: strides, devices, the values.
     """
-    row = [meta["batch"], meta["hq"], meta["hkv"], meta["d"], _code(str(meta["dtype"])), _code(meta["layout"]),
-           int(meta["causal"]), _code(meta["mode"]), _code(meta["quant"]),
-           struct.unpack("<q", struct.pack("<d", float(meta["scale"])))[0], int(meta["ulysses_size"] or 0),
-           int(meta["return_lse"]), _code(meta["ring_kv"]), sq, sk]
-    _, P = rank_and_size(group)
+    if meta is None:
+        row = [0] * len(_FIELDS)
+    else:
+        row = [meta["batch"], meta["hq"], meta["hkv"], meta["d"], _code(str(meta["dtype"])), _code(meta["layout"]),
+               int(meta["causal"]), _code(meta["mode"]), _code(meta["quant"]),
+               struct.unpack("<q", struct.pack("<d", float(meta["scale"])))[0], int(meta["ulysses_size"] or 0),
+               int(meta["return_lse"]), _code(meta["ring_kv"]), sq, sk]
+    row = [int(error is not None), *row]
+    r, P = rank_and_size(group)
     mine = torch.tensor(row, dtype=torch.int64, device=_meta_device(group, q))
     rows = torch.empty(P * len(row), dtype=torch.int64, device=mine.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(rows, mine, group=group)
-    table = rows.view(P, len(row)).tolist()
-    bad = [i for i in range(_SAME) if len({r[i] for r in table}) > 1]
+    table = [t[1:] for t in rows.view(P, len(row)).tolist()]
+    failed = [i for i, t in enumerate(rows.view(P, len(row))[:, 0].tolist()) if t]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"qflash.parallel.attention: rank(s) {failed} of the group rejected their inputs (their "
+                         f"error says why); this is rank {r}, stopping with them")
+    bad = [i for i in range(_SAME) if len({t[i] for t in table}) > 1]
     if bad:
         raise ValueError(
             "qflash.parallel.attention: ranks disagree on "
             + ", ".join(_FIELDS[i] for i in bad)
-            + f" (this is rank {dist.get_rank(group)}; every rank must pass the same batch, heads, head dim, "
+            + f" (this is rank {r}; every rank must pass the same batch, heads, head dim, "
             "dtype, layout and options, only the sequence length of its shard may differ)"
         )
-    return [r[-2] for r in table], [r[-1] for r in table]
+    return [t[-2] for t in table], [t[-1] for t in table]
 
 
 # --------------------------------------------------------------------------------------------
