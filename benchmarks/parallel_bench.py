@@ -202,8 +202,8 @@ def timing(args, r, N, device, dtype) -> list[dict]:
             if kw is None:
                 continue
             for quant in args.presets:
-                if kw.get("ring_kv") == "codes" and (causal or quant == "none"):
-                    kw = {**kw, "ring_kv": "auto"}  # codes are non-causal, quantised presets only
+                if kw.get("ring_kv") == "codes" and quant == "none":
+                    kw = {**kw, "ring_kv": "auto"}  # codes: quantised presets only
                 qp.attention(qs, ks, vs, mode=mode, quant=quant, causal=causal, **kw)  # checked once
                 run = functools.partial(qp.attention, qs, ks, vs, mode=mode, quant=quant, causal=causal,
                                         check_ranks=False, **kw)
@@ -268,10 +268,9 @@ def pieces(args) -> list[dict]:
                 for gbps in args.gbps:
                     bw = gbps * 1e6  # bytes per ms
                     a2a = 4 * shard_bytes * (N - 1) / N / bw  # q, k, v out and o back, (N-1)/N of each leaves
-                    # K and V per ring step: input dtype (causal, none), or the codes (non-causal
-                    # ring_kv "codes": int8/fp8 K + fp8 V ~ 1 byte each; int8 keeps V in bf16)
-                    kv_bytes = 2 * shard_bytes if causal or p == "none" else \
-                        (1.5 if p == "int8" else 1.0) * shard_bytes
+                    # K and V per ring step: input dtype (none), or the codes (ring_kv "codes":
+                    # int8/fp8 K + fp8 V ~ 1 byte each; int8 keeps V in bf16)
+                    kv_bytes = 2 * shard_bytes if p == "none" else (1.5 if p == "int8" else 1.0) * shard_bytes
                     kv_step = kv_bytes / bw
                     zigzag = (4 * shard_bytes / bw) if causal else 0.0  # q, k, v in and o out, ~all of it moves
                     ring = (t_diag + row["merge_step_ms"]) + (N - 1) * max(t_blk + row["merge_step_ms"], kv_step) + \

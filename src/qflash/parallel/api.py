@@ -37,12 +37,12 @@ class ParallelConfig:
 RING_KV = ("auto", "codes", "input")
 
 
-def _kv_codes(ring_kv: str, quant, causal: bool, klens) -> bool:
-    """Whether the ring passes quantised K/V (``ring_kv``: "codes", "input" or "auto" = when it can)."""
+def _kv_codes(ring_kv: str, quant, pieces) -> bool:
+    """Whether the ring passes quantised K/V (``ring_kv``: "codes", "input" or "auto" = when it can);
+    ``pieces``: the key counts quantised separately (each rank's block, or its zig-zag chunks)."""
     from ..quant.kv import unsupported_reason
 
-    why = ("causal (the zig-zag chunks are not block-aligned yet)" if causal else
-           unsupported_reason(quant) or ("a rank holds no keys" if not all(klens) else None))
+    why = unsupported_reason(quant) or (None if all(pieces) else "a rank holds no keys (or an empty zig-zag chunk)")
     if ring_kv == "codes" and why is not None:
         raise ValueError(f"ring_kv='codes' cannot be used here: {why}; use ring_kv='input' or 'auto'")
     return ring_kv != "input" and why is None
@@ -54,7 +54,7 @@ def _ring(q, k, v, *, group, qlens, klens, quant, scale, causal, backend, bwd_re
     r, P = rank_and_size(group)
     if not causal:
         plan = RingPlan(group, quant, scale, False, tuple(klens), (), 0, backend, bwd_recompute,
-                        _kv_codes(ring_kv, quant, causal, klens))
+                        _kv_codes(ring_kv, quant, klens))
         out, lse = RingAttention.apply(q, k, v, plan)
         return out, (lse if want_lse else None)
     src, dst = contiguous_intervals(qlens), zigzag_intervals(sum(qlens), P)
@@ -62,10 +62,10 @@ def _ring(q, k, v, *, group, qlens, klens, quant, scale, causal, backend, bwd_re
     # one exchange for q, k and v together (same tokens, causal needs equal q/k shards)
     x = Redistribute.apply(torch.cat([q, k, v], dim=1), group, src, dst)
     q, k, v = x.split([Hq, Hkv, Hkv], dim=1)
-    _kv_codes(ring_kv, quant, causal, klens)  # raises for ring_kv="codes"
     zlens = tuple(sum(b - a for a, b in iv) for iv in dst)
     first = tuple(iv[0][1] - iv[0][0] for iv in dst)
-    plan = RingPlan(group, quant, scale, True, zlens, first, first[r], backend, bwd_recompute)
+    codes = _kv_codes(ring_kv, quant, [n for iv in dst for n in (iv[0][1] - iv[0][0], iv[1][1] - iv[1][0])])
+    plan = RingPlan(group, quant, scale, True, zlens, first, first[r], backend, bwd_recompute, codes)
     out, lse = RingAttention.apply(q, k, v, plan)
     out = Redistribute.apply(out, group, dst, src)
     if want_lse:
@@ -131,8 +131,8 @@ def attention(
             ring forward for the exact global O and lse).
         ring_kv: what the ring's forward passes around. "codes": each rank quantises its K/V
             shard once (``qflash.quantize_kv``) and the codes, scales and K mean travel (int8 K +
-            fp8 V: about half the bytes of bf16); non-causal only, presets ``int8``,
-            ``int8-fp8``, ``fp8`` (ValueError otherwise). "input": K/V in the input dtype, each
+            fp8 V: about half the bytes of bf16; causal: each zig-zag chunk separately); presets
+            ``int8``, ``int8-fp8``, ``fp8``, non-empty shards (ValueError otherwise). "input": K/V in the input dtype, each
             rank quantising every block it receives. "auto" (default): "codes" where it applies.
             The backward always passes K/V in the input dtype (its gradients are exact
             attention's at the unquantised K/V).

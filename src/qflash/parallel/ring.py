@@ -14,11 +14,11 @@ caller permutes, ``api``), so that each rank does the same work. Then block (r, 
 
 half a block's work for every off-diagonal step, on every rank.
 
-What travels: non-causal rings with a pre-quantisable preset (``int8``, ``int8-fp8``, ``fp8``;
+What travels: rings with a pre-quantisable preset (``int8``, ``int8-fp8``, ``fp8``;
 ``plan.kv_codes``) quantise each rank's K/V shard once (``qflash.quantize_kv``) and pass the
 ``QuantizedKV``'s codes, scales and K mean (``_ring_codes``); otherwise K/V travel in the input
-dtype and each rank quantises every block it receives inside ``qflash.attention``. (Causal codes
-need zig-zag chunk boundaries aligned to the K scale blocks and the Vᵀ padding: not done.)
+dtype and each rank quantises every block it receives inside ``qflash.attention``. Causal rings
+quantise each zig-zag chunk separately (a later rank needs the first chunk alone).
 
 Backward (``RingAttention.backward``): the K/V blocks go around the ring again, and each block's
 dK/dV accumulator (fp32) travels with it and arrives home after the last step. A block's
@@ -58,7 +58,7 @@ class RingPlan:
     q_first: int
     backend: str
     bwd_recompute: bool | None = None
-    kv_codes: bool = False  # the forward passes each rank's K/V quantised once (non-causal; see _ring_codes)
+    kv_codes: bool = False  # the forward passes each rank's K/V quantised once (see _ring_codes)
 
 
 def _block(plan: RingPlan, r: int, src: int, sq: int, sk: int):
@@ -140,30 +140,64 @@ def _codes_buffers(qkv, n: int) -> tuple[list, list]:
     return [x[0] for x in specs], [x[1] for x in specs]
 
 
+def _pieces(plan: RingPlan, rank: int) -> list[int]:
+    """Key lengths of the pieces rank ``rank``'s block is quantised in: the whole block, or (causal)
+    its two zig-zag chunks (a later rank needs the first one alone)."""
+    n = plan.klens[rank]
+    return [plan.k_first[rank], n - plan.k_first[rank]] if plan.causal else [n]
+
+
 def _ring_codes(q, k, v, plan: RingPlan, out, lse) -> None:
-    """Non-causal ring forward on quantised K/V: each rank quantises its K/V shard once
-    (``qflash.quantize_kv``) and the codes, scales and K mean travel instead of the input-dtype
-    K/V (int8 K + fp8 V: about half the bytes). Fills ``out`` / ``lse`` in place."""
+    """Ring forward on quantised K/V: each rank quantises its K/V shard once (``qflash.quantize_kv``;
+    causal: each of its two zig-zag chunks) and the codes, scales and K means travel instead of the
+    input-dtype K/V (int8 K + fp8 V: about half the bytes). Fills ``out`` / ``lse`` in place.
+
+    Causal steps (``_block``'s cases): src == r is the local causal attention on the input-dtype
+    K/V (nothing travelled); src < r: all queries against src's first chunk; src > r: the second
+    chunk of queries against both chunks (two calls, merged)."""
     import dataclasses
 
     from ..api import attention
     from ..prequant import quantize_kv
 
     r, P = rank_and_size(plan.group)
-    mine = quantize_kv(k.contiguous(), v.contiguous(), plan.quant)  # (HND-contiguous: the plainest input)
+    sq = q.shape[2]
+    bounds, a = [], 0
+    for n in _pieces(plan, r):
+        bounds.append((a, a + n))
+        a += n
+    mine = [quantize_kv(k[:, :, a:b].contiguous(), v[:, :, a:b].contiguous(), plan.quant) for a, b in bounds]
+    names = ("k", "k_scale", "k_mean", "v", "v_scale")
+    q2 = q[:, :, plan.q_first:].contiguous() if plan.causal else None
     cur = mine
     ring = RingExchange(plan.group)
     for step in range(P):
+        src = (r - step) % P
         if step + 1 < P:
-            shapes, dtypes = _codes_buffers(mine, plan.klens[(r - step - 1) % P])
-            ring.start(_codes_fields(cur), shapes, dtypes)
-        if q.shape[2] and cur.k.shape[2]:
-            o, part_lse = attention(q, cur, quant=plan.quant, scale=plan.scale, return_lse=True, backend=plan.backend)
+            shapes, dtypes = [], []
+            for tmpl, n in zip(mine, _pieces(plan, (r - step - 1) % P)):
+                sh, dt = _codes_buffers(tmpl, n)
+                shapes += sh
+                dtypes += dt
+            ring.start([t for qkv in cur for t in _codes_fields(qkv)], shapes, dtypes)
+        if not plan.causal or src < r:  # all queries against the block (non-causal) or its first chunk
+            calls = [(slice(0, sq), q, cur[0])]
+        elif src > r:
+            calls = [(slice(plan.q_first, sq), q2, piece) for piece in cur]
+        else:  # the diagonal block: local, in the input dtype
+            o, part_lse = attention(q, k, v, quant=plan.quant, causal=True, scale=plan.scale, return_lse=True,
+                                    backend=plan.backend)
             merge_into(out, lse, o, part_lse)
+            calls = []
+        for rows, qq, qkv in calls:
+            if qq.shape[2] and qkv.k.shape[2]:
+                o, part_lse = attention(qq, qkv, quant=plan.quant, scale=plan.scale, return_lse=True,
+                                        backend=plan.backend)
+                merge_into(out[:, :, rows], lse[:, :, rows], o, part_lse)
         if step + 1 < P:
             got = iter(ring.wait())
-            cur = dataclasses.replace(mine, **{name: (next(got) if getattr(mine, name) is not None else None)
-                                               for name in ("k", "k_scale", "k_mean", "v", "v_scale")})
+            cur = [dataclasses.replace(tmpl, **{nm: (next(got) if getattr(tmpl, nm) is not None else None)
+                                               for nm in names}) for tmpl in mine]
 
 
 def _block_grads_torch(q, k, v, dout, lse, delta, dlse, scale, diag):
