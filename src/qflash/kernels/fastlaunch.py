@@ -157,6 +157,8 @@ class FastLauncher:
             kernel = self._cache.get(key)
             if kernel is not None:
                 self.launch_compiled(kernel, grid, dev.index, pointers, scalars)
+                if _Recorder.active is not None:
+                    _launch_record(self, grid, pointers, scalars, num_warps, num_stages)
                 return
         if fast or self._types is None:  # before a record enters the fast cache, and on the first launch
             check_args(self.fn, self.names, self._flags, self.n_pointers, pointers, scalars, self._types)
@@ -171,6 +173,8 @@ class FastLauncher:
             if len(self._cache) >= _MAX_ENTRIES:
                 self._cache.clear()
             self._cache[key] = kernel
+        if _Recorder.active is not None:
+            _launch_record(self, grid, pointers, scalars, num_warps, num_stages)
 
     def clear(self) -> None:
         self._cache.clear()
@@ -186,56 +190,134 @@ class _nullcontext:
 
 @dataclass(frozen=True)
 class Plan:
-    """A whole single-launch call with everything but the tensors fixed: which of the call's
-    tensors (``src``) each pointer parameter takes (``slots``), the grid, the scalar record and
-    the compiled kernel."""
+    """A whole call with everything but the tensors fixed: its launches in order, each as
+    (compiled kernel, grid, pointer slots, scalar record), and the bytes of scratch it needs.
 
-    kernel: object
-    grid: tuple
-    slots: tuple
-    scalars: tuple
+    A pointer slot is None, ``(i, 0)`` for the call's own tensor ``src[i]``, or ``(WS, offset)``
+    for a byte offset into the scratch workspace (the quantiser's codes and scales: buffers the
+    call allocated and only kernels of the call read and wrote)."""
+
+    launches: tuple
+    ws_bytes: int
+
+
+WS = -1  # slot index of the workspace in a plan's pointer slots
+_WS_ALIGN = 256  # workspace regions keep every pointer's alignment class (Triton specialises on % 16)
+
+
+class _Recorder:
+    """Collects the launches ``FastLauncher`` makes while active (``PlanCache.record``)."""
+
+    active: list | None = None
+
+
+def _launch_record(launcher, grid, pointers, scalars, num_warps, num_stages) -> None:
+    if _Recorder.active is not None:
+        _Recorder.active.append((launcher, grid, pointers, scalars, num_warps, num_stages))
 
 
 class PlanCache:
-    """Replays of single-launch calls keyed by the launcher (shapes, strides, dtypes, options,
-    aliasing, alignment: whatever fixes the launch), so a repeated small call skips the launcher's
-    config logic and ``FastLauncher``'s key. Only on CUDA, through ``FastLauncher.launch_compiled``."""
+    """Replays of whole calls keyed by the launcher (shapes, strides, dtypes, options, aliasing,
+    alignment: whatever fixes the launches), so a repeated call skips the launcher's config logic,
+    its allocations of intermediate buffers and ``FastLauncher``'s key: one ``torch.empty`` for
+    the scratch, then each compiled kernel launched with integer pointers. Only on CUDA.
 
-    def __init__(self, launcher: FastLauncher, max_plans: int = 1024):
-        self.launcher = launcher
+    Recording (``with cache.record() as rec: ...`` then ``cache.remember(key, rec, src)``) keeps a
+    plan only when every pointer of every launch is one of the call's tensors ``src`` (by
+    identity), None, or lies in a buffer that none of ``src`` shares; the launcher must record only
+    call paths whose intermediate buffers are written by the recorded kernels alone (no torch op
+    in between)."""
+
+    def __init__(self, max_plans: int = 1024):
         self.max_plans = max_plans
         self._plans: dict = {}
 
     def get(self, key, dev: torch.device) -> Plan | None:
         """The plan stored under ``key`` if it may be replayed on ``dev`` now."""
         plan = self._plans.get(key)
-        return plan if plan is not None and self.launcher.fast_ok(dev) else None
+        if plan is None or dev.type != "cuda" or dev.index != torch.cuda.current_device():
+            return None
+        knobs = _runtime_knobs()
+        if knobs is None or _hooked(knobs.launch_enter_hook) or _hooked(knobs.launch_exit_hook):
+            return None
+        return plan
 
-    def replay(self, plan: Plan, dev: torch.device, src: tuple) -> None:
-        pointers = tuple(None if i is None else src[i] for i in plan.slots)
-        self.launcher.launch_compiled(plan.kernel, plan.grid, dev.index, pointers, plan.scalars)
+    @staticmethod
+    def replay(plan: Plan, dev: torch.device, src: tuple) -> torch.Tensor | None:
+        """Launch the plan's kernels on ``src``'s data; returns the scratch (keep it until the
+        kernels are queued; the caching allocator orders its reuse on the stream)."""
+        ws = torch.empty(plan.ws_bytes, dtype=torch.uint8, device=dev) if plan.ws_bytes else None
+        bases = [0 if t is None else t.data_ptr() for t in src]
+        bases.append(ws.data_ptr() if ws is not None else 0)  # index WS (-1)
+        for kernel, grid, slots, scalars in plan.launches:
+            pointers = tuple(None if s is None else bases[s[0]] + s[1] for s in slots)
+            FastLauncher.launch_compiled(kernel, grid, dev.index, pointers, scalars)
+        return ws
 
-    def remember(self, key, grid, pointers: tuple, scalars: tuple, src: tuple, num_warps: int, num_stages: int) -> None:
-        """Store a plan when every pointer is one of ``src`` (by identity) or None and the launch
-        left a compiled kernel in the launcher's cache."""
-        slots = []
-        for p in pointers:
-            if p is None:
-                slots.append(None)
-                continue
-            idx = next((i for i, t in enumerate(src) if t is p), None)
-            if idx is None:
-                return  # a buffer made inside the call (codes, a copy): not replayable
-            slots.append(idx)
-        kernel = self.launcher.cached(src[0].device, pointers, scalars, num_warps, num_stages)
-        if kernel is None:
-            return
+    @staticmethod
+    def record():
+        """Context manager collecting ``FastLauncher`` launches (a list of records)."""
+        return _Recording()
+
+    def remember(self, key, records: list, src: tuple) -> bool:
+        """Store the recorded launches as a plan (see the class doc); whether it was stored."""
+        if not records:
+            return False
+        regions: dict[int, int] = {}  # storage base pointer -> workspace offset
+        ws_bytes = 0
+        src_storages = {t.untyped_storage().data_ptr() for t in src if t is not None}
+        launches = []
+        for launcher, grid, pointers, scalars, num_warps, num_stages in records:
+            kernel = launcher.cached(src[0].device, pointers, scalars, num_warps, num_stages)
+            if kernel is None:
+                return False
+            slots = []
+            for p in pointers:
+                if p is None:
+                    slots.append(None)
+                    continue
+                if not isinstance(p, torch.Tensor):
+                    return False  # a tensor descriptor holds its base address: not replayable
+                idx = next((i for i, t in enumerate(src) if t is p), None)
+                if idx is not None:
+                    slots.append((idx, 0))
+                    continue
+                storage = p.untyped_storage()
+                base = storage.data_ptr()
+                if base in src_storages:
+                    return False  # a view or copy of the caller's tensors made inside the call
+                off = regions.get(base)
+                if off is None:
+                    off = regions[base] = ws_bytes
+                    ws_bytes += -(-storage.nbytes() // _WS_ALIGN) * _WS_ALIGN
+                slots.append((WS, off + p.data_ptr() - base))
+            launches.append((kernel, tuple(grid), tuple(slots), scalars))
         if len(self._plans) >= self.max_plans:
             self._plans.clear()
-        self._plans[key] = Plan(kernel, grid, tuple(slots), scalars)
+        self._plans[key] = Plan(tuple(launches), ws_bytes)
+        return True
 
     def __len__(self) -> int:
         return len(self._plans)
 
     def clear(self) -> None:
         self._plans.clear()
+
+
+class _Recording:
+    def __enter__(self) -> list:
+        self.prev = _Recorder.active
+        _Recorder.active = []
+        return _Recorder.active
+
+    def __exit__(self, *exc):
+        _Recorder.active = self.prev
+        return False
+
+
+def _runtime_knobs():
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return knobs.runtime

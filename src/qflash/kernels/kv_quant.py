@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..config import Precision, QuantConfig
+from .fastlaunch import FastLauncher
 
 __all__ = ["quantize_kv", "quantize_kv_kernel", "kv_stats_kernel", "stat_rows"]
 
@@ -186,6 +187,10 @@ def quantize_kv_kernel(
                  mask=dmask)
 
 
+_STATS = FastLauncher(kv_stats_kernel, n_pointers=4)
+_QUANT = FastLauncher(quantize_kv_kernel, n_pointers=8)
+
+
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int, v_permuted: bool = False,
                 quant_k: bool = True):
     """K codes and scales, Vᵀ codes and scales (the table in this module's docstring), in at most two launches.
@@ -216,16 +221,16 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int
     ksum = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if smooth_k else vs
     vmax = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if per_channel else vs
     if smooth_k or per_channel:
-        kv_stats_kernel[(n_chunks, B * Hkv)](
-            k, v, ksum, vmax, *strides, Hkv, Sk, n_chunks, rows,
-            SMOOTH_K=smooth_k, V_PER_CHANNEL=per_channel, BLOCK=64, HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=8,
-        )
-    quantize_kv_kernel[(nb, B * Hkv)](
-        k, v, ksum, vmax, kc if quant_k else vt, ks, vt, vs, *strides, Hkv, Sk, nb, n_chunks,
-        KIND=KIND_INT8 if code_dtype is torch.int8 else KIND_FP8, SMOOTH_K=smooth_k,
-        V_PER_CHANNEL=per_channel, V_PERMUTED=v_permuted, CHUNKS=MAX_CHUNKS, QUANT_K=quant_k, BLOCK_N=block_n,
-        HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=8,
-    )
+        # positional records through FastLauncher: ~30 µs less CPU per launch than kernel[grid](...)
+        # (SMOOTH_K, V_PER_CHANNEL, BLOCK, HEAD_DIM, HEAD_DIM_PAD are the constexprs, in order)
+        _STATS(grid=(n_chunks, B * Hkv), pointers=(k, v, ksum, vmax),
+               scalars=(*strides, Hkv, Sk, n_chunks, rows, smooth_k, per_channel, 64, D, pad),
+               num_warps=8, num_stages=3)
+    # constexprs: KIND, SMOOTH_K, V_PER_CHANNEL, V_PERMUTED, CHUNKS, QUANT_K, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD
+    _QUANT(grid=(nb, B * Hkv), pointers=(k, v, ksum, vmax, kc if quant_k else vt, ks, vt, vs),
+           scalars=(*strides, Hkv, Sk, nb, n_chunks, KIND_INT8 if code_dtype is torch.int8 else KIND_FP8, smooth_k,
+                    per_channel, bool(v_permuted), MAX_CHUNKS, bool(quant_k), block_n, D, pad),
+           num_warps=8, num_stages=3)
     if not quant_k:
         return None, None, vt, vs, None
     return kc, ks, vt, vs, (ksum if smooth_k else None)

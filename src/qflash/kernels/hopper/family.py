@@ -73,7 +73,7 @@ class HopperFamily(Family):
 
         B, Hq, Sq, D = q.shape
         Sk = k.shape[2]
-        if Sk <= SMALL_PROBLEM["max_sk"] and B * Hq * -(-Sq // 128) <= SMALL_PROBLEM["max_ctas"]:
+        if B * Hq * Sq * Sk * D <= SMALL_PROBLEM["max_work"]:
             # small calls are host-bound: the portable family's one launch beats our three. Decided
             # here, not in ``supports``: the dispatcher caches its choice per call description, not
             # per shape.

@@ -8,11 +8,13 @@ from ...config import QuantConfig
 
 __all__ = ["HopperTiles", "SMALL_PROBLEM", "tiles_for"]
 
-# Problems the portable family's one-launch mode covers (its FUSED_QUANT limits for sm90: 132
-# programs of 64 rows, 512 keys) go there: on an H200 the Hopper path took 0.19-0.35 ms at the
-# seed's 64/512-token shapes (three launches, host-bound; run 7), the one-launch mode 0.07 ms
-# (run 2). Crossover not measured yet.
-SMALL_PROBLEM = {"max_ctas": 66, "max_sk": 512}
+# Small problems go to the portable family: at or below ``max_work`` multiply-adds per matmul
+# (B·Hq·Sq·Sk·D) the Hopper path's three host-side launches (plain ``kernel[grid]``, TMA
+# descriptors) and its one CTA per 128 queries lose to the portable launcher's recorded plans,
+# split-key grid and one-launch mode. H200 (call 1, 2026-12-01, CUDA-graph GPU µs, Hopper vs
+# portable's closest preset int8): 1x1x1024x128 32.5 vs 30.0, 1x24x256x128 32.3 vs 17.1,
+# 8x16x77x64 19.1 vs 14.5; host cost 361/65/226 µs per call. Crossover above 2^31 not measured.
+SMALL_PROBLEM = {"max_work": 2**31}
 
 
 @dataclass(frozen=True)

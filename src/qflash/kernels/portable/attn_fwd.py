@@ -358,7 +358,7 @@ def attn_fwd_kernel(
     stride_bb, stride_bh, stride_bblk,
     stride_vmb, stride_vmh,
     stride_ob, stride_oh, stride_om,
-    Hq, GQA_GROUP, Sq, Sk, causal_off, qk_mult,
+    Hq, GQA_GROUP, Sq, Sk, causal_off, qk_mult, split_keys, stride_os,
     KIND: tl.constexpr, Q_SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
     PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_BLOCK: tl.constexpr,
@@ -366,7 +366,7 @@ def attn_fwd_kernel(
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
     USE_TMA: tl.constexpr, ROTATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
 
@@ -451,16 +451,21 @@ def attn_fwd_kernel(
         hi = Sk
         full_end = (Sk // BLOCK_N) * BLOCK_N
     full_end = tl.minimum(full_end, hi)
+    lo = 0
+    if SPLIT:  # this program covers keys [lo, lo + split_keys) only; a merge kernel combines the splits
+        lo = tl.program_id(2) * split_keys
+        hi = tl.minimum(hi, lo + split_keys)
+        full_end = tl.maximum(tl.minimum(full_end, hi), lo)
     k_row0 = ((b * (Hq // GQA_GROUP) + hk) * Sk).to(tl.int32)
     v_row0 = ((b * (Hq // GQA_GROUP) + hk) * HEAD_DIM).to(tl.int32)
     if ROTATE:
-        if full_end > 0:
+        if full_end > lo:
             acc, l_i, m_i, d_i = _attn_tiles_rotated(
                 acc, l_i, m_i, d_i, q, q_mult,
                 k_base, stride_kn, ks_base, stride_kss,
                 v_base, stride_vn, vs_base, stride_vss,
                 k_desc=KDesc, v_desc=VDesc, k_row0=k_row0, v_row0=v_row0,
-                offs_d=offs_d, lo=0, hi=full_end, Sk=Sk,
+                offs_d=offs_d, lo=lo, hi=full_end, Sk=Sk,
                 KIND=KIND, K_SCALE_BLOCK=K_SCALE_BLOCK, PV_FP8=PV_FP8, V_SCALE_BLOCK=V_SCALE_BLOCK,
                 USE_TMA=USE_TMA, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, BLOCK_N=BLOCK_N,
                 DOT_PRECISION=DOT_PRECISION,
@@ -471,7 +476,7 @@ def attn_fwd_kernel(
             k_base, stride_kn, ks_base, stride_kss,
             v_base, stride_vn, vs_base, stride_vss,
             mask_base, stride_mm, stride_mn, bias_base,
-            offs_m, offs_d, 0, full_end, Sq, Sk, causal_off,
+            offs_m, offs_d, lo, full_end, Sq, Sk, causal_off,
             k_mean, v_mean, v_amax, q_mean, qk_mult,
             KDesc, VDesc, k_row0, v_row0,
             KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
@@ -499,6 +504,10 @@ def attn_fwd_kernel(
     if SMOOTH_V:
         out = tl.where(has_keys[:, None], out + v_mean[None, :], 0.0)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    lse_row = bh.to(tl.int64) * Sq
+    if SPLIT:  # partial results: (B, Hq, splits, Sq, D) fp32 and lse (B·Hq, splits, Sq)
+        o_ptrs += tl.program_id(2).to(tl.int64) * stride_os
+        lse_row = (bh.to(tl.int64) * tl.num_programs(2) + tl.program_id(2)) * Sq
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
     if RETURN_LSE:
         log2_l = tl.math.log2(tl.where(has_keys, l_i, 1.0)) + d_i
@@ -513,4 +522,4 @@ def attn_fwd_kernel(
             lse += tl.sum(xq * k_mean[None, :], axis=1) * (qk_mult * 0.6931471805599453)
         elif HAS_LSE_CORR:
             lse += tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0)
-        tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=mrow)
+        tl.store(Lse + lse_row + offs_m, lse, mask=mrow)

@@ -16,14 +16,16 @@ import torch
 from ...config import GranularityKind, OperandQuant, Precision, QuantConfig
 from ..common import LOG2E, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
 from ..fastlaunch import FastLauncher, PlanCache
-from ..kv_quant import quantize_kv
-from . import attn_fwd, quantize
+from ..kv_quant import _STATS as _KV_STATS
+from ..kv_quant import quantize_kv, stat_rows
+from . import attn_fwd, quantize, split_merge
 from .support import kernel_support
-from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, pick_config
+from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, pick_config, split_limits
 
 FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the kernel's DOT_PRECISION)
 _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
 _ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=14)
+_MERGE = FastLauncher(split_merge.split_merge_kernel, n_pointers=4)
 
 __all__ = ["attention_fwd", "attention_fwd_kv", "quantize_q", "quantize_qkv", "QKVCodes", "kernel_support"]
 
@@ -33,7 +35,7 @@ _DEFAULT_ROWS = 64  # rows per quantiser program when the granularity does not f
 
 
 # Replays of repeated single-launch calls (the ``none`` preset, or the fused-quantiser mode)
-_PLANS = PlanCache(_ATTN_FWD)
+_PLANS = PlanCache()
 
 
 def _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config, fused_quant):
@@ -96,6 +98,14 @@ class QKVCodes:
     q_rows: int
     k_rows: int
     v_rows: int
+    k_partials: torch.Tensor | None = None  # (B, Hkv, n_chunks, D) K sums when the stats kernel ran
+    sk: int = 0
+
+    def key_mean(self) -> torch.Tensor | None:
+        """The K token mean (B, Hkv, D) fp32 used for smoothing, or None without smoothing."""
+        if self.k_mean is None and self.k_partials is not None:  # a torch op: such calls are not plans
+            self.k_mean = self.k_partials.sum(dim=2) / self.sk
+        return self.k_mean
 
 
 def _rows(g, default: int) -> int:
@@ -106,11 +116,20 @@ _FLOAT_OPERAND = OperandQuant(Precision.FP32)  # "not quantised" (config.py's pl
 _V_GLOBAL_ROWS = 128  # key block of the repeated per-channel V scale (V granularity channel(0))
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig) -> QKVCodes:
-    """Quantise HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) in one Triton launch (plus token means)."""
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, stats: bool | None = None) -> QKVCodes:
+    """Quantise HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) in one Triton launch, after the token
+    statistics it needs (the K mean for smoothing, V's per-channel max for channel(0) scales).
+
+    ``stats``: True computes those statistics with ``kv_quant.kv_stats_kernel`` (one launch of
+    partials, summed inside the quantiser: no torch op, so the call can be replayed as a plan);
+    False with torch reductions and, for channel(0) V, the shared K/V quantiser (the CPU
+    interpreter's default: the golden digests were recorded with it). Default: True on CUDA.
+    """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dev = q.device
+    if stats is None:
+        stats = dev.type == "cuda"
     kind = _KIND[cfg.q.precision]
     d_codes = D // 2 if kind == QK_INT4 else D
     code_dtype = _TORCH_CODE_DTYPE[cfg.q.precision]
@@ -123,13 +142,32 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     qs = torch.empty((B, Hq, Sq if q_per_token else cdiv(Sq, q_rows)), dtype=torch.float32, device=dev)
     ks = torch.empty((B, Hkv, Sk if k_per_token else cdiv(Sk, k_rows)), dtype=torch.float32, device=dev)
     qm = torch.empty((B, Hq, cdiv(Sq, q_rows), D), dtype=torch.float32, device=dev) if cfg.smooth_q else None
-    km = torch.mean(k, dim=2, dtype=torch.float32) if cfg.smooth_k else None  # (B, Hkv, D)
-    # V with one scale per channel over all keys (channel(0)) needs every key first: the shared
-    # K/V quantiser does it (statistics pass + codes); the scale then repeats per 128-key block
+    # V with one scale per channel over all keys (channel(0)) needs every key first; the scale
+    # then repeats per 128-key block
     v_global = cfg.quantizes_pv and cfg.v.granularity.size == 0
     v_rows = (_V_GLOBAL_ROWS if v_global else cfg.v.granularity.size) if cfg.quantizes_pv else _DEFAULT_ROWS
     vm = None
-    if v_global:
+    n_chunks = 0
+    km = k_mean = None
+    if stats and (cfg.smooth_k or v_global) and Sk > 0:
+        rows = stat_rows(Sk)
+        n_chunks = cdiv(Sk, rows)
+        km = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if cfg.smooth_k else None
+        vm = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if v_global else None
+        ku, vu = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        _KV_STATS((n_chunks, B * Hkv), (ku, vu, km if km is not None else vm, vm if vm is not None else km),
+                  (ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
+                   Hkv, Sk, n_chunks, rows, bool(cfg.smooth_k), v_global, 64, D, max(next_pow2(D), 16)),
+                  num_warps=8, num_stages=3)
+    elif cfg.smooth_k:
+        km = k_mean = torch.mean(k, dim=2, dtype=torch.float32)  # (B, Hkv, D)
+    stats = stats and n_chunks > 0
+    if v_global and stats:
+        sk_pad = cdiv(Sk, v_rows) * v_rows
+        vt = torch.empty((B, Hkv, D, sk_pad), dtype=torch.float8_e4m3fn, device=dev)
+        vs_channel = torch.empty((B, Hkv, D), dtype=torch.float32, device=dev)
+        vs = vs_channel.unsqueeze(2).expand(B, Hkv, sk_pad // v_rows, D)
+    elif v_global:
         _, _, vt, vs_channel, _ = quantize_kv(k, v, cfg, v_rows, quant_k=False)
         vs = vs_channel.unsqueeze(2).expand(B, Hkv, vt.shape[-1] // v_rows, D)
     elif cfg.quantizes_pv:
@@ -139,9 +177,10 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
         vm = torch.mean(v, dim=2, dtype=torch.float32) if cfg.smooth_v else None
     else:
         vt = vs = None
-    quant_v = cfg.quantizes_pv and not v_global  # V quantised by the launch below
+    quant_v = cfg.quantizes_pv and (stats or not v_global)  # V quantised by the launch below
     dummy = qs  # stands in for absent tensors; never dereferenced (guarded by constexprs)
     qm_, km_, vt_, vs_, vm_ = (t if t is not None else dummy for t in (qm, km, vt, vs, vm))
+
     nblocks = max(cdiv(Sq, q_rows), cdiv(Sk, k_rows), cdiv(Sk, v_rows) if quant_v else 0)
     grid = (max(nblocks, 1), B * Hq)
     if Sq or Sk:
@@ -154,14 +193,15 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
             *(vt.stride()[:3] if vt is not None else (0, 0, 0)),
             *(vs.stride()[:3] if vs is not None else (0, 0, 0)),
             *(vm.stride()[:2] if vm is not None else (0, 0)),
-            Hq, Hkv, Sq, Sk,
+            Hq, Hkv, Sq, Sk, n_chunks,
             # constexprs, in the kernel's order: KIND, Q_PER_TOKEN, K_PER_TOKEN, Q_ROWS, K_ROWS, V_ROWS,
-            # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, HEAD_DIM, HEAD_DIM_PAD
+            # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, STATS, HEAD_DIM, HEAD_DIM_PAD
             kind, q_per_token, k_per_token, q_rows, k_rows, v_rows,
-            bool(cfg.smooth_q), bool(cfg.smooth_k), quant_v, bool(cfg.smooth_v),
+            bool(cfg.smooth_q), bool(cfg.smooth_k), quant_v, bool(cfg.smooth_v), stats,
             D, max(next_pow2(D), 32),
         ), num_warps=8, num_stages=3)
-    return QKVCodes(qc, qs, qm, kc, ks, km, vt, vs, vm, q_rows, k_rows, v_rows)
+    return QKVCodes(qc, qs, qm, kc, ks, k_mean, vt, vs, None if stats else vm, q_rows, k_rows, v_rows,
+                    k_partials=km if stats else None, sk=Sk)
 
 
 def attention_fwd(
@@ -181,6 +221,7 @@ def attention_fwd(
     lse: torch.Tensor | None = None,
     fused_quant: bool | None = None,
     codes: QKVCodes | None = None,
+    split_keys: int | None = None,
 ):
     """Quantised attention forward on HND views; returns (out HND view, lse (B, Hq, Sq) fp32 | None).
 
@@ -191,27 +232,56 @@ def attention_fwd(
     (B, Hq, Sq) contiguous), e.g. NaN-poisoned in tests or static buffers for CUDA graphs.
     ``top_left``: align ``causal`` to the top-left corner (query i sees keys j <= i, PyTorch SDPA's)
     instead of the bottom-right one (j <= i + Sk - Sq); the kernel only moves its diagonal.
+    ``split_keys``: keys per split of the split-key mode (a multiple of the key tile and of the K/V
+    scale blocks; partial results merged by ``split_merge``); default: ``pick_split_keys`` (CUDA,
+    grids too small to fill the GPU), 0 or None on the CPU: no split.
     ``codes``: operands already quantised (``attention_fwd_kv``); k / v then only give shapes
     (and v the values when P·V is not quantised).
     Raises ``NotImplementedError`` for configs ``kernel_support`` rejects.
     """
-    pre_codes = codes
-    plan_key = None
-    if out is None and lse is None and attn_mask is None and q.is_cuda and pre_codes is None:
-        plan_key = _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config, fused_quant)
+    if out is None and lse is None and attn_mask is None and q.is_cuda and codes is None:
+        # a repeated call replays the launches recorded the first time (see PlanCache)
+        plan_key = _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config,
+                             (fused_quant, split_keys))
         plan = _PLANS.get(plan_key, q.device)
         if plan is not None:
             out = _alloc_out(q, out_layout)
             lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
             _PLANS.replay(plan, q.device, (q, k, v, out, lse))
             return out, lse
+        with _PLANS.record() as records:
+            out, lse = _attention_fwd(q, k, v, cfg, causal=causal, attn_mask=None, scale=scale,
+                                      return_lse=return_lse, out_layout=out_layout, top_left=top_left,
+                                      kernel_config=kernel_config, out=None, lse=None, fused_quant=fused_quant,
+                                      split_keys=split_keys)
+        if _replayable(q, k, v, cfg, scale, return_lse):
+            _PLANS.remember(plan_key, records, (q, k, v, out, lse))
+        return out, lse
+    return _attention_fwd(q, k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse,
+                          out_layout=out_layout, top_left=top_left, kernel_config=kernel_config, out=out, lse=lse,
+                          fused_quant=fused_quant, codes=codes, split_keys=split_keys)
+
+
+def _replayable(q, k, v, cfg: QuantConfig, scale, return_lse: bool) -> bool:
+    """Whether a CUDA call of ``_attention_fwd`` runs Triton launches only (through FastLauncher),
+    on the caller's own tensors and on buffers it allocated: no copy or negation of an input, no
+    torch reduction or GEMM (Q smoothing's bias, V smoothing's mean, the lse correction of K
+    smoothing). Such a call can be recorded as a plan."""
+    if any(t.stride(-1) != 1 for t in (q, k, v)) or (scale is not None and scale < 0):
+        return False
+    return not (cfg.smooth_q or cfg.smooth_v or (return_lse and cfg.smooth_k))
+
+
+def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_layout, top_left, kernel_config,
+                   out, lse, fused_quant, codes=None, split_keys=None):
+    """``attention_fwd`` without the plan cache (same arguments)."""
+    pre_codes = codes
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     ok, why = kernel_support(cfg, D)
     if not ok:
         raise NotImplementedError(f"qflash kernels do not implement this config: {why}")
     # the kernels read the channel dim contiguously; other strides are free
-    given = (q, k, v)  # a plan replays only calls whose pointers are the caller's own tensors
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if scale < 0:
@@ -273,12 +343,13 @@ def attention_fwd(
             kind = _KIND[cfg.q.precision]
             if cfg.smooth_q:
                 block_m = min(block_m, codes.q_rows)  # one Q-mean block per program
-                k_sm = k.float() - codes.k_mean[:, :, None, :] if codes.k_mean is not None else k.float()
+                k_mean = codes.key_mean()
+                k_sm = k.float() - k_mean[:, :, None, :] if k_mean is not None else k.float()
                 if Hkv != Hq:
                     k_sm = k_sm.repeat_interleave(Hq // Hkv, dim=1)
                 bias = (codes.q_mean @ k_sm.transpose(-1, -2)) * qk_mult  # (B, Hq, nQblocks, Sk) fp32
-            if return_lse and codes.k_mean is not None and Sk > 0:
-                km = codes.k_mean if Hkv == Hq else codes.k_mean.repeat_interleave(Hq // Hkv, dim=1)
+            if return_lse and codes.key_mean() is not None and Sk > 0:
+                km = codes.key_mean() if Hkv == Hq else codes.key_mean().repeat_interleave(Hq // Hkv, dim=1)
                 lse_corr = torch.matmul(q.float(), km[..., None]).squeeze(-1) * scale  # (B, Hq, Sq)
         else:
             qa, ka, qs, ks = q, k, q, k  # scales unused for float operands
@@ -318,13 +389,29 @@ def attention_fwd(
         k_desc = v_desc = None
 
     dummy = qs
-    grid = (cdiv(Sq, block_m), B * Hq)
+    if split_keys is None:
+        split_keys = pick_split_keys(dev, B * Hq * cdiv(Sq, block_m), Sk, block_n,
+                                     k_scale_block, v_scale_block if cfg.quantizes_pv else 1)
+    n_splits = cdiv(Sk, split_keys) if split_keys else 1
+    if n_splits > 1:
+        if split_keys % block_n or (k_scale_block > 1 and split_keys % k_scale_block) or \
+                (cfg.quantizes_pv and v_scale_block > 1 and split_keys % v_scale_block):
+            raise ValueError(f"split_keys={split_keys} must be a multiple of the key tile ({block_n}) and of the "
+                             "K and V scale blocks")
+        # partial results per split (fp32), merged by split_merge_kernel into out / lse
+        o_dst = torch.empty((B, Hq, n_splits, Sq, D), dtype=torch.float32, device=dev)
+        lse_dst = torch.empty((B * Hq, n_splits, Sq), dtype=torch.float32, device=dev)
+        o_strides = (o_dst.stride(0), o_dst.stride(1), o_dst.stride(3))
+        stride_os = o_dst.stride(2)
+    else:
+        o_dst, lse_dst, o_strides, stride_os = out, lse, out.stride()[:3], 0
+    grid = (cdiv(Sq, block_m), B * Hq, n_splits)
     pointers = (
         qa, ka, va, qs, ks, vs, m4,
         bias if bias is not None else dummy,
         codes.v_mean if codes is not None and codes.v_mean is not None else dummy,
         lse_corr if lse_corr is not None else dummy,
-        out, lse if lse is not None else dummy, k_desc, v_desc,
+        o_dst, lse_dst if lse_dst is not None else dummy, k_desc, v_desc,
     )
     scalars = (
         *qa.stride()[:3], *ka.stride()[:3],
@@ -335,24 +422,51 @@ def attention_fwd(
         *mask_strides,
         *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
         *(codes.v_mean.stride()[:2] if codes is not None and codes.v_mean is not None else (0, 0)),
-        *out.stride()[:3],
-        Hq, Hq // Hkv, Sq, Sk, causal_offset(top_left, Sq, Sk), qk_mult,
+        *o_strides,
+        Hq, Hq // Hkv, Sq, Sk, causal_offset(top_left, Sq, Sk), qk_mult, split_keys or Sk, stride_os,
         # constexprs, in the kernel's order
         kind, q_scale_block, k_scale_block,  # KIND, Q_SCALE_BLOCK, K_SCALE_BLOCK
         cfg.quantizes_pv, v_scale_block,  # PV_FP8, V_SCALE_BLOCK
         bool(causal), mask_kind, has_bias,  # IS_CAUSAL, MASK_KIND, HAS_BIAS
         codes.q_rows if bias is not None else 1,  # BIAS_BLOCK
-        bool(cfg.smooth_v), lse is not None, has_lse_corr,  # SMOOTH_V, RETURN_LSE, HAS_LSE_CORR
+        bool(cfg.smooth_v), lse_dst is not None, has_lse_corr,  # SMOOTH_V, RETURN_LSE, HAS_LSE_CORR
         fused, bool(cfg.smooth_k), bool(cfg.smooth_q),  # FUSED_QUANT, SMOOTH_K, SMOOTH_Q
         use_tma, rotate,  # USE_TMA, ROTATE
         D, head_dim_pad, block_m, block_n,  # HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N
         # DOT_PRECISION. fp32 inputs: TF32 products (Triton's default) cost ~1e-3 relative error
         FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
+        n_splits > 1,  # SPLIT
     )
     _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages)
-    if plan_key is not None and codes is None and bias is None and lse_corr is None:
-        _PLANS.remember(plan_key, grid, pointers, scalars, (*given, out, lse), kc.num_warps, kc.num_stages)
+    if n_splits > 1:
+        _MERGE((Sq, B * Hq), (o_dst, lse_dst, out, lse if lse is not None else lse_dst), (
+            *o_dst.stride()[:4], *out.stride()[:3], Hq, Sq, n_splits,
+            lse is not None, max(next_pow2(n_splits), 2), D, head_dim_pad,  # RETURN_LSE, SPLITS_PAD, HEAD_DIM(_PAD)
+        ), num_warps=4 if D > 64 else 2, num_stages=1)
     return out, lse
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def pick_split_keys(dev: torch.device, programs: int, sk: int, block_n: int, k_block: int, v_block: int) -> int | None:
+    """Keys per split when a call has too few query-tile programs to fill the GPU (flash-decoding):
+    enough splits to give every SM a program, at least two key tiles each, split boundaries on
+    whole K/V scale blocks; None (no split) on the CPU, or when the grid is already full."""
+    if dev.type != "cuda":
+        return None
+    sms = _SM_COUNT.get(dev.index)
+    if sms is None:
+        sms = _SM_COUNT[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
+    limits = split_limits(dev)
+    if programs * 2 > sms or sk < limits["min_sk"]:
+        return None
+    align = math.lcm(block_n, max(k_block, 1), max(v_block, 1))
+    splits = min(sms // programs, cdiv(sk, 2 * block_n), limits["max_splits"])
+    if splits < 2:
+        return None
+    keys = cdiv(cdiv(sk, splits), align) * align
+    return keys if keys < sk else None
 
 
 # --- pre-quantised K/V (``qflash.quant.kv.QuantizedKV``) ---------------------------------------

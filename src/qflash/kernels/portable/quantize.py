@@ -30,6 +30,7 @@ from .interpreter import apply_if_interpreting
 # Under TRITON_INTERPRET=1 the interpreter's fp8/bf16 conversions, bf16 dots and fma differ from the
 # GPU's: fix them (once) before any of the family's kernels runs (every kernel module imports this one).
 apply_if_interpreting()
+from ..kv_quant import _reduce_partials
 
 
 @triton.jit
@@ -119,8 +120,10 @@ def _quantize_rows(
     row0, S,
     KIND: tl.constexpr,  # QK_INT8 / QK_INT4 / QK_FP8
     PER_TOKEN: tl.constexpr,  # True: one scale per row; False: one scale for the ROWS rows
-    SUBTRACT_MEAN: tl.constexpr,  # 0: no, 1: load a (D,) mean from mean_base, 2: compute the block mean and store it
+    SUBTRACT_MEAN: tl.constexpr,  # 0: no, 1: load a (D,) mean from mean_base, 2: compute the block mean and
+    # store it, 3: subtract ``mean_in`` (D_pad,) fp32
     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    mean_in=None,
 ):
     """Quantise rows [row0, row0 + ROWS) of one (batch, head) slice; write codes and scales."""
     offs_r = row0 + tl.arange(0, ROWS)
@@ -133,6 +136,8 @@ def _quantize_rows(
     if SUBTRACT_MEAN == 1:
         mean = tl.load(mean_base + offs_d, mask=dmask, other=0.0)
         x = tl.where(m2, x - mean[None, :], 0.0)
+    elif SUBTRACT_MEAN == 3:
+        x = tl.where(m2, x - mean_in[None, :], 0.0)
     elif SUBTRACT_MEAN == 2:
         n_valid = tl.minimum(S - row0, ROWS).to(tl.float32)
         mean = tl.sum(x, axis=0) / n_valid
@@ -165,8 +170,12 @@ def _quantize_v_block(
     mean_base,
     row0, S,
     SUBTRACT_MEAN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    vmax_base=None, n_chunks=0, V_GLOBAL: tl.constexpr = False, CHUNKS: tl.constexpr = 16,
 ):
-    """FP8 e4m3 codes of V rows [row0, row0 + ROWS), one scale per channel, stored transposed."""
+    """FP8 e4m3 codes of V rows [row0, row0 + ROWS), one scale per channel, stored transposed.
+
+    ``V_GLOBAL``: the scale is per channel over *all* keys (V granularity channel(0)), from the
+    ``n_chunks`` partial maxima (n_chunks, D) at ``vmax_base`` (``kv_quant.kv_stats_kernel``)."""
     offs_r = row0 + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     rmask = offs_r < S
@@ -177,7 +186,13 @@ def _quantize_v_block(
     if SUBTRACT_MEAN:
         mean = tl.load(mean_base + offs_d, mask=dmask, other=0.0)
         x = tl.where(m2, x - mean[None, :], 0.0)
-    codes, scale = fp8_channel_codes(x)
+    if V_GLOBAL:
+        amax = guard_amax(_reduce_partials(vmax_base, n_chunks, offs_d, True, CHUNKS, HEAD_DIM))
+        inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+        codes = tl.clamp(x * inv[None, :], -448.0, 448.0).to(tl.float8e4nv)
+    else:
+        codes, scale = fp8_channel_codes(x)
     tl.store(scale_base + offs_d, scale, mask=dmask)
     # padded rows (>= S) are written as zeros so the attention kernel can read whole tiles;
     # transposed in registers first so each thread writes runs of consecutive keys (coalesced)
@@ -200,16 +215,21 @@ def quantize_qkv_kernel(
     stride_vtb, stride_vth, stride_vtd,
     stride_vsb, stride_vsh, stride_vss,
     stride_vmb, stride_vmh,
-    Hq, Hkv, Sq, Sk,
+    Hq, Hkv, Sq, Sk, n_chunks,
     KIND: tl.constexpr,
     Q_PER_TOKEN: tl.constexpr, K_PER_TOKEN: tl.constexpr,
     Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, V_ROWS: tl.constexpr,
     SMOOTH_Q: tl.constexpr, SMOOTH_K: tl.constexpr, QUANT_V: tl.constexpr, SMOOTH_V: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    STATS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     """Grid (max row blocks over Q, K, V, B * Hq): each program quantises one block of rows of
     each tensor it covers (K and V only for programs whose head index is below Hkv).
-    Inputs have a contiguous channel dim (stride 1); other strides are free (HND or NHD)."""
+    Inputs have a contiguous channel dim (stride 1); other strides are free (HND or NHD).
+
+    ``STATS``: the token statistics come from ``kv_quant.kv_stats_kernel``'s ``n_chunks`` partials
+    per head instead of host tensors: KM then holds the K partial sums (B, Hkv, n_chunks, D) (the
+    mean is their sum / Sk) and, with ``QUANT_V``, VM the V partial maxima (same shape) for one
+    FP8 scale per V channel over all keys (written to VS (B, Hkv, D); SMOOTH_V must be off)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -224,7 +244,17 @@ def quantize_qkv_kernel(
             KIND, Q_PER_TOKEN, 2 if SMOOTH_Q else 0, Q_ROWS, HEAD_DIM, HEAD_DIM_PAD,
         )
     if h < Hkv:
-        if pid * K_ROWS < Sk:
+        if pid * K_ROWS < Sk and STATS and SMOOTH_K:
+            k_mean = _reduce_partials(KM + b.to(tl.int64) * stride_kmb + h.to(tl.int64) * stride_kmh, n_chunks,
+                                      tl.arange(0, HEAD_DIM_PAD), False, 16, HEAD_DIM) / Sk
+            _quantize_rows(
+                K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_ks,
+                KC + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch, stride_kcs,
+                KS + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh, stride_kss,
+                KM, pid * K_ROWS, Sk,
+                KIND, K_PER_TOKEN, 3, K_ROWS, HEAD_DIM, HEAD_DIM_PAD, k_mean,
+            )
+        elif pid * K_ROWS < Sk:
             _quantize_rows(
                 K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_ks,
                 KC + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch, stride_kcs,
@@ -242,4 +272,5 @@ def quantize_qkv_kernel(
                     VM + b.to(tl.int64) * stride_vmb + h.to(tl.int64) * stride_vmh,
                     pid * V_ROWS, Sk,
                     SMOOTH_V, V_ROWS, HEAD_DIM, HEAD_DIM_PAD,
+                    VM + b.to(tl.int64) * stride_vmb + h.to(tl.int64) * stride_vmh, n_chunks, STATS, 16,
                 )

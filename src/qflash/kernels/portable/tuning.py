@@ -94,6 +94,16 @@ FUSED_QUANT: dict[str, dict[str, int]] = {
 FUSED_QUANT_DEFAULT = {"max_programs": 64, "max_sk": 512}
 
 
+#: Split-key mode (``launch.pick_split_keys``): used only below this many keys per head or above
+#: ``min_sk``; at most ``max_splits`` splits (the merge kernel reads them all in one tile).
+SPLIT_KEYS = {"min_sk": 256, "max_splits": 64}
+
+
+def split_limits(device: torch.device) -> dict[str, int]:
+    """The split-key mode's limits (``SPLIT_KEYS``; one table for every GPU so far)."""
+    return SPLIT_KEYS
+
+
 def fused_quant_limits(device: torch.device) -> dict[str, int]:
     """Limits under which ``use_fused_quant`` picks the one-launch mode on this GPU."""
     return FUSED_QUANT.get(gpu_key(device), FUSED_QUANT_DEFAULT)

@@ -1,0 +1,207 @@
+"""Small calls (issue 15): the split-key mode and its merge, the quantiser's in-launch token
+statistics, and recorded plans (repeated calls replayed as their launches).
+
+The split-key kernels run on the CPU interpreter at small shapes (``split_keys`` forced: the
+policy only splits on CUDA) against the exact fp64 reference, the fake-quant reference and the
+unsplit kernel; plans and CUDA graphs need a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qflash
+from qflash import reference
+from qflash.kernels.portable import launch
+
+from helpers import rel_l2
+
+pytestmark = pytest.mark.interpreter
+
+if not torch.cuda.is_available():
+    import triton_interpreter_shim
+
+    triton_interpreter_shim.apply()
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# relL2 of the split kernel vs exact fp64 attention, measured on the interpreter over these
+# cases (bf16 inputs): none 2.3e-3, int8 9.4e-3, int8-fp8 3.9e-2, fp8 5.3e-2. Bounds ~1.3x.
+EXACT_BOUND = {"none": 3.5e-3, "int8": 0.013, "int8-fp8": 0.05, "fp8": 0.07}
+# vs the unsplit kernel: bf16 output rounding (none/int8, measured <= 2.3e-3); with FP8 P each
+# split rounds P against its own running max (measured <= 2.7e-2)
+UNSPLIT_BOUND = {"none": 3.5e-3, "int8": 3.5e-3, "int8-fp8": 0.04, "fp8": 0.04}
+
+# lse vs exact (the scores' quantisation error; rows that see one key carry it whole), measured:
+# none 1.2e-5, int8 1.1e-2, int8-fp8 1.5e-2, fp8 4.5e-2
+LSE_BOUND = {"none": 1e-4, "int8": 0.02, "int8-fp8": 0.02, "fp8": 0.06}
+
+CASES = [
+    # B, Hq, Hkv, Sq, Sk, D, causal, mask
+    (1, 2, 1, 1, 300, 64, "none", None),          # one query over many keys, GQA, a partial last tile
+    (1, 1, 1, 40, 384, 64, "top_left", None),      # rows see <= 40 keys: whole splits are empty
+    (1, 2, 1, 17, 256, 64, "bottom_right", "bool"),  # causal + mask, a fully masked row
+]
+# every preset on the first case, the float and the FP8-P·V paths on all (CI time: ~9 s a case)
+PRESET_CASES = [(p, CASES[0]) for p in ("none", "int8", "int8-fp8", "fp8")] + \
+    [(p, c) for c in CASES[1:] for p in ("none", "int8-fp8")]
+
+
+def _inputs(B, Hq, Hkv, Sq, Sk, D, mask, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, D, generator=g).to(torch.bfloat16).to(DEV)
+    k = torch.randn(B, Hkv, Sk, D, generator=g).to(torch.bfloat16).to(DEV)
+    v = torch.randn(B, Hkv, Sk, D, generator=g).to(torch.bfloat16).to(DEV)
+    m = None
+    if mask == "bool":
+        m = (torch.rand(B, 1, Sq, Sk, generator=g) > 0.3).to(DEV)
+        m[..., -1, :] = False  # a fully masked row: zeros and lse -inf
+    return q, k, v, m
+
+
+@pytest.mark.parametrize("preset,case", PRESET_CASES,
+                         ids=[f"{p}-{c[3]}:{c[4]}-{c[6]}-{c[7]}" for p, c in PRESET_CASES])
+def test_split_keys_matches_references(preset, case):
+    B, Hq, Hkv, Sq, Sk, D, causal, mask = case
+    cfg = qflash.resolve_quant(preset)
+    q, k, v, m = _inputs(B, Hq, Hkv, Sq, Sk, D, mask, seed=Sk + Sq)
+    kw = dict(causal=causal != "none", top_left=causal == "top_left", attn_mask=m, return_lse=True)
+    out = torch.full_like(q, float("nan"))  # poisoned: every row must be written by the merge
+    lse = torch.full(q.shape[:3], float("nan"), device=DEV)
+    o, l = launch.attention_fwd(q, k, v, cfg, out=out, lse=lse, fused_quant=False, split_keys=128, **kw)
+    assert o.data_ptr() == out.data_ptr()
+    o_ref, l_ref = reference.exact_attention(q, k, v, **kw)
+    assert not o.isnan().any() and not l.isnan().any()
+    empty = l_ref == float("-inf")
+    assert torch.equal(l == float("-inf"), empty)  # fully masked rows: lse -inf ...
+    assert (o[empty] == 0).all()  # ... and zeros
+    assert rel_l2(o, o_ref) < EXACT_BOUND[preset]
+    assert (l[~empty] - l_ref[~empty]).abs().max().item() < LSE_BOUND[preset]  # log of the merged sums
+    o_unsplit, l_unsplit = launch.attention_fwd(q, k, v, cfg, fused_quant=False, **kw)
+    assert rel_l2(o, o_unsplit) < UNSPLIT_BOUND[preset]
+    assert (l[~empty] - l_unsplit[~empty]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["int8", "int8-fp8"])
+def test_split_keys_fake_quant(preset):
+    """The split kernel against the fake-quant reference (the quantisation the kernel claims)."""
+    cfg = qflash.resolve_quant(preset)
+    q, k, v, _ = _inputs(1, 1, 1, 8, 384, 64, None, seed=3)
+    o, _ = launch.attention_fwd(q, k, v, cfg, fused_quant=False, split_keys=128)
+    o_fq = reference.fake_quant_attention(q, k, v, cfg)
+    # measured 2.4e-3 (int8: bf16 rounding of the merge) and 2.2e-2 (int8-fp8: P rounded per split)
+    assert rel_l2(o, o_fq) < {"int8": 3.5e-3, "int8-fp8": 0.03}[preset]
+
+
+def test_split_keys_fused_quant_mode():
+    """The one-launch mode (quantisation inside the attention kernel) splits too."""
+    cfg = qflash.resolve_quant("int8-fp8")
+    q, k, v, _ = _inputs(1, 1, 1, 5, 256, 64, None, seed=5)
+    o, _ = launch.attention_fwd(q, k, v, cfg, fused_quant=True, split_keys=128)
+    assert rel_l2(o, reference.exact_attention(q, k, v)) < EXACT_BOUND["int8-fp8"]
+
+
+def test_split_keys_rejects_misaligned_splits():
+    cfg = qflash.resolve_quant("int8-fp8")  # K and V scale blocks of 128 keys
+    q, k, v, _ = _inputs(1, 1, 1, 4, 512, 64, None, seed=1)
+    with pytest.raises(ValueError, match="split_keys=64"):
+        launch.attention_fwd(q, k, v, cfg, fused_quant=False, split_keys=64)
+
+
+def test_split_merge_nan_propagates():
+    """A NaN key reaches every query that attends to it, through the merge (as in SDPA)."""
+    cfg = qflash.resolve_quant("none")
+    q, k, v, _ = _inputs(1, 1, 1, 3, 300, 64, None, seed=2)
+    k[0, 0, 200, 5] = float("nan")
+    o, _ = launch.attention_fwd(q, k, v, cfg, split_keys=128)
+    assert o.isnan().all()
+
+
+def test_pick_split_keys_policy(monkeypatch):
+    dev = torch.device("cuda", 0)
+    monkeypatch.setitem(launch._SM_COUNT, 0, 132)
+    # one query row tile per head, 8 heads, 4096 keys: 16 splits of 256 keys (132 // 8)
+    assert launch.pick_split_keys(dev, 8, 4096, 64, 128, 128) == 256
+    # a grid that already fills half the GPU: no split
+    assert launch.pick_split_keys(dev, 128, 4096, 64, 1, 1) is None
+    # too few keys to be worth it
+    assert launch.pick_split_keys(dev, 1, 128, 64, 1, 1) is None
+    # boundaries on whole K/V scale blocks (128), at least two tiles per split
+    keys = launch.pick_split_keys(dev, 16, 1024, 64, 128, 128)
+    assert keys == 128 * math.ceil(1024 / 8 / 128)
+    assert launch.pick_split_keys(torch.device("cpu"), 1, 4096, 64, 1, 1) is None
+
+
+@pytest.mark.parametrize("preset", ["int8-fp8", "int4"])
+def test_quantiser_stats_pass_matches_torch_statistics(preset):
+    """The quantiser fed by the statistics kernel's partials (the CUDA default: no torch op, so
+    the call can be a plan) writes the same codes and scales as with torch's token means."""
+    cfg = qflash.resolve_quant(preset)
+    q, k, v, _ = _inputs(1, 2, 1, 5, 300, 64, None, seed=7)
+    k = k + 0.5  # a mean worth subtracting
+    a = launch.quantize_qkv(q, k, v, cfg, stats=False)
+    b = launch.quantize_qkv(q, k, v, cfg, stats=True)
+    for name in ("q", "q_scale", "k", "k_scale", "v_t", "v_scale"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x is None:
+            assert y is None
+            continue
+        if name == "v_t":
+            x, y = x[..., :300], y[..., :300]
+        if DEV == "cpu":  # the interpreter sums the partials as torch's CPU mean does: bit-identical
+            assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x,
+                               y.view(torch.uint8) if y.element_size() == 1 else y), name
+        else:  # torch's CUDA mean rounds differently (~1e-7): a rare code moves by one step
+            diff = (x.float() - y.float()).abs()
+            assert (diff > 0).float().mean().item() < 0.01, name
+            assert diff.max().item() <= (1.0 if x.element_size() == 1 else 1e-6 * x.float().abs().max().item()), name
+    if cfg.smooth_k:
+        torch.testing.assert_close(b.key_mean(), k.float().mean(dim=2), rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="plans replay compiled kernels (CUDA)")
+@pytest.mark.parametrize("preset", ["none", "int8", "int8-fp8", "fp8"])
+@pytest.mark.parametrize("shape", [(1, 1, 64, 64), (1, 1, 1024, 128), (8, 16, 77, 64), (1, 8, 1, 128, 4096)])
+def test_plans_replay_fresh_data(preset, shape):
+    """A repeated call replays its recorded launches (one plan per call description) and gives
+    the same answer as the first, recorded call on the same data, and right answers on new data."""
+    B, H, Sq, D, *rest = shape
+    Sk = rest[0] if rest else Sq
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda s: torch.randn(B, H, s, D, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = mk(Sq), mk(Sk), mk(Sk)
+    launch._PLANS.clear()
+    first = qflash.attention(q, k, v, quant=preset, backend="portable")
+    assert len(launch._PLANS) == 1
+    again = qflash.attention(q, k, v, quant=preset, backend="portable")
+    assert torch.equal(first, again)
+    q2, k2, v2 = mk(Sq), mk(Sk), mk(Sk)
+    out = qflash.attention(q2, k2, v2, quant=preset, backend="portable")
+    assert len(launch._PLANS) == 1
+    bound = {"none": 3.5e-3, "int8": 0.013, "int8-fp8": 0.05, "fp8": 0.07}[preset]
+    assert rel_l2(out, reference.exact_attention(q2, k2, v2)) < bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+@pytest.mark.parametrize("preset", ["int8", "int8-fp8"])
+def test_plans_under_cuda_graph(preset):
+    q, k, v = (torch.randn(1, 8, s, 128, device="cuda", dtype=torch.bfloat16) for s in (1, 4096, 4096))
+    expect = qflash.attention(q, k, v, quant=preset)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        qflash.attention(q, k, v, quant=preset)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = qflash.attention(q, k, v, quant=preset)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_l2(out, qflash.attention(q, k, v, quant=preset)) == 0
+    assert not torch.equal(out, expect)
