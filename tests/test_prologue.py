@@ -123,15 +123,19 @@ def test_prologue_matches_unfused_path(gen, monkeypatch, preset, B, S_txt, S_img
     assert all(torch.equal(a, b) for a, b in zip(inputs, (q, k, v)))  # inputs untouched
     assert q_out.is_contiguous() and torch.equal(q_out, qq)  # rmsnorm_rope's arithmetic, bit for bit
     _assert_same_kv(qkv, want)
-    if cfg.quantizes_pv:  # the unfused Triton path (rmsnorm_rope + kv_quant, the Hopper family's): bit for bit
+    if cfg.quantizes_pv:  # the unfused Triton path (rmsnorm_rope + kv_quant, the Hopper family's)
         from qflash.kernels.kv_quant import quantize_kv
 
         kk = rmsnorm_rope_triton(k, kw["norm_k"], kw["cos"], kw["sin"], kw["eps"], x_prefix=kw["k_prefix"],
                                  weight_prefix=kw["norm_k_prefix"])
         vv = torch.cat([kw["v_prefix"], v], dim=1) if kw["v_prefix"] is not None else v
         kc, ks, vt, vs, _ = quantize_kv(kk.transpose(1, 2), vv.transpose(1, 2), cfg, 128, v_permuted=v_order == "hopper")
-        assert torch.equal(qkv.k.view(torch.uint8), kc.view(torch.uint8)) and torch.equal(qkv.k_scale, ks)
+        # V: bit for bit (a maximum does not depend on the order); K: the mean is summed per head
+        # group in another order than kv_quant's, a code may move one step (measured: none moved)
         assert torch.equal(qkv.v.view(torch.uint8), vt.view(torch.uint8)) and torch.equal(qkv.v_scale, vs)
+        diff = (qkv.k.float() - kc.float()).abs()
+        assert diff.max().item() <= (1 if kc.dtype == torch.int8 else 64) and (diff > 0).float().mean() < 1e-3
+        torch.testing.assert_close(qkv.k_scale, ks, rtol=1e-6, atol=0)
     if cfg.quantizes_pv and v_order == "keys":  # and the order is what the Hopper order permutes
         hop = rmsnorm_rope_quantize_triton(q, k, v, cfg, v_order="hopper", **kw)[1].v
         col = hopper_key_order(hop.shape[-1], hop.device)
@@ -340,6 +344,43 @@ def test_empty_query_and_keys(gen):
     assert torch.equal(out, torch.zeros_like(out)) and (lse == float("-inf")).all()
     out = qflash.attention(q[:, :, :0], qflash.quantize_kv(k, v, "int8"))
     assert out.shape == (1, 2, 0, 64)
+
+
+@pytest.mark.interpreter
+def test_prologue_nan_reaches_the_scales(gen):
+    """A NaN in K (one token) or V (one channel) gives NaN scales, never finite codes that hide it."""
+    q, k, v, kw = _flux_parts(gen, 1, 0, 130, 1, 64)
+    k, v = k.clone(), v.clone()
+    k[0, 5, 0, 3] = float("nan")
+    v[0, 7, 0, 9] = float("nan")
+    _, qkv = rmsnorm_rope_quantize_triton(q, k, v, "int8-fp8", **kw)
+    assert torch.isnan(qkv.k_mean[0, 0]).any()  # smoothing spreads it: every block's scale is NaN
+    assert torch.isnan(qkv.k_scale).all()
+    assert torch.isnan(qkv.v_scale[0, 0, 9]) and torch.isfinite(qkv.v_scale[0, 0, :9]).all()
+    _, qkv8 = rmsnorm_rope_quantize_triton(q, k, v, "int8", **{**kw, "cos": None, "sin": None})
+    assert torch.isnan(qkv8.k_scale).all()
+
+
+def test_prologue_kernels_compile_for_sm90():
+    """The two Triton kernels of Flux's int8-fp8 prologue compile for sm_90a here (no GPU: a
+    subprocess without TRITON_INTERPRET). Spill instructions measured (Triton 3.6, D 128): stats 197,
+    codes 270; the bound catches a regression to the thousands an earlier layout had."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(src), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "qflash.fused.compile_check", "flux-int8-fp8-D128"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {x["kernel"] for x in recs} == {"prologue_stats_kernel", "prologue_quant_kernel"}
+    for x in recs:
+        assert x["shared"] <= 232448, x
+        assert x["spills"] is None or x["spills"] < 600, x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,9 +74,8 @@ def test_flux_fused_prologue_falls_back_where_it_cannot_fuse(gen, count_fused):
         assert rel_l2(out_int4, run(model, inputs)) < 1e-6  # measured 0 (fp32)
     count_fused.clear()
     mask = torch.ones(1, inputs["encoder_hidden_states"].shape[1] + inputs["hidden_states"].shape[1], dtype=torch.bool)
-    with qfd.applied(model, quant="int8", fuse_prologue=True):
-        with torch.no_grad():
-            a = model(**inputs, joint_attention_kwargs={"attention_mask": mask}).sample
+    with qfd.applied(model, quant="int8", fuse_prologue=True), torch.no_grad():
+        a = model(**inputs, joint_attention_kwargs={"attention_mask": mask}).sample
     assert ("flux_attention", False) in count_fused  # a mask: unfused path
     assert torch.isfinite(a).all()
 

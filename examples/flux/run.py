@@ -359,9 +359,9 @@ class _PartTimer:
     def totals_ms(self) -> dict:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            ms = lambda a, b: a.elapsed_time(b)  # noqa: E731
+            ms = lambda a, b: a.elapsed_time(b)
         else:
-            ms = lambda a, b: (b - a) * 1e3  # noqa: E731
+            ms = lambda a, b: (b - a) * 1e3
         return {p: sum(ms(a, b) for a, b in pairs if b is not None) for p, pairs in self.pairs.items()}
 
 

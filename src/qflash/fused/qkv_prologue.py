@@ -22,9 +22,12 @@ no V concat), six launches. The two launches here:
   and rotation (cheap: a few FLOPs per byte), subtracts the mean, writes K codes (1) + scales and
   Vᵀ codes (1) + per-channel scales (or, for presets with P·V in float, V concatenated, 2).
 
-= 14 bytes per (token, head, channel) in either block type, two launches (plus cos/sin, which the
-unfused path reads too). The stats pass reads 4 bytes so that nothing is written twice: writing the
-normed bf16 K once (2) and reading it back (2) would cost as much as recomputing it.
+= 14 bytes per (token, head, channel) in either block type, two launches. The stats pass reads 4
+bytes so that nothing is written twice: writing the normed bf16 K once (2) and reading it back (2)
+would cost as much as recomputing it. cos/sin (fp32, repeat-interleaved): only the even columns
+are read, once per head and pass (Q, K stats, K codes): 3·4 bytes per (token, head, channel pair)
+from L2 (the table, S·D·8 bytes, is 17 MB at Flux 2048px); ``rmsnorm_rope`` reads them once per 8
+heads. Grouping heads per program would cut that but spilled registers (see the launch constants).
 
 Numerics: the normed/rotated K is rounded to the input dtype before it is quantised, exactly as
 the unfused path (``rmsnorm_rope`` writes it in that dtype), so the codes equal
@@ -50,7 +53,7 @@ import triton.language as tl
 
 from ..config import GranularityKind, Precision, QuantConfig, resolve_quant
 from ..kernels.common import next_pow2
-from ..kernels.kv_quant import MAX_CHUNKS, _reduce_partials, _symmetric_codes, stat_rows
+from ..kernels.kv_quant import _symmetric_codes
 from ..quant.kv import V_BLOCK, V_ORDERS, QuantizedKV, quantize_kv_reference, unsupported_reason
 from .rmsnorm_rope import rmsnorm_rope_reference
 
@@ -63,7 +66,15 @@ __all__ = [
 ]
 
 Q_ROWS = 64  # query rows per Q program of the stats launch
+# Launch shapes, from sm_90a compiles on a CPU (``qflash.fused.compile_check``: spill instructions
+# at D 128 with RoPE): stats 1 head x 8 warps 49 (2 heads 313, 4 heads 2714); codes 128-row
+# sub-tile x 16 warps 88 (64 x 16: 262, 64 x 8: 376, one head loop of 4: thousands)
+STATS_HEADS = 1  # heads per stats program (a group reads cos/sin once for all its heads)
 STAT_BLOCK = 64  # keys per step of a stats program (kv_quant's BLOCK)
+STATS_WARPS = 8
+QUANT_WARPS = 16
+QUANT_SUB = 128  # rows the codes pass holds at once (of its V_BLOCK keys): 64 spilled more at 16 warps
+CHUNKS = 32  # at most this many partial sums per head (the quant launch reduces them in one load)
 
 
 @triton.jit
@@ -73,38 +84,75 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _load_rows(xa, sab, sas, sah, xb, sbb, sbs, sbh, b, h, rows, S_A, S, offs_d, HEAD_DIM: tl.constexpr):
-    """Rows ``rows`` of the concatenation [x_prefix; x] of head h, batch b, as fp32 (R, D_PAD); zeros
-    past S and in padded channels. Each row picks its source (prefix rows first)."""
-    in_a = rows < S_A
-    pa = xa + b.to(tl.int64) * sab + rows.to(tl.int64) * sas + h.to(tl.int64) * sah
-    pb = xb + b.to(tl.int64) * sbb + (rows - S_A).to(tl.int64) * sbs + h.to(tl.int64) * sbh
-    ptr = tl.where(in_a, pa, pb)
-    m2 = (rows < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    return tl.load(ptr[:, None] + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+def _absmax_nan(x, AXIS: tl.constexpr):
+    """Maxima of |x| along AXIS, NaN where that slice holds a NaN (``tl.max`` alone drops NaNs; a
+    ``tl.reduce`` with a NaN-aware combine is as exact but ~30x slower in the CPU interpreter)."""
+    has_nan = tl.sum((x != x).to(tl.int32), axis=AXIS) > 0
+    return tl.where(has_nan, float("nan"), tl.max(tl.abs(x), axis=AXIS))
 
 
 @triton.jit
-def _norm_rope(x, rows, S_A, WA, WB, COS, SIN, stride_cs, eps, offs_d, S,
-               HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_DIM_PAD: tl.constexpr):
-    """RMSNorm (weight of each row's part) then RoPE of fp32 rows x (ROWS, D_PAD): the arithmetic
-    of ``rmsnorm_rope``'s kernel, so the rounded results agree bit for bit."""
-    dmask = offs_d < HEAD_DIM
-    if HAS_NORM:
-        wa = tl.load(WA + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        wb = tl.load(WB + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        w = tl.where((rows < S_A)[:, None], wa[None, :], wb[None, :])
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
-        x = x * r[:, None] * w
+def _reduce_partials(base, n_chunks, offs_d, IS_MAX: tl.constexpr, CHUNKS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Sum (or NaN-propagating max) of the n_chunks <= CHUNKS partial rows (CHUNKS, D) at ``base``."""
+    offs_c = tl.arange(0, CHUNKS)
+    x = tl.load(base + offs_c[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=(offs_c < n_chunks)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    if IS_MAX:
+        return _absmax_nan(x, 0)  # partial maxima are >= 0
+    return tl.sum(x, axis=0)
+
+
+@triton.jit
+def _load_rows(xa, sab, sas, sah, xb, sbb, sbs, sbh, b, h, rows, S_A, S, offs_d, HEAD_DIM: tl.constexpr):
+    """Rows ``rows`` of the concatenation [x_prefix; x] of head h, batch b, as fp32 (R, D_PAD); zeros
+    past S and in padded channels. Each row picks its source (prefix rows first)."""
+    # two loads with complementary masks, not one load through a per-row select of the two
+    # pointers: a selected pointer loses its alignment, so the load would not be vectorised (and
+    # the kernel spilled: 840 spill instructions instead of 168 at D 128, measured on sm_90a)
+    in_a = (rows < S_A)[:, None]
+    m2 = (rows < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    pa = xa + b.to(tl.int64) * sab + rows.to(tl.int64)[:, None] * sas + h.to(tl.int64) * sah + offs_d[None, :]
+    pb = xb + b.to(tl.int64) * sbb + (rows - S_A).to(tl.int64)[:, None] * sbs + h.to(tl.int64) * sbh + offs_d[None, :]
+    xa_ = tl.load(pa, mask=m2 & in_a, other=0.0)
+    xb_ = tl.load(pb, mask=m2 & ~in_a, other=0.0)
+    return tl.where(in_a, xa_, xb_).to(tl.float32)
+
+
+@triton.jit
+def _load_cos_sin(COS, SIN, rows, S, stride_cs, HAS_ROPE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_PAD: tl.constexpr):
+    """cos, sin at the even columns (R, D_PAD / 2) fp32 (zeros past S): the tables are
+    repeat-interleaved (cos[2j] == cos[2j+1]), so half the registers. Loaded once per program and
+    reused for every head of its group (per head they would be read from L2 H times over)."""
     if HAS_ROPE:
-        m2 = (rows < S)[:, None] & dmask[None, :]
-        cptr = rows[:, None].to(tl.int64) * stride_cs + offs_d[None, :]
+        offs_j = tl.arange(0, HEAD_DIM_PAD // 2)
+        m2 = (rows < S)[:, None] & (offs_j < HEAD_DIM // 2)[None, :]
+        cptr = rows[:, None].to(tl.int64) * stride_cs + 2 * offs_j[None, :]
         c = tl.load(COS + cptr, mask=m2, other=0.0)
         s = tl.load(SIN + cptr, mask=m2, other=0.0)
+    else:
+        c = tl.zeros([1, 1], tl.float32)
+        s = c
+    return c, s
+
+
+@triton.jit
+def _norm_rope(x, rows, S_A, WA, WB, c, s, eps, offs_d, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
+               ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """RMSNorm (each row with its part's weight) then RoPE (half tables c, s) of fp32 rows x
+    (R, D_PAD): per element the expressions of ``rmsnorm_rope``'s kernel
+    (``y·c + partner·s``, partner = (-odd, even)), so the rounded results agree bit for bit."""
+    if HAS_NORM:
+        dmask = offs_d < HEAD_DIM
+        wa = tl.load(WA + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        wb = tl.load(WB + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        x = x * r[:, None] * tl.where((rows < S_A)[:, None], wa[None, :], wb[None, :])
+    if HAS_ROPE:
         x_even, x_odd = tl.split(tl.reshape(x, (ROWS, HEAD_DIM_PAD // 2, 2)))
-        partner = tl.reshape(tl.join(-x_odd, x_even), (ROWS, HEAD_DIM_PAD))
-        x = x * c + partner * s
+        y_even = x_even * c + (-x_odd) * s
+        y_odd = x_odd * c + x_even * s
+        x = tl.reshape(tl.join(y_even, y_odd), (ROWS, HEAD_DIM_PAD))
     return x
 
 
@@ -117,48 +165,79 @@ def prologue_stats_kernel(
     sqob, sqos, sqoh, stride_cs,
     H, S_A, S, n_chunks, ROWS, eps,
     HAS_Q: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, SMOOTH_K: tl.constexpr,
-    V_STATS: tl.constexpr, BLOCK: tl.constexpr, Q_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
+    V_STATS: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr, Q_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Grid (n_chunks + ceil(S / Q_ROWS) [Q programs only with HAS_Q], B·H).
+    """Grid (n_chunks + ceil(S / Q_ROWS) [Q programs only with HAS_Q], B·ceil(H / HEADS)); each
+    program covers HEADS heads (cos/sin read once for all of them).
 
     Chunk programs: partial sums of the normed/rotated K (rounded to the input dtype) and channel
     maxima of |V| over ROWS keys (a multiple of BLOCK) -> KSum / VMax (B·H, n_chunks, D) fp32.
     Q programs: Q_ROWS rows of normed/rotated Q -> QO (B, S, H, D) in the input dtype.
     """
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    n_groups = tl.cdiv(H, HEADS)
+    b = tl.program_id(1) // n_groups
+    h0 = (tl.program_id(1) % n_groups) * HEADS
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     dmask = offs_d < HEAD_DIM
     if pid < n_chunks:
-        ksum = tl.zeros([BLOCK, HEAD_DIM_PAD], tl.float32)
-        vmax = tl.zeros([BLOCK, HEAD_DIM_PAD], tl.float32)
+        offs_g = tl.arange(0, HEADS)
+        ksum = tl.zeros([HEADS, HEAD_DIM_PAD], tl.float32)  # one row per head of the group
+        vmax = tl.zeros([HEADS, HEAD_DIM_PAD], tl.float32)
         for r in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, S), BLOCK):
             rows = r + tl.arange(0, BLOCK)
             if SMOOTH_K:
-                k = _load_rows(KA, skab, skas, skah, KB, skbb, skbs, skbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
-                k = _norm_rope(k, rows, S_A, WKA, WKB, COS, SIN, stride_cs, eps, offs_d, S, HAS_NORM, HAS_ROPE,
-                               BLOCK, HEAD_DIM, HEAD_DIM_PAD)
-                # rounded as the unfused path stores it; padded rows are zero (loads, norm and rotation keep 0)
-                ksum += k.to(KA.dtype.element_ty).to(tl.float32)
-            if V_STATS:
-                v = _load_rows(VA, svab, svas, svah, VB, svbb, svbs, svbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
-                vmax = _max_nan(vmax, tl.abs(v))
-        out = (bh.to(tl.int64) * n_chunks + pid) * HEAD_DIM + offs_d
+                c, s = _load_cos_sin(COS, SIN, rows, S, stride_cs, HAS_ROPE, HEAD_DIM, HEAD_DIM_PAD)
+            for g in range(HEADS):
+                h = h0 + g
+                if h < H:
+                    if SMOOTH_K:
+                        k = _load_rows(KA, skab, skas, skah, KB, skbb, skbs, skbh, b, h, rows, S_A, S, offs_d,
+                                       HEAD_DIM)
+                        k = _norm_rope(k, rows, S_A, WKA, WKB, c, s, eps, offs_d, HAS_NORM, HAS_ROPE, BLOCK,
+                                       HEAD_DIM, HEAD_DIM_PAD)
+                        # rounded as the unfused path stores it; padded rows stay zero
+                        part = tl.sum(k.to(KA.dtype.element_ty).to(tl.float32), axis=0)
+                        ksum += tl.where((offs_g == g)[:, None], part[None, :], 0.0)
+                    if V_STATS:
+                        v = _load_rows(VA, svab, svas, svah, VB, svbb, svbs, svbh, b, h, rows, S_A, S, offs_d,
+                                       HEAD_DIM)
+                        part = _absmax_nan(v, 0)
+                        vmax = tl.where((offs_g == g)[:, None], _max_nan(vmax, part[None, :]), vmax)
+        out = ((b * H + h0 + offs_g).to(tl.int64)[:, None] * n_chunks + pid) * HEAD_DIM + offs_d[None, :]
+        gmask = ((h0 + offs_g) < H)[:, None] & dmask[None, :]
         if SMOOTH_K:
-            tl.store(KSum + out, tl.sum(ksum, axis=0), mask=dmask)
+            tl.store(KSum + out, ksum, mask=gmask)
         if V_STATS:
-            tl.store(VMax + out, tl.reduce(vmax, 0, _max_nan), mask=dmask)
+            tl.store(VMax + out, vmax, mask=gmask)
     elif HAS_Q:
         rows = (pid - n_chunks) * Q_ROWS + tl.arange(0, Q_ROWS)
-        x = _load_rows(QA, sqab, sqas, sqah, QB, sqbb, sqbs, sqbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
-        x = _norm_rope(x, rows, S_A, WQA, WQB, COS, SIN, stride_cs, eps, offs_d, S, HAS_NORM, HAS_ROPE,
-                       Q_ROWS, HEAD_DIM, HEAD_DIM_PAD)
-        optr = (QO + b.to(tl.int64) * sqob + rows[:, None].to(tl.int64) * sqos + h.to(tl.int64) * sqoh
-                + offs_d[None, :])
-        tl.store(optr, x.to(QO.dtype.element_ty), mask=(rows < S)[:, None] & dmask[None, :])
+        c, s = _load_cos_sin(COS, SIN, rows, S, stride_cs, HAS_ROPE, HEAD_DIM, HEAD_DIM_PAD)
+        for g in range(HEADS):
+            h = h0 + g
+            if h < H:
+                x = _load_rows(QA, sqab, sqas, sqah, QB, sqbb, sqbs, sqbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
+                x = _norm_rope(x, rows, S_A, WQA, WQB, c, s, eps, offs_d, HAS_NORM, HAS_ROPE, Q_ROWS, HEAD_DIM,
+                               HEAD_DIM_PAD)
+                optr = (QO + b.to(tl.int64) * sqob + rows[:, None].to(tl.int64) * sqos + h.to(tl.int64) * sqoh
+                        + offs_d[None, :])
+                tl.store(optr, x.to(QO.dtype.element_ty), mask=(rows < S)[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _k_rows(KA, KB, WKA, WKB, COS, SIN, mean, rows, b, h,
+            skab, skas, skah, skbb, skbs, skbh, stride_cs, S_A, S, eps, offs_d,
+            HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, SMOOTH_K: tl.constexpr, SUB: tl.constexpr,
+            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """K rows (SUB, D_PAD) fp32: normed, rotated, rounded to the input dtype, mean subtracted."""
+    c, s = _load_cos_sin(COS, SIN, rows, S, stride_cs, HAS_ROPE, HEAD_DIM, HEAD_DIM_PAD)
+    k = _load_rows(KA, skab, skas, skah, KB, skbb, skbs, skbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
+    k = _norm_rope(k, rows, S_A, WKA, WKB, c, s, eps, offs_d, HAS_NORM, HAS_ROPE, SUB, HEAD_DIM, HEAD_DIM_PAD)
+    k = k.to(KA.dtype.element_ty).to(tl.float32)
+    if SMOOTH_K:
+        k = tl.where((rows < S)[:, None] & (offs_d < HEAD_DIM)[None, :], k - mean[None, :], 0.0)
+    return k
 
 
 @triton.jit
@@ -171,70 +250,92 @@ def prologue_quant_kernel(
     H, S_A, S, n_blocks, n_chunks, eps,
     KIND: tl.constexpr, K_PER_TOKEN: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
     SMOOTH_K: tl.constexpr, QUANT_V: tl.constexpr, V_PERMUTED: tl.constexpr, CHUNKS: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Grid (ceil(S / BLOCK_N), B·H): BLOCK_N keys of one head -> K codes KC (B, H, S, D) and
-    scales KS (B, H, S) per token or (B, H, n_blocks) per block, the K mean KM (B, H, D) (program 0);
-    Vᵀ codes VT (B, H, D, n_blocks·BLOCK_N) (zero past S) + VS (B, H, D) per channel, or (QUANT_V
-    False) V copied to VT (B, H, S, D) in its dtype. Codes: ``qflash.quant.core``'s arithmetic."""
+    """Grid (ceil(S / BLOCK_N), B·H): BLOCK_N keys of one head, in sub-tiles of SUB rows -> K codes
+    KC (B, H, S, D) and scales KS (B, H, S) per token or (B, H, n_blocks) per block, the K mean KM
+    (B, H, D) (program 0); Vᵀ codes VT (B, H, D, n_blocks·BLOCK_N) (zero past S) + VS (B, H, D) per
+    channel, or (QUANT_V False) V copied to VT (B, H, S, D) in its dtype. Codes:
+    ``qflash.quant.core``'s arithmetic.
+
+    A block scale needs the whole block's maximum before any code: the block's K rows are computed
+    twice (maximum, then codes), SUB rows at a time — recomputing is cheaper than holding a
+    128-row fp32 tile and its rotation temporaries (that version spilled thousands of registers).
+    """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     IS_INT: tl.constexpr = KIND == 1
     KMAX: tl.constexpr = 127.0 if KIND == 1 else 448.0
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     dmask = offs_d < HEAD_DIM
-    nmask = rows < S
-    m2 = nmask[:, None] & dmask[None, :]
-
-    # --- K ---------------------------------------------------------------------------------------
-    k = _load_rows(KA, skab, skas, skah, KB, skbb, skbs, skbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
-    k = _norm_rope(k, rows, S_A, WKA, WKB, COS, SIN, stride_cs, eps, offs_d, S, HAS_NORM, HAS_ROPE,
-                   BLOCK_N, HEAD_DIM, HEAD_DIM_PAD)
-    k = k.to(KA.dtype.element_ty).to(tl.float32)
+    mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
     if SMOOTH_K:
-        mean = _reduce_partials(KSum + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, False,
-                                CHUNKS, HEAD_DIM) / S
-        k = tl.where(m2, k - mean[None, :], 0.0)
+        mean = _reduce_partials(KSum + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, False, CHUNKS,
+                                HEAD_DIM) / S
         if pid == 0:
             tl.store(KM + bh.to(tl.int64) * HEAD_DIM + offs_d, mean, mask=dmask)
+    kc_base = KC + bh.to(tl.int64) * S * HEAD_DIM
+    kargs = (skab, skas, skah, skbb, skbs, skbh, stride_cs, S_A, S, eps, offs_d)
+
+    # --- K ---------------------------------------------------------------------------------------
     if K_PER_TOKEN:
-        amax = tl.reduce(tl.abs(k), 1, _max_nan)
-        amax = tl.where(amax <= 1e-30, 1.0, amax)  # NaN stays NaN
-        inv = tl.math.div_rn(tl.full([BLOCK_N], KMAX, tl.float32), amax)
-        k_codes = _symmetric_codes(k, inv[:, None], KMAX, IS_INT)
-        tl.store(KS + bh.to(tl.int64) * S + rows, tl.math.div_rn(amax, tl.full([BLOCK_N], KMAX, tl.float32)),
-                 mask=nmask)
+        for i in tl.static_range(BLOCK_N // SUB):
+            rows = pid * BLOCK_N + i * SUB + tl.arange(0, SUB)
+            k = _k_rows(KA, KB, WKA, WKB, COS, SIN, mean, rows, b, h, *kargs, HAS_NORM, HAS_ROPE, SMOOTH_K, SUB,
+                        HEAD_DIM, HEAD_DIM_PAD)
+            amax = _absmax_nan(k, 1)
+            amax = tl.where(amax <= 1e-30, 1.0, amax)  # NaN stays NaN
+            inv = tl.math.div_rn(tl.full([SUB], KMAX, tl.float32), amax)
+            tl.store(kc_base + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                     _symmetric_codes(k, inv[:, None], KMAX, IS_INT), mask=(rows < S)[:, None] & dmask[None, :])
+            tl.store(KS + bh.to(tl.int64) * S + rows, tl.math.div_rn(amax, tl.full([SUB], KMAX, tl.float32)),
+                     mask=rows < S)
     else:
-        amax = tl.reduce(tl.reduce(tl.abs(k), 1, _max_nan), 0, _max_nan)
+        amax = tl.zeros([SUB], tl.float32)
+        for i in tl.static_range(BLOCK_N // SUB):
+            rows = pid * BLOCK_N + i * SUB + tl.arange(0, SUB)
+            k = _k_rows(KA, KB, WKA, WKB, COS, SIN, mean, rows, b, h, *kargs, HAS_NORM, HAS_ROPE, SMOOTH_K, SUB,
+                        HEAD_DIM, HEAD_DIM_PAD)
+            amax = _max_nan(amax, _absmax_nan(k, 1))
+        amax = _absmax_nan(amax, 0)
         amax = tl.where(amax <= 1e-30, 1.0, amax)  # NaN stays NaN
-        k_codes = _symmetric_codes(k, tl.math.div_rn(KMAX, amax), KMAX, IS_INT)
+        inv = tl.math.div_rn(KMAX, amax)
+        for i in tl.static_range(BLOCK_N // SUB):
+            rows = pid * BLOCK_N + i * SUB + tl.arange(0, SUB)
+            k = _k_rows(KA, KB, WKA, WKB, COS, SIN, mean, rows, b, h, *kargs, HAS_NORM, HAS_ROPE, SMOOTH_K, SUB,
+                        HEAD_DIM, HEAD_DIM_PAD)
+            tl.store(kc_base + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                     _symmetric_codes(k, inv, KMAX, IS_INT), mask=(rows < S)[:, None] & dmask[None, :])
         tl.store(KS + bh.to(tl.int64) * n_blocks + pid, tl.math.div_rn(amax, KMAX))
-    tl.store(KC + bh.to(tl.int64) * S * HEAD_DIM + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], k_codes,
-             mask=m2)
 
     # --- V ---------------------------------------------------------------------------------------
-    v = _load_rows(VA, svab, svas, svah, VB, svbb, svbs, svbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
     if QUANT_V:
         vmax = _reduce_partials(VMax + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, True, CHUNKS,
                                 HEAD_DIM)
         vmax = tl.where(vmax <= 1e-30, 1.0, vmax)  # NaN stays NaN
         qmax_d = tl.full([HEAD_DIM_PAD], 448.0, tl.float32)
-        v_codes = _symmetric_codes(v, tl.math.div_rn(qmax_d, vmax)[None, :], 448.0, False)
-        if V_PERMUTED:
-            # the Hopper kernel's P-operand order (kernels/kv_quant.py, hopper.fwd_kernel._p_operand)
-            v_codes = tl.reshape(tl.permute(tl.reshape(v_codes, [BLOCK_N // 32, 2, 2, 4, 2, HEAD_DIM_PAD]),
-                                            [0, 1, 3, 2, 4, 5]), [BLOCK_N, HEAD_DIM_PAD])
-        vt_base = VT + bh.to(tl.int64) * HEAD_DIM * (n_blocks * BLOCK_N)
-        tl.store(vt_base + offs_d[:, None].to(tl.int64) * (n_blocks * BLOCK_N) + rows[None, :], tl.trans(v_codes),
-                 mask=dmask[:, None])
+        v_inv = tl.math.div_rn(qmax_d, vmax)
         if pid == 0:
             tl.store(VS + bh.to(tl.int64) * HEAD_DIM + offs_d, tl.math.div_rn(vmax, qmax_d), mask=dmask)
-    else:
-        tl.store(VT + bh.to(tl.int64) * S * HEAD_DIM + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
-                 v.to(VT.dtype.element_ty), mask=m2)
+    for i in tl.static_range(BLOCK_N // SUB):
+        rows = pid * BLOCK_N + i * SUB + tl.arange(0, SUB)
+        v = _load_rows(VA, svab, svas, svah, VB, svbb, svbs, svbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
+        if QUANT_V:
+            v_codes = _symmetric_codes(v, v_inv[None, :], 448.0, False)
+            if V_PERMUTED:
+                # the Hopper kernel's P-operand order within each 32-key chunk (kernels/kv_quant.py,
+                # hopper.fwd_kernel._p_operand); SUB is a multiple of 32
+                v_codes = tl.reshape(tl.permute(tl.reshape(v_codes, [SUB // 32, 2, 2, 4, 2, HEAD_DIM_PAD]),
+                                                [0, 1, 3, 2, 4, 5]), [SUB, HEAD_DIM_PAD])
+            vt_base = VT + bh.to(tl.int64) * HEAD_DIM * (n_blocks * BLOCK_N)
+            # padded keys (>= S) are zeros (their V loads were), so the attention reads whole tiles
+            tl.store(vt_base + offs_d[:, None].to(tl.int64) * (n_blocks * BLOCK_N) + rows[None, :],
+                     tl.trans(v_codes), mask=dmask[:, None])
+        else:
+            tl.store(VT + bh.to(tl.int64) * S * HEAD_DIM + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                     v.to(VT.dtype.element_ty), mask=(rows < S)[:, None] & dmask[None, :])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +379,7 @@ def _launch(q, q_prefix, k, k_prefix, v, v_prefix, wq, wq_prefix, wk, wk_prefix,
     has_norm, has_rope, has_q = wk is not None, cos is not None, q is not None
     pad = max(next_pow2(D), 16)
     nb = math.ceil(S / V_BLOCK)
-    rows = stat_rows(S, STAT_BLOCK)
+    rows = max(STAT_BLOCK, math.ceil(math.ceil(S / CHUNKS) / STAT_BLOCK) * STAT_BLOCK)  # keys per chunk
     n_chunks = math.ceil(S / rows)
     smooth_k, quant_v = bool(cfg.smooth_k), cfg.quantizes_pv
     per_token = cfg.k.granularity.kind is GranularityKind.TOKEN
@@ -318,14 +419,15 @@ def _launch(q, q_prefix, k, k_prefix, v, v_prefix, wq, wq_prefix, wk, wk_prefix,
             vs.fill_(1.0 / 448.0)
         return q_out, QuantizedKV(cfg, kc, ks, km, vt.zero_(), vs, v_order if quant_v else "keys", dtype)
     n_q = math.ceil(S / Q_ROWS) if has_q else 0
+    s_heads = min(STATS_HEADS, next_pow2(H))
     if smooth_k or quant_v or has_q:
-        prologue_stats_kernel[(n_chunks + n_q, B * H)](
+        prologue_stats_kernel[(n_chunks + n_q, B * math.ceil(H / s_heads))](
             qa, qb, ka, k, va, v, wqa, wqb, wka, wkb, c, s, q_out if has_q else dummy, ksum, vmax,
             *(_strides3(qa) if has_q else (0, 0, 0)), *(_strides3(qb) if has_q else (0, 0, 0)),
             *kstr, *vstr, *(_strides3(q_out) if has_q else (0, 0, 0)), stride_cs,
             H, S_A, S, n_chunks, rows, eps,
             HAS_Q=has_q, HAS_NORM=has_norm, HAS_ROPE=has_rope, SMOOTH_K=smooth_k, V_STATS=quant_v,
-            BLOCK=STAT_BLOCK, Q_ROWS=Q_ROWS, HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=8,
+            HEADS=s_heads, BLOCK=STAT_BLOCK, Q_ROWS=Q_ROWS, HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=STATS_WARPS,
         )
     prologue_quant_kernel[(nb, B * H)](
         ka, k, va, v, wka, wkb, c, s, ksum, vmax,
@@ -333,8 +435,8 @@ def _launch(q, q_prefix, k, k_prefix, v, v_prefix, wq, wq_prefix, wk, wk_prefix,
         *kstr, *vstr, stride_cs,
         H, S_A, S, nb, n_chunks, eps,
         KIND=1 if code_dtype is torch.int8 else 3, K_PER_TOKEN=per_token, HAS_NORM=has_norm, HAS_ROPE=has_rope,
-        SMOOTH_K=smooth_k, QUANT_V=quant_v, V_PERMUTED=quant_v and v_order == "hopper", CHUNKS=MAX_CHUNKS,
-        BLOCK_N=V_BLOCK, HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=8,
+        SMOOTH_K=smooth_k, QUANT_V=quant_v, V_PERMUTED=quant_v and v_order == "hopper", CHUNKS=CHUNKS,
+        BLOCK_N=V_BLOCK, SUB=QUANT_SUB, HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=QUANT_WARPS,
     )
     return q_out, QuantizedKV(cfg, kc, ks, km, vt, vs, v_order if quant_v else "keys", dtype)
 
