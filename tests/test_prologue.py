@@ -409,11 +409,11 @@ def test_hopper_fused_prologue_matches_unfused(gen, preset, B, H, S_txt, S_img, 
         fused, lse = qflash.attention(q_out, qkv, layout="NHD", return_lse=True, backend="hopper")
         unfused, lse_u = qflash.attention(qq, kk, vv, quant=preset, layout="NHD", return_lse=True, backend="hopper")
         fq = fake_quant_attention_kv(q_out.transpose(1, 2), qkv, block_n=128)
-    # same kernel, same Q; K/V codes from another kernel with the same arithmetic: expected equal
-    # up to K-mean summation order (not measured yet: the bound is the kernel-vs-fake-quant one)
+    # same kernel, same Q; K/V codes from another kernel with the same arithmetic: equal up to the
+    # K mean's summation order (not measured yet; bounds: test_hopper's kernel-vs-fake-quant ones)
     assert rel_l2(fused, unfused) < 1e-2
-    assert rel_l2(fused.transpose(1, 2), fq) < 2e-2
-    torch.testing.assert_close(lse, lse_u, rtol=1e-4, atol=1e-4)
+    assert rel_l2(fused.transpose(1, 2), fq) < {"int8-fp8": 0.011, "fp8": 0.014}[preset]
+    torch.testing.assert_close(lse, lse_u, rtol=1e-4, atol=2e-3)
     assert torch.isfinite(fused).all()
 
 
@@ -430,5 +430,7 @@ def test_gpu_prequantised_matches_unfused(gen, preset):
         out = qflash.attention(q, qkv, causal=True)
         ref = qflash.attention(q, k, v, quant=preset, causal=True)
         fq = fake_quant_attention_kv(q, qkv, causal=True, block_n=128 if cfg.quantizes_pv else 64)
-    assert rel_l2(out, ref) < (1e-3 if not cfg.quantizes_pv else 1e-2)
-    assert rel_l2(out, fq) < (1e-3 if not cfg.quantizes_pv else 2e-2)
+    # not measured on a GPU yet: int8 (portable) as the interpreter's kernel-vs-fake-quant 1.05e-3
+    # x ~2, the FP8 P·V presets (Hopper) test_hopper's bounds
+    assert rel_l2(out, ref) < (2e-3 if not cfg.quantizes_pv else 1e-2)
+    assert rel_l2(out, fq) < {"int8": 2e-3, "int8-fp8": 0.011, "fp8": 0.014}[preset]

@@ -19,6 +19,9 @@ from .spec import AttnSpec
 __all__ = ["attention", "SUPPORTED_DTYPES", "validate_inputs"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# attention()'s default quant: "int8", as a str object of its own (not the interned literal), so that
+# a QuantizedKV call can tell "not given" (use the QuantizedKV's preset) from an explicit "int8"
+_DEFAULT_QUANT = "".join(("int", "8"))
 MAX_HEAD_DIM = 256
 
 
@@ -92,7 +95,7 @@ def attention(
     k,
     v: torch.Tensor | None = None,
     *,
-    quant: str | QuantConfig | None = None,
+    quant: str | QuantConfig = _DEFAULT_QUANT,
     causal: bool = False,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
@@ -111,8 +114,8 @@ def attention(
             codes are HND whatever ``layout`` says of q), with ``v`` None: K and V are not
             quantised again (forward only; q must have the dtype K/V had; ``qflash.prequant``).
         v: values, same shape as k (None when k is a QuantizedKV).
-        quant: a preset name or a ``QuantConfig``; None: ``"int8"``, or a QuantizedKV's own
-            preset (another one raises ValueError):
+        quant: a preset name or a ``QuantConfig`` (default ``"int8"``; with a QuantizedKV the
+            default is its own preset, another one raises ValueError):
 
             =========  ==================================================  ===============
             preset     operands                                            rel. L2 (N(0,1))
@@ -151,14 +154,14 @@ def attention(
         ``out`` in q's dtype and layout, or ``(out, lse)``. Rows with every key masked are zero
         (and their lse is -inf).
     """
-    from .ops import run  # the op: compile / CUDA-graph safe
     from .quant.kv import QuantizedKV
 
-    if isinstance(k, QuantizedKV):
-        return _attention_kv(q, k, v, quant=quant, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout,
-                             return_lse=return_lse, backend=backend)
-    if quant is None:
-        quant = "int8"
+    if isinstance(k, QuantizedKV):  # pre-quantised K/V (qflash.prequant); quant defaults to its own preset
+        return _attention_kv(q, k, v, quant=None if quant is _DEFAULT_QUANT else resolve_quant(quant),
+                             causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, return_lse=return_lse,
+                             backend=backend)
+    from .ops import run  # the op: compile / CUDA-graph safe
+
     cfg = validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
     spec = AttnSpec.build(cfg, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, return_lse=return_lse,
                           backend=backend, bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute)

@@ -101,7 +101,7 @@ def check_kv(q: torch.Tensor, qkv: QuantizedKV, v, quant, layout: str) -> QuantC
         cfg = resolve_quant(quant)
         if not _same_config(cfg, qkv.quant):
             raise ValueError(f"quant={cfg.name!r} does not match the QuantizedKV's preset {qkv.quant.name!r}; "
-                             "pass quant=None (the QuantizedKV's own) or quantise K/V with this preset")
+                             "leave quant out (the QuantizedKV's own preset is used) or quantise K/V with this one")
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if q.dtype != qkv.dtype:
