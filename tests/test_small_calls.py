@@ -205,3 +205,25 @@ def test_plans_under_cuda_graph(preset):
     torch.cuda.synchronize()
     assert rel_l2(out, qflash.attention(q, k, v, quant=preset)) == 0
     assert not torch.equal(out, expect)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the call cache replays CUDA plans")
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("preset", ["none", "int8-fp8"])
+def test_call_cache_matches_full_path(layout, preset):
+    """qflash.attention's call cache (a repeated eager call replays its plan from the API) returns
+    what the full path returns: same values, layout, lse shape; a grad-requiring call bypasses it."""
+    from qflash import api
+
+    shape = (2, 3, 200, 64) if layout == "HND" else (2, 200, 3, 64)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    api._CALLS.clear()
+    full = [qflash.attention(q, k, v, quant=preset, layout=layout, return_lse=True) for _ in range(2)]
+    assert len(api._CALLS) == 1  # learnt from the second call (a plan replay)
+    out, lse = qflash.attention(q, k, v, quant=preset, layout=layout, return_lse=True)
+    assert torch.equal(out, full[0][0]) and torch.equal(lse, full[0][1])
+    assert out.shape == q.shape and out.stride() == full[0][0].stride() and lse.shape == (2, 3, 200)
+    qg = q.clone().requires_grad_()
+    out_g = qflash.attention(qg, k, v, quant=preset, layout=layout)
+    assert out_g.grad_fn is not None

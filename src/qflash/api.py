@@ -14,6 +14,7 @@ import numbers
 import torch
 
 from .config import QuantConfig, resolve_quant
+from .kernels import fastlaunch
 from .spec import AttnSpec
 
 __all__ = ["attention", "SUPPORTED_DTYPES", "validate_inputs"]
@@ -160,6 +161,14 @@ def attention(
         return _attention_kv(q, k, v, quant=None if quant is _DEFAULT_QUANT else resolve_quant(quant),
                              causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, return_lse=return_lse,
                              backend=backend)
+    call_key = None
+    if attn_mask is None and type(quant) is str and type(q) is torch.Tensor and q.is_cuda:
+        call_key = _call_key(q, k, v, quant, causal, scale, layout, return_lse, backend)
+        plan = _CALLS.get(call_key)
+        if plan is not None:
+            hit = _replay_call(plan, q, k, v, layout, return_lse)
+            if hit is not None:
+                return hit
     from .ops import run  # the op: compile / CUDA-graph safe
 
     cfg = validate_inputs(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, layout=layout, quant=quant)
@@ -167,9 +176,52 @@ def attention(
                           backend=backend, bwd_lowbit=bwd_lowbit, bwd_recompute=bwd_recompute)
     if layout == "NHD":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if call_key is not None:
+        fastlaunch.take_replayed()
     out, lse = run(spec, q, k, v, attn_mask)
+    if call_key is not None:
+        # the kernels replayed a recorded plan for this call: the next identical call replays it
+        # straight from here, skipping the checks, the spec and the dispatcher (``_replay_call``)
+        plan = fastlaunch.take_replayed()
+        if plan is not None and _eager(q, k, v):
+            if len(_CALLS) >= 1024:
+                _CALLS.clear()
+            _CALLS[call_key] = plan
     if layout == "NHD":
         out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+# Call descriptions whose kernels are one recorded plan (``kernels.fastlaunch.PlanCache``): eager
+# inference calls on CUDA with a preset by name and no mask. Everything the checks, the spec and
+# the dispatcher's choice depend on is in the key, so a hit replays what a full call would do.
+_CALLS: dict = {}
+fastlaunch.register_cache(_CALLS)
+
+
+def _call_key(q, k, v, quant, causal, scale, layout, return_lse, backend):
+    return (quant, causal, scale, layout, return_lse, backend, q.dtype, k.dtype, v.dtype, q.device.index,
+            q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q is k, k is v, q is v,
+            q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0)
+
+
+def _eager(q, k, v) -> bool:
+    from .ops import _eager_fast_path
+
+    return _eager_fast_path(q, k, v, None)
+
+
+def _replay_call(plan, q, k, v, layout, return_lse):
+    """The call's outputs from its plan, or None when it must take the full path (autograd, a
+    compile trace, another current device, launch hooks)."""
+    if type(k) is not torch.Tensor or type(v) is not torch.Tensor or not _eager(q, k, v) \
+            or not fastlaunch.replay_ready(q.device):
+        return None
+    # the plan's output buffer is q's shape in q's layout order (HND (B,Hq,Sq,D) / NHD (B,Sq,Hq,D))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    heads, rows = (q.shape[2], q.shape[1]) if layout == "NHD" else (q.shape[1], q.shape[2])
+    lse = torch.empty((q.shape[0], heads, rows), dtype=torch.float32, device=q.device) if return_lse else None
+    fastlaunch.PlanCache.replay(plan, q.device, (q, k, v, out, lse))
     return (out, lse) if return_lse else out
 
 

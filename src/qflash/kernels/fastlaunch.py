@@ -206,9 +206,39 @@ _WS_ALIGN = 256  # workspace regions keep every pointer's alignment class (Trito
 
 
 class _Recorder:
-    """Collects the launches ``FastLauncher`` makes while active (``PlanCache.record``)."""
+    """Collects the launches ``FastLauncher`` makes while active (``PlanCache.record``), and the
+    last plan a ``PlanCache`` replayed (``take_replayed``: the API's call cache learns from it)."""
 
     active: list | None = None
+    replayed: Plan | None = None
+
+
+_CACHES: list = []  # every PlanCache and call cache, cleared together by ``forget_plans``
+
+
+def forget_plans() -> None:
+    """Drop every recorded plan (tuning data changed: the next calls re-pick their tiles)."""
+    for cache in _CACHES:
+        cache.clear()
+
+
+def register_cache(cache) -> None:
+    """Have ``forget_plans`` clear ``cache`` (anything with ``clear()``) too."""
+    _CACHES.append(cache)
+
+
+def take_replayed() -> Plan | None:
+    """The plan replayed since the last call of this function, or None (and forget it)."""
+    plan, _Recorder.replayed = _Recorder.replayed, None
+    return plan
+
+
+def replay_ready(dev: torch.device) -> bool:
+    """Whether a plan may be replayed on ``dev`` now: its current CUDA device, no launch hooks."""
+    if dev.index != torch.cuda.current_device():
+        return False
+    knobs = _runtime_knobs()
+    return knobs is not None and not _hooked(knobs.launch_enter_hook) and not _hooked(knobs.launch_exit_hook)
 
 
 def _launch_record(launcher, grid, pointers, scalars, num_warps, num_stages) -> None:
@@ -231,14 +261,12 @@ class PlanCache:
     def __init__(self, max_plans: int = 1024):
         self.max_plans = max_plans
         self._plans: dict = {}
+        register_cache(self)
 
     def get(self, key, dev: torch.device) -> Plan | None:
         """The plan stored under ``key`` if it may be replayed on ``dev`` now."""
         plan = self._plans.get(key)
-        if plan is None or dev.type != "cuda" or dev.index != torch.cuda.current_device():
-            return None
-        knobs = _runtime_knobs()
-        if knobs is None or _hooked(knobs.launch_enter_hook) or _hooked(knobs.launch_exit_hook):
+        if plan is None or dev.type != "cuda" or not replay_ready(dev):
             return None
         return plan
 
@@ -249,9 +277,10 @@ class PlanCache:
         ws = torch.empty(plan.ws_bytes, dtype=torch.uint8, device=dev) if plan.ws_bytes else None
         bases = [0 if t is None else t.data_ptr() for t in src]
         bases.append(ws.data_ptr() if ws is not None else 0)  # index WS (-1)
-        for kernel, grid, slots, scalars in plan.launches:
-            pointers = tuple(None if s is None else bases[s[0]] + s[1] for s in slots)
-            FastLauncher.launch_compiled(kernel, grid, dev.index, pointers, scalars)
+        stream = torch._C._cuda_getCurrentRawStream(dev.index)
+        for launch, grid, slots, scalars in plan.launches:
+            launch(grid, stream, tuple(None if s is None else bases[s[0]] + s[1] for s in slots), scalars)
+        _Recorder.replayed = plan
         return ws
 
     @staticmethod
@@ -291,7 +320,7 @@ class PlanCache:
                     off = regions[base] = ws_bytes
                     ws_bytes += -(-storage.nbytes() // _WS_ALIGN) * _WS_ALIGN
                 slots.append((WS, off + p.data_ptr() - base))
-            launches.append((kernel, tuple(grid), tuple(slots), scalars))
+            launches.append((_direct_launch(kernel), tuple(grid) + (1,) * (3 - len(grid)), tuple(slots), scalars))
         if len(self._plans) >= self.max_plans:
             self._plans.clear()
         self._plans[key] = Plan(tuple(launches), ws_bytes)
@@ -302,6 +331,26 @@ class PlanCache:
 
     def clear(self) -> None:
         self._plans.clear()
+
+
+def _direct_launch(kernel):
+    """``launch(grid3, stream, pointers, scalars)`` for a compiled kernel: the generated C launcher
+    called directly when the kernel needs no scratch memory (what ``CompiledKernel.run`` does then,
+    minus two Python frames), else through ``run``."""
+    run = kernel.run
+    c_launch = getattr(run, "launch", None)
+    if (c_launch is None or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
+            or not hasattr(run, "launch_cooperative_grid")):
+        def launch(grid, stream, pointers, scalars):
+            run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+                *pointers, *scalars)
+        return launch
+    fixed = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
+             None, None, None)
+
+    def launch(grid, stream, pointers, scalars):
+        c_launch(grid[0], grid[1], grid[2], stream, *fixed, *pointers, *scalars)
+    return launch
 
 
 class _Recording:

@@ -144,6 +144,9 @@ def reload() -> None:
     _USER_TABLES.clear()
     _PICKS.clear()
     _BWD_PICKS.clear()
+    from ..fastlaunch import forget_plans
+
+    forget_plans()  # recorded calls hold the tiles picked before
 
 
 def _user_tables(path: str) -> tuple[dict, dict]:
