@@ -36,16 +36,21 @@ from qflash.bench.shapes import GPU_DEFAULT, parse_shapes  # noqa: E402
 SMALL = [s for s in GPU_DEFAULT if s.batch * s.heads * s.seq * s.keys <= 2**23]
 
 
-def cpu_us(fn, n=300) -> float:
-    """Host time per call of ``n`` back-to-back calls (one sync at the end)."""
+def cpu_us(fn, n=40, reps=7) -> float:
+    """Host time per call: ``n`` back-to-back calls timed up to the return of the last one (the
+    GPU drains afterwards; few enough calls that the launch queue never fills and holds the host
+    up), median of ``reps`` such loops."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t) / n * 1e6)
+        torch.cuda.synchronize()
+    return sorted(times)[reps // 2]
 
 
 def graph_us(fn, n=200) -> float:
