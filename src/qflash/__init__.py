@@ -3,6 +3,7 @@ an exact pure-PyTorch path everywhere else)."""
 
 from . import parallel as parallel  # qflash.parallel.attention (torch.distributed: imported by torch)
 from .api import attention
+from .checks import InputReport, QFlashAccuracyWarning, check_inputs
 from .config import (
     PRESETS,
     Granularity,
@@ -30,8 +31,10 @@ __all__ = [
     "PRESETS",
     "Granularity",
     "GranularityKind",
+    "InputReport",
     "OperandQuant",
     "Precision",
+    "QFlashAccuracyWarning",
     "QFlashFallbackWarning",
     "QuantConfig",
     "QuantizedKV",
@@ -39,6 +42,7 @@ __all__ = [
     "Strategy",
     "__version__",
     "attention",
+    "check_inputs",
     "dequantize",
     "disable_sdpa_patch",
     "enable_sdpa_patch",
