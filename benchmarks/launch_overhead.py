@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--profile", action="append", default=[], metavar="PRESET@SHAPE")
     ap.add_argument("--torch-profile", action="append", default=[], metavar="PRESET@SHAPE")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--pieces", action="store_true", help="host µs of each step of a cached call (1x1x64x64)")
     args = ap.parse_args()
     shapes = parse_shapes(args.shapes) if args.shapes else SMALL
     presets = args.presets.split(",")
@@ -116,6 +117,8 @@ def main() -> None:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
 
+    if args.pieces:
+        host_pieces()
     for what in args.profile:
         preset, q, k, v = _profile_inputs(what)
         import cProfile
@@ -144,6 +147,46 @@ def main() -> None:
             torch.cuda.synchronize()
         print(f"== torch.profiler {what} (20 calls)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=60))
+
+
+def host_pieces() -> None:
+    """Host µs of each step of a repeated ``qflash.attention`` call at 1x1x64x64 (the call cache's
+    path), next to SDPA's whole call, each timed alone in a 2000-call loop."""
+    import timeit
+
+    from qflash import api, ops
+    from qflash.kernels import fastlaunch
+
+    q, k, v = (torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for p in ("none", "int8"):
+        for _ in range(3):
+            qflash.attention(q, k, v, quant=p)
+    key = api._call_key(q, k, v, "int8", False, None, "HND", False, "auto")
+    plan = api._CALLS.get(key)
+    dev = q.device
+    steps = {
+        "sdpa call": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        "qflash.attention none": lambda: qflash.attention(q, k, v, quant="none"),
+        "qflash.attention int8": lambda: qflash.attention(q, k, v, quant="int8"),
+        "_call_key": lambda: api._call_key(q, k, v, "int8", False, None, "HND", False, "auto"),
+        "_eager_fast_path": lambda: ops._eager_fast_path(q, k, v, None),
+        "replay_ready": lambda: fastlaunch.replay_ready(dev),
+        "torch.cuda.current_device": torch.cuda.current_device,
+        "torch.empty 1x1x64x64 bf16": lambda: torch.empty(q.shape, dtype=q.dtype, device=dev),
+        "torch.empty 4 KiB u8": lambda: torch.empty(4096, dtype=torch.uint8, device=dev),
+        "PlanCache.replay int8": (lambda: fastlaunch.PlanCache.replay(plan, dev, (q, k, v, torch.empty_like(q), None)))
+        if plan is not None else None,
+        "current raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
+    }
+    print(f"int8 plan in the call cache: {plan is not None}"
+          + (f" ({len(plan.launches)} launches, {plan.ws_bytes} B scratch)" if plan is not None else ""))
+    for name, fn in steps.items():
+        if fn is None:
+            continue
+        n = 2000
+        t = min(timeit.repeat(fn, number=n, repeat=3)) / n * 1e6
+        torch.cuda.synchronize()
+        print(f"  {name:<32} {t:6.2f} us")
 
 
 def _profile_inputs(what: str):

@@ -227,6 +227,12 @@ def register_cache(cache) -> None:
     _CACHES.append(cache)
 
 
+def note_host_op() -> None:
+    """A launcher ran a torch op (not a recorded kernel) in the call being recorded: no plan."""
+    if _Recorder.active is not None:
+        _Recorder.active.append(None)
+
+
 def take_replayed() -> Plan | None:
     """The plan replayed since the last call of this function, or None (and forget it)."""
     plan, _Recorder.replayed = _Recorder.replayed, None
@@ -290,8 +296,8 @@ class PlanCache:
 
     def remember(self, key, records: list, src: tuple) -> bool:
         """Store the recorded launches as a plan (see the class doc); whether it was stored."""
-        if not records:
-            return False
+        if not records or any(r is None for r in records):
+            return False  # nothing launched, or a torch op between the launches (note_host_op)
         regions: dict[int, int] = {}  # storage base pointer -> workspace offset
         ws_bytes = 0
         src_storages = {t.untyped_storage().data_ptr() for t in src if t is not None}

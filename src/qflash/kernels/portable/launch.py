@@ -15,7 +15,7 @@ import torch
 
 from ...config import GranularityKind, OperandQuant, Precision, QuantConfig
 from ..common import LOG2E, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
-from ..fastlaunch import FastLauncher, PlanCache
+from ..fastlaunch import FastLauncher, PlanCache, note_host_op
 from ..kv_quant import _STATS as _KV_STATS
 from ..kv_quant import quantize_kv, stat_rows
 from . import attn_fwd, quantize, split_merge
@@ -161,6 +161,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
                   num_warps=8, num_stages=3)
     elif cfg.smooth_k:
         km = k_mean = torch.mean(k, dim=2, dtype=torch.float32)  # (B, Hkv, D)
+        note_host_op()
     stats = stats and n_chunks > 0
     if v_global and stats:
         sk_pad = cdiv(Sk, v_rows) * v_rows
@@ -175,6 +176,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
         vt = torch.empty((B, Hkv, D, sk_pad), dtype=torch.float8_e4m3fn, device=dev)
         vs = torch.empty((B, Hkv, sk_pad // v_rows, D), dtype=torch.float32, device=dev)
         vm = torch.mean(v, dim=2, dtype=torch.float32) if cfg.smooth_v else None
+        if vm is not None:
+            note_host_op()
     else:
         vt = vs = None
     quant_v = cfg.quantizes_pv and (stats or not v_global)  # V quantised by the launch below
@@ -254,7 +257,7 @@ def attention_fwd(
                                       return_lse=return_lse, out_layout=out_layout, top_left=top_left,
                                       kernel_config=kernel_config, out=None, lse=None, fused_quant=fused_quant,
                                       split_keys=split_keys)
-        if _replayable(q, k, v, cfg, scale, return_lse):
+        if _replayable(q, k, v, scale):
             _PLANS.remember(plan_key, records, (q, k, v, out, lse))
         return out, lse
     return _attention_fwd(q, k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse,
@@ -262,14 +265,12 @@ def attention_fwd(
                           fused_quant=fused_quant, codes=codes, split_keys=split_keys)
 
 
-def _replayable(q, k, v, cfg: QuantConfig, scale, return_lse: bool) -> bool:
-    """Whether a CUDA call of ``_attention_fwd`` runs Triton launches only (through FastLauncher),
-    on the caller's own tensors and on buffers it allocated: no copy or negation of an input, no
-    torch reduction or GEMM (Q smoothing's bias, V smoothing's mean, the lse correction of K
-    smoothing). Such a call can be recorded as a plan."""
-    if any(t.stride(-1) != 1 for t in (q, k, v)) or (scale is not None and scale < 0):
-        return False
-    return not (cfg.smooth_q or cfg.smooth_v or (return_lse and cfg.smooth_k))
+def _replayable(q, k, v, scale) -> bool:
+    """Whether a CUDA call of ``_attention_fwd`` runs on the caller's own tensors (no copy or
+    negation of an input). Torch ops inside the call (token means, Q smoothing's bias GEMM, the
+    lse correction of K smoothing) mark the recording itself (``note_host_op``) and keep it from
+    becoming a plan."""
+    return all(t.stride(-1) == 1 for t in (q, k, v)) and (scale is None or scale >= 0)
 
 
 def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_layout, top_left, kernel_config,
@@ -348,9 +349,11 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
                 if Hkv != Hq:
                     k_sm = k_sm.repeat_interleave(Hq // Hkv, dim=1)
                 bias = (codes.q_mean @ k_sm.transpose(-1, -2)) * qk_mult  # (B, Hq, nQblocks, Sk) fp32
+                note_host_op()
             if return_lse and codes.key_mean() is not None and Sk > 0:
                 km = codes.key_mean() if Hkv == Hq else codes.key_mean().repeat_interleave(Hq // Hkv, dim=1)
                 lse_corr = torch.matmul(q.float(), km[..., None]).squeeze(-1) * scale  # (B, Hq, Sq)
+                note_host_op()
         else:
             qa, ka, qs, ks = q, k, q, k  # scales unused for float operands
             q_scale_block = k_scale_block = 1
