@@ -214,11 +214,10 @@ def _eager(q, k, v) -> bool:
 def _replay_call(plan, q, k, v, layout, return_lse):
     """The call's outputs from its plan, or None when it must take the full path (autograd, a
     compile trace, another current device, launch hooks)."""
-    if type(k) is not torch.Tensor or type(v) is not torch.Tensor or not _eager(q, k, v) \
-            or not fastlaunch.replay_ready(q.device):
+    if not _eager(q, k, v) or not fastlaunch.replay_ready(q.device):
         return None
     # the plan's output buffer is q's shape in q's layout order (HND (B,Hq,Sq,D) / NHD (B,Sq,Hq,D))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = q.new_empty(q.shape)
     heads, rows = (q.shape[2], q.shape[1]) if layout == "NHD" else (q.shape[1], q.shape[2])
     lse = torch.empty((q.shape[0], heads, rows), dtype=torch.float32, device=q.device) if return_lse else None
     fastlaunch.PlanCache.replay(plan, q.device, (q, k, v, out, lse))

@@ -33,6 +33,7 @@ autograd, tensor subclasses, modes) goes through the op.
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import autograd
 from .autograd import bwd_recompute_default  # noqa: F401  (re-exported: the policy lives in qflash.autograd)
@@ -166,17 +167,28 @@ attention_fwd.register_autograd(autograd.backward, setup_context=autograd.setup_
 # --------------------------------------------------------------------------------------------
 
 
-def _eager_fast_path(q, k, v, attn_mask) -> bool:
-    tensors = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
-    if any(type(t) is not torch.Tensor for t in tensors):
-        return False  # subclasses (FakeTensor, functorch wrappers) need the dispatcher
-    if torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
+_is_compiling = torch.compiler.is_compiling
 
-    return _get_current_dispatch_mode() is None and not torch.overrides.has_torch_function(tensors)
+
+def _dispatch_mode():
+    return _get_current_dispatch_mode()
+
+
+def _eager_fast_path(q, k, v, attn_mask) -> bool:
+    """Plain eager inference on plain tensors: no autograd, no compile trace, no dispatch or
+    torch-function mode (then the op and its dispatcher can be skipped). Called on every small
+    call, so it uses the cheapest form of each test (~1 µs)."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return False  # subclasses (FakeTensor, functorch wrappers) need the dispatcher
+    if attn_mask is not None and type(attn_mask) is not torch.Tensor:
+        return False
+    if _is_compiling():
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (attn_mask is not None and attn_mask.requires_grad)):
+        return False
+    # plain tensors see __torch_function__ only through a mode, __torch_dispatch__ likewise
+    return _dispatch_mode() is None and not torch._C._is_torch_function_mode_enabled()
 
 
 def run(spec: AttnSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None):

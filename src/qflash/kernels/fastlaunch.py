@@ -370,9 +370,16 @@ class _Recording:
         return False
 
 
+_KNOBS: list = []
+
+
 def _runtime_knobs():
-    try:
-        from triton import knobs
-    except ImportError:
-        return None
-    return knobs.runtime
+    """``triton.knobs.runtime`` (launch hooks), looked up once; None on a Triton without it."""
+    if not _KNOBS:
+        try:
+            from triton import knobs
+
+            _KNOBS.append(knobs.runtime)
+        except ImportError:
+            _KNOBS.append(None)
+    return _KNOBS[0]
