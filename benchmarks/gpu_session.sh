@@ -33,6 +33,10 @@ if has tests; then
   run_shard tests/test_backward.py -k "$BIG" --durations=5 > "$OUT/tests_4.log" 2>&1 &
   run_shard tests/test_backward.py -k "not ($BIG)" --durations=5 > "$OUT/tests_5.log" 2>&1 &
   run_shard tests/test_training.py tests/test_diffusers.py tests/test_fastlaunch.py tests/test_cli_bench.py tests/test_flux_example.py tests/test_quant.py tests/test_reference.py tests/test_config.py --durations=5 > "$OUT/tests_6.log" 2>&1 &
+  # session-5 files: small calls, the Hopper family, non-finite inputs, the prologue, transformers
+  run_shard tests/test_small_calls.py tests/test_hopper.py tests/test_nonfinite.py tests/test_checks.py \
+    tests/test_interpreter_fixes.py tests/test_prologue.py tests/test_prologue_diffusers.py tests/test_transformers.py \
+    tests/test_tuning.py --durations=5 > "$OUT/tests_7.log" 2>&1 &
   wait
 fi
 if has sweep; then
@@ -55,8 +59,8 @@ if has flux && python3 -c "import diffusers" 2>/dev/null; then
 fi
 
 if has tests; then
-  echo "== tests"; for f in "$OUT"/tests_[1-6].log; do echo "$(basename "$f"): $(grep -E "passed|failed" "$f" | tail -1)"; done
-  grep -hE "^FAILED|^ERROR" "$OUT"/tests_[1-6].log | head -16
+  echo "== tests"; for f in "$OUT"/tests_[1-7].log; do echo "$(basename "$f"): $(grep -E "passed|failed" "$f" | tail -1)"; done
+  grep -hE "^FAILED|^ERROR" "$OUT"/tests_[1-7].log | head -24
 fi
 has sweep && { echo "== sweep"; grep -E "^BEST|^shape" "$OUT/sweep.log"; }
 has launch && { echo "== launch (CPU us per call)"; grep -E "us/call|torch.mean|GPU us" "$OUT/launch.log"; }
