@@ -59,7 +59,9 @@ def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq
     if not cfg.quantizes_qk or _fused_blocks(cfg, block_m, 64) is None:
         return False
     limits = fused_quant_limits(device)
-    return programs_bh * cdiv(sq, block_m) <= limits["max_programs"] and sk <= limits["max_sk"]
+    max_sk = limits["max_sk_smooth_q"] if cfg.smooth_q else limits["max_sk_fp8_pv"] if cfg.quantizes_pv \
+        else limits["max_sk"]
+    return programs_bh * cdiv(sq, block_m) <= limits["max_programs"] and sk <= max_sk
 
 
 def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, int] | None:

@@ -89,9 +89,14 @@ FUSED_QUANT: dict[str, dict[str, int]] = {
     # run 16 (GPU time per call, CUDA-graph replay, int8-fp8): fused 9.2 / 24.5 / 106.9 µs against
     # two launches 14.9 / 20.6 / 35.8 µs at Sk 64 / 512 / 1024 — past ~512 keys every program's
     # re-quantisation of all of K and V costs more than the second launch.
-    "sm90": {"max_programs": 132, "max_sk": 512},
+    # H200 (session 5, modes.py: CUDA-graph µs, fused / separate quantiser, split-key on): with
+    # FP8 P·V the one-launch mode loses past ~128 keys (1x24x256x128 int8-fp8 32.2 / 22.1,
+    # 512²x64 18.5 / 15.8; 64² 9.8 / 12.1, 8x16x77x64 13.8 / 19.6); int8 ties at 256-512 keys
+    # and wins below (8x16x77x64 10.1 / 14.6, 256 programs of 64 rows); int4's separate path adds
+    # torch ops for Q smoothing, so its one-launch mode wins up to 1024 keys (1024²x128 31.7 / 46.3)
+    "sm90": {"max_programs": 256, "max_sk": 512, "max_sk_fp8_pv": 128, "max_sk_smooth_q": 1024},
 }
-FUSED_QUANT_DEFAULT = {"max_programs": 64, "max_sk": 512}
+FUSED_QUANT_DEFAULT = {"max_programs": 64, "max_sk": 512, "max_sk_fp8_pv": 512, "max_sk_smooth_q": 512}
 
 
 #: Split-key mode (``launch.pick_split_keys``): used only below this many keys per head or above
