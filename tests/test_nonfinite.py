@@ -250,11 +250,12 @@ def test_gpu_fp16_huge_inputs_stay_finite(gen, quant, D):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("S", [256, 1024])  # 1024 keys: the Hopper family on sm_90 (int8-fp8, fp8)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("quant", PRESET_NAMES)
-def test_gpu_nonfinite_inputs_propagate_like_sdpa(gen, case, quant):
+def test_gpu_nonfinite_inputs_propagate_like_sdpa(gen, case, quant, S):
     """The GPU's max/min drop NaNs: the kernels' NaN-propagating amax must still see them."""
-    q, k, v = (t.cuda().half() for t in _inject(gen, case, S=256, D=64))
+    q, k, v = (t.cuda().half() for t in _inject(gen, case, S=S, D=64))
     ref = _sdpa_math(q.float(), k.float(), v.float())
     out = qflash.attention(q, k, v, quant=quant)
     bad, ref_bad = ~out.isfinite(), ~ref.isfinite()
