@@ -263,3 +263,20 @@ def test_gpu_nonfinite_inputs_propagate_like_sdpa(gen, case, quant, S):
         assert bad[0, 0, :128].all() and not bad[0, 1].any()
     else:
         assert torch.equal(bad, ref_bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quant", PRESET_NAMES)
+def test_nan_row_that_sees_no_key_is_zero(gen, quant, backend):
+    """Causal bottom-right with Sq > Sk: rows that see no key are zeros / lse -inf even when their
+    q holds a NaN (a NaN row multiplier once leaked through -inf·NaN into m and alpha); rows that
+    see keys and hold a NaN are NaN (found by tests/test_fuzz_kernels.py)."""
+    q = torch.randn(1, 1, 35, 18, generator=gen) * 10
+    k, v = torch.randn(1, 1, 9, 18, generator=gen) * 10, torch.randn(1, 1, 9, 18, generator=gen)
+    q[0, 0, 17, 8] = math.nan  # row 17 sees key j iff j <= 17 - 26: none
+    q[0, 0, 30, 8] = math.nan  # row 30 sees keys 0..4
+    out, lse = qflash.attention(q, k, v, quant=quant, causal=True, scale=0.05, return_lse=True, backend=backend)
+    assert (out[0, 0, 17] == 0).all() and lse[0, 0, 17] == -math.inf
+    if quant != "int4":  # int4: Q's block mean spreads row 30's NaN over its block (rows 0..34)
+        assert out[0, 0, 30].isnan().all() and lse[0, 0, 30].isnan()
+        assert torch.equal((~out[0, 0].isfinite()).any(-1), torch.arange(35) == 30)

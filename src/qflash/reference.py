@@ -254,7 +254,8 @@ def _fake_quant_core(q, k, v, cfg, k_mean, ks, k_hat, v_mean, v_codes, v_scale, 
         return out
     lse = torch.where(has_keys, m + torch.log(torch.where(has_keys, l, torch.ones_like(l))), torch.full_like(l, float("-inf")))
     if k_mean is not None:
-        lse = lse + scale * (qf @ expand_kv(k_mean, Hq).transpose(-1, -2)).squeeze(-1)
+        corr = scale * (qf @ expand_kv(k_mean, Hq).transpose(-1, -2)).squeeze(-1)
+        lse = lse + torch.where(has_keys, corr, torch.zeros_like(corr))  # -inf stays -inf (NaN q rows)
     return out, lse
 
 

@@ -187,7 +187,8 @@ def _attn_tiles(
             x = tl.where(valid, x, float("-inf"))
         if FMA_FORM:
             x_max = tl.max(x, axis=1)
-            m_new = tl.maximum(m_i, x_max * c)
+            # a row with no visible key so far keeps m = -inf even with a NaN multiplier (-inf·NaN)
+            m_new = tl.maximum(m_i, tl.where(x_max == float("-inf"), float("-inf"), x_max * c))
         else:
             m_new = tl.maximum(m_i, tl.max(x, axis=1))
         if MASKED or MASK_KIND != CMASK_NONE:
@@ -197,6 +198,10 @@ def _attn_tiles(
         if FMA_FORM:
             d_new = _row_residual(x_max, c, m_i, m_new, m_use, d_i)
             p = tl.math.exp2(tl.math.fma(x, c[:, None], -m_use[:, None]) + (P_LOG2_SCALE - d_new)[:, None])
+            if MASKED or MASK_KIND == CMASK_BOOL:
+                # a NaN row multiplier (a NaN in that q row) must not reach the keys it does not see:
+                # -inf · NaN is NaN, and a row that sees no key is zeros whatever its q holds
+                p = tl.where(x == float("-inf"), 0.0, p)
         else:
             d_new = d_i  # x is already s, rounded: the max's x - m is exactly 0
             if PV_FP8:
@@ -518,8 +523,9 @@ def attn_fwd_kernel(
             # a row under a finfo.min mask (m clamped at -FLT_MAX, see scaled_additive_mask): its lse is
             # finfo.min + log(n) = -FLT_MAX in fp32, not m·ln 2 (the backward recognises it)
             lse = tl.where(m_i < -3.0e38, -3.4028234663852886e38, lse)
+        # (the K-smoothing correction only where a key was seen: -inf + NaN (a NaN q row) would be NaN)
         if HAS_LSE_CORR and FUSED_QUANT:
-            lse += tl.sum(xq * k_mean[None, :], axis=1) * (qk_mult * 0.6931471805599453)
+            lse += tl.where(has_keys, tl.sum(xq * k_mean[None, :], axis=1) * (qk_mult * 0.6931471805599453), 0.0)
         elif HAS_LSE_CORR:
-            lse += tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0)
+            lse += tl.where(has_keys, tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0), 0.0)
         tl.store(Lse + lse_row + offs_m, lse, mask=mrow)
