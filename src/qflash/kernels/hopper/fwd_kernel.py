@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+import triton.language as tl  # PropagateNan (gluon re-uses triton.language's enum)
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -210,6 +211,11 @@ def _rescale(acc, alpha, o_layout: gl.constexpr):
 
 
 @gluon.jit
+def _max_nan(a, b):
+    return gl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@gluon.jit
 def _quantize_q_tile(q_in, q_codes, row_layout: gl.constexpr):
     """Per-token symmetric codes of the staged Q tile (bf16/fp16 [QM, D] in shared memory) into
     ``q_codes`` (int8 or fp8 [QM, D] in shared memory); returns the scales [QM] in row_layout.
@@ -222,8 +228,10 @@ def _quantize_q_tile(q_in, q_codes, row_layout: gl.constexpr):
     QMAX: gl.constexpr = 127.0 if IS_INT else 448.0
     blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     x = q_in.load(blocked).to(gl.float32)
-    amax = gl.max(gl.abs(x), axis=1)
-    amax = gl.where(amax > 1e-30, amax, 1.0)
+    # NaN-propagating max (gl.max drops NaN): a NaN in a q row gives that row a NaN scale, so its
+    # output is NaN as SDPA's would be; ``amax <= tiny`` (not ``amax > tiny``) keeps NaN as NaN
+    amax = gl.reduce(gl.abs(x), 1, _max_nan)
+    amax = gl.where(amax <= 1e-30, 1.0, amax)
     inv = gl.div_rn(gl.full([QM], QMAX, gl.float32, gl.SliceLayout(1, blocked)), amax)
     scale = gl.div_rn(amax, gl.full([QM], QMAX, gl.float32, gl.SliceLayout(1, blocked)))
     y = x * gl.expand_dims(inv, 1)
