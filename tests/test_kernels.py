@@ -55,11 +55,14 @@ def make_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, layout, gen, amplitude=1.0):
 
 
 def run_kernel(q, k, v, cfg, *, layout="HND", kc=SMALL_CFG, **kw):
-    """The two-launch path unless the test asks for ``fused_quant=True`` (its own test).
+    """The two-launch path unless the test asks for ``fused_quant=True`` (its own test), unsplit
+    unless it asks for ``split_keys`` (with FP8 P each split rounds P against its own running max,
+    which the fake-quant reference does not model; tests/test_small_calls.py checks the split mode).
 
     ``kc=None`` lets the library pick its tuned config (``_picked`` tells the reference which).
     """
     kw.setdefault("fused_quant", False)
+    kw.setdefault("split_keys", 0)
     B, Hq, Sq, D = q.shape
     if layout == "NHD":
         out = torch.full((B, Sq, Hq, D), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -133,6 +136,9 @@ def test_kernel_matches_reference(preset, shape, causal, layout):
     if cfg.quantizes_pv:
         block_n = min(block_n, _v_block(cfg))
     check(o, l, q, k, v, preset, block_n=block_n, causal=causal)
+    if CUDA:  # the library's own choice (split keys where the grid is small) within the preset's budget
+        o_pol, _ = run_kernel(q, k, v, cfg, layout=layout, kc=None, causal=causal, split_keys=None)
+        assert rel_l2(o_pol, exact_attention(q, k, v, causal=causal)) <= BUDGET[preset]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -78,6 +78,19 @@ def _poisoned_empty(real):
     return empty
 
 
+def _assert_same_q(got: torch.Tensor, want: torch.Tensor):
+    """The prologue's q against rmsnorm_rope_triton's: bit for bit on the interpreter; on a GPU the two
+    kernels may contract or order fp32 steps differently, so an element may land one ulp away."""
+    if got.device.type == "cpu":
+        assert torch.equal(got, want)
+        return
+    a, b = got.double(), want.double()
+    # within a few ulps elementwise, and ~ the dtype's rounding overall (one ulp everywhere ~ 3e-3)
+    ulp = torch.finfo(got.dtype).eps * torch.maximum(a.abs(), b.abs()) + torch.finfo(got.dtype).tiny
+    assert ((a - b).abs() <= 4 * ulp).all(), (a - b).abs().max().item()
+    assert rel_l2(a, b) < 2e-3
+
+
 def _assert_same_kv(got: QuantizedKV, want: QuantizedKV):
     assert got.quant is want.quant and got.v_order == want.v_order and got.dtype == want.dtype
     # K codes: the K mean is summed in another order than torch.mean, so a code on a rounding
@@ -87,7 +100,8 @@ def _assert_same_kv(got: QuantizedKV, want: QuantizedKV):
     assert diff.max().item() <= step and (diff > 0).float().mean().item() < 1e-3
     torch.testing.assert_close(got.k_scale, want.k_scale, rtol=1e-6, atol=0)
     if want.k_mean is not None:
-        torch.testing.assert_close(got.k_mean, want.k_mean, rtol=1e-5, atol=1e-6)
+        # atol: a mean near zero summed in another order (measured 3.8e-6 on an H200, bf16 inputs)
+        torch.testing.assert_close(got.k_mean, want.k_mean, rtol=1e-5, atol=1e-5)
     if want.quant.quantizes_pv:
         # e4m3 codes (zero padding included): Triton's fp32 -> e4m3 conversion and PyTorch's differ
         # by one step on a few values (measured 0.13 % on the interpreter with the shim; an H200
@@ -95,7 +109,8 @@ def _assert_same_kv(got: QuantizedKV, want: QuantizedKV):
         a, b = got.v.float(), want.v.float()
         step = 2.0 ** (torch.floor(torch.log2(torch.maximum(a.abs(), b.abs()).clamp(min=2.0 ** -6))) - 3)
         assert ((a - b).abs() <= step).all() and (a != b).float().mean().item() < 1e-2
-        assert torch.equal(got.v_scale, want.v_scale)
+        # the same maxima; on a GPU Triton's fp32 division is not IEEE-rounded (one ulp apart)
+        torch.testing.assert_close(got.v_scale, want.v_scale, rtol=1e-6, atol=0)
     else:
         assert torch.equal(got.v, want.v)
 
@@ -121,7 +136,8 @@ def test_prologue_matches_unfused_path(gen, monkeypatch, preset, B, S_txt, S_img
         q_out, qkv = rmsnorm_rope_quantize_triton(q, k, v, cfg, v_order=v_order, **kw)
     qq, _, _, want = _unfused(q, k, v, kw, cfg, v_order)
     assert all(torch.equal(a, b) for a, b in zip(inputs, (q, k, v)))  # inputs untouched
-    assert q_out.is_contiguous() and torch.equal(q_out, qq)  # rmsnorm_rope's arithmetic, bit for bit
+    assert q_out.is_contiguous()
+    _assert_same_q(q_out, qq)  # rmsnorm_rope's arithmetic
     _assert_same_kv(qkv, want)
     if cfg.quantizes_pv:  # the unfused Triton path (rmsnorm_rope + kv_quant, the Hopper family's)
         from qflash.kernels.kv_quant import quantize_kv
@@ -132,7 +148,8 @@ def test_prologue_matches_unfused_path(gen, monkeypatch, preset, B, S_txt, S_img
         kc, ks, vt, vs, _ = quantize_kv(kk.transpose(1, 2), vv.transpose(1, 2), cfg, 128, v_permuted=v_order == "hopper")
         # V: bit for bit (a maximum does not depend on the order); K: the mean is summed per head
         # group in another order than kv_quant's, a code may move one step (measured: none moved)
-        assert torch.equal(qkv.v.view(torch.uint8), vt.view(torch.uint8)) and torch.equal(qkv.v_scale, vs)
+        assert torch.equal(qkv.v.view(torch.uint8), vt.view(torch.uint8))
+        torch.testing.assert_close(qkv.v_scale, vs, rtol=1e-6, atol=0)
         diff = (qkv.k.float() - kc.float()).abs()
         assert diff.max().item() <= (1 if kc.dtype == torch.int8 else 64) and (diff > 0).float().mean() < 1e-3
         torch.testing.assert_close(qkv.k_scale, ks, rtol=1e-6, atol=0)
@@ -237,8 +254,9 @@ def test_portable_kernel_on_quantized_kv(gen, preset, B, Hq, Hkv, Sq, Sk, D, cau
     # out int8 1.05e-3, int8-fp8 1.3e-3, fp8 5.3e-3 (test_attention_api: this kernel at 6.0e-4 /
     # 8.4e-3 / 8.5e-3); lse max |diff| int8 5.0e-3, int8-fp8 3.3e-3, fp8 3.2e-2 (Q codes one FP8
     # step apart where Triton's and PyTorch's e4m3 rounding differ move a score)
-    assert err["fq"] < (1.6e-3 if not cfg.quantizes_pv else 8e-3), err
-    assert err["lse"] < {"int8": 7.5e-3, "int8-fp8": 5e-3, "fp8": 5e-2}[preset], err
+    # H200: int8 1.68e-3 and int8-fp8 lse 5.1e-3 (GPU fp32 exp2 / division rounding)
+    assert err["fq"] < (2.5e-3 if not cfg.quantizes_pv else 8e-3), err
+    assert err["lse"] < {"int8": 7.5e-3, "int8-fp8": 7.5e-3, "fp8": 5e-2}[preset], err
     assert err["exact"] < {"int8": 0.015, "int8-fp8": 0.058, "fp8": 0.08}[preset], err  # test_attention_api's budgets
     # the unfused path quantises K itself (another K-mean summation; at small sizes inside the
     # kernel, with other P·V tiles): measured int8 0 (bit-identical) / 1.9e-4 (the small GQA call
@@ -263,7 +281,8 @@ def test_fused_prologue_attention_matches_unfused_attention(gen, preset):
                                   block_n=_kernel_block_n(qq.transpose(1, 2), kk.transpose(1, 2), cfg))
     # measured: int8 fused == unfused bit for bit; int8-fp8 1.45e-2 (the unfused small call quantises
     # inside the kernel, other P tiles); fused vs the fake-quant reference int8 8.4e-4, int8-fp8 2.3e-3
-    assert rel_l2(fused.transpose(1, 2), fq) < (1.3e-3 if preset == "int8" else 3.5e-3)
+    # (H200: int8-fp8 5.4e-3)
+    assert rel_l2(fused.transpose(1, 2), fq) < (1.3e-3 if preset == "int8" else 8e-3)
     assert rel_l2(fused, unfused) < (1e-6 if preset == "int8" else 2.2e-2)
     assert torch.isfinite(fused).all()
 
@@ -401,7 +420,7 @@ def test_hopper_fused_prologue_matches_unfused(gen, preset, B, H, S_txt, S_img, 
         q_out, qkv = rmsnorm_rope_quantize(q, k, v, cfg, v_order="auto", **kw)
         assert qkv.v_order == "hopper"
         qq, kk, vv, want = _unfused(q, k, v, kw, cfg, "hopper")
-        assert torch.equal(q_out, qq)
+        _assert_same_q(q_out, qq)
         diff = (qkv.k.float() - want.k.float()).abs()  # K: INT8 or e4m3 codes, mean summation order
         assert diff.max().item() <= (1 if preset == "int8-fp8" else 64) and (diff > 0).float().mean().item() < 1e-3
         # V: Triton's e4m3 conversion vs PyTorch's, 99.85 % equal on an H200 (tests/test_hopper.py)
@@ -411,7 +430,9 @@ def test_hopper_fused_prologue_matches_unfused(gen, preset, B, H, S_txt, S_img, 
         fq = fake_quant_attention_kv(q_out.transpose(1, 2), qkv, block_n=128)
     # same kernel, same Q; K/V codes from another kernel with the same arithmetic: equal up to the
     # K mean's summation order (not measured yet; bounds: test_hopper's kernel-vs-fake-quant ones)
-    assert rel_l2(fused, unfused) < 1e-2
+    # H200: 1.8e-2 / 1.9e-2 at the small (2, 3, 77 + 1000) shape, where the two calls' K codes come from
+    # different kernels (K mean summation order) and FP8 P ties round apart; the fake-quant check is the tight one
+    assert rel_l2(fused, unfused) < 2.8e-2
     assert rel_l2(fused.transpose(1, 2), fq) < {"int8-fp8": 0.011, "fp8": 0.014}[preset]
     torch.testing.assert_close(lse, lse_u, rtol=1e-4, atol=2e-3)
     assert torch.isfinite(fused).all()

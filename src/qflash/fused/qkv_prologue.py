@@ -542,8 +542,9 @@ def rmsnorm_rope_quantize(q, k, v, quant="int8-fp8", *, norm_q=None, norm_k=None
         cos, sin: (S_p + S, D) fp32 rotary tables (None: no rotation).
         q_prefix, k_prefix, v_prefix: (B, S_p, H, D) tokens placed first (Flux's text tokens), with
             norm weights norm_q_prefix / norm_k_prefix.
-        v_order: "keys" or "hopper" (Vᵀ in the Hopper kernel's P-operand order; what the Hopper
-            family reads without a gather).
+        v_order: "keys", "hopper" (Vᵀ in the Hopper kernel's P-operand order; what the Hopper
+            family reads without a gather) or "auto" (``qflash.preferred_v_order``: what the kernel
+            family that attention will pick for these operands reads directly).
 
     Returns ``(q_out, qkv)``: q_out (B, S_p + S, H, D) contiguous in q's dtype (None without q) and
     a ``QuantizedKV`` to pass to ``qflash.attention(q_out, qkv, layout="NHD")``.
@@ -552,6 +553,10 @@ def rmsnorm_rope_quantize(q, k, v, quant="int8-fp8", *, norm_q=None, norm_k=None
     where the Triton kernels do not apply (``triton_unsupported_reason``).
     """
     cfg = resolve_quant(quant)
+    if v_order == "auto" and isinstance(k, torch.Tensor) and k.dim() == 4:
+        from ..prequant import preferred_v_order
+
+        v_order = preferred_v_order(cfg, k.device, k.dtype, k.shape[-1])
     if (isinstance(k, torch.Tensor) and k.is_cuda and k.dim() == 4
             and triton_unsupported_reason(cfg, k.shape[-1], cos is not None) is None):
         return rmsnorm_rope_quantize_triton(q, k, v, cfg, norm_q=norm_q, norm_k=norm_k, eps=eps, cos=cos, sin=sin,

@@ -94,6 +94,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _interpreter_numpy_problem() -> str | None:
+    """Why Triton's CPU interpreter would fail on this NumPy (3.6 breaks on 2.4: "only 0-dimensional
+    arrays can be converted to Python scalars" from inside a kernel), or None."""
+    try:
+        import numpy
+    except ImportError:
+        return "Triton's interpreter needs numpy, which is not installed"
+    if tuple(int(p) for p in numpy.__version__.split(".")[:2] if p.isdigit()) >= (2, 4):
+        return f"Triton's CPU interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, found {numpy.__version__}"
+    return None
+
+
 def triton_usable(device: torch.device) -> tuple[bool, str]:
     """Whether Triton kernels can run on ``device`` (CUDA, or the CPU interpreter), and why not."""
     ok, why = triton_status()
@@ -102,5 +114,8 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, "cuda"
     if interpreter_enabled() and device.type == "cpu":
+        problem = _interpreter_numpy_problem()
+        if problem:
+            return False, problem
         return True, "triton interpreter (TRITON_INTERPRET=1)"
     return False, f"the Triton kernels run on CUDA devices; this tensor is on {device.type}"
