@@ -23,6 +23,11 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
+# pytest-xdist (the README's test command runs one worker per core): share the cores between the
+# workers' torch thread pools instead of each worker spinning one thread per core
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 

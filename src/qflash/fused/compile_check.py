@@ -35,13 +35,16 @@ class _Recorder:
 
 def record(fn):
     """[(kernel, args, kwargs)] of the launches ``fn()`` makes (nothing is launched)."""
-    stats, quant = _Recorder(P.prologue_stats_kernel), _Recorder(P.prologue_quant_kernel)
-    P.prologue_stats_kernel, P.prologue_quant_kernel = stats, quant
+    names = ("prologue_token_stats_kernel", "prologue_reduce_kernel", "prologue_quant_kernel")
+    recs = [_Recorder(getattr(P, n)) for n in names]
+    for n, r in zip(names, recs):
+        setattr(P, n, r)
     try:
         fn()
     finally:
-        P.prologue_stats_kernel, P.prologue_quant_kernel = stats.kern, quant.kern
-    return [(r.kern, a, k) for r in (stats, quant) for _, a, k in r.calls]
+        for n, r in zip(names, recs):
+            setattr(P, n, r.kern)
+    return [(r.kern, a, k) for r in recs for _, a, k in r.calls]
 
 
 def compile_sm90(kern, args, kwargs) -> dict:

@@ -11,23 +11,27 @@ What it replaces, per attention call of a Flux block (``int8-fp8``, Hopper famil
     kv_quant codes pass (K codes, Vᵀ codes)            # read 2 + 2, write 1 + 1
 
 = 22 bytes moved per (token, head, channel) in a double-stream block (18 in a single-stream one,
-no V concat), six launches. The two launches here:
+no V concat), six launches. The three launches here:
 
-- **stats** (grid ``(n_chunks + ceil(S / Q_ROWS), B·H)``): chunk programs read raw K (2 bytes)
-  and V (2), apply RMSNorm + RoPE to K in registers and reduce per-chunk partial K sums (for the
-  smoothing mean) and V channel maxima (for the per-channel FP8 scale) — a reduction over every
-  key, which is why there are two launches; Q programs read Q (2) and write the normed/rotated Q
-  (2) in its dtype (the Hopper kernel quantises Q per token itself).
-- **quant** (grid ``(ceil(S / 128), B·H)``): reads raw K (2) and V (2) again, recomputes the norm
-  and rotation (cheap: a few FLOPs per byte), subtracts the mean, writes K codes (1) + scales and
-  Vᵀ codes (1) + per-channel scales (or, for presets with P·V in float, V concatenated, 2).
+- **statistics** (``prologue_token_stats_kernel``, grid ``(ceil(S / TOKEN_T), B, ceil(H / TOKEN_HEADS))``):
+  each program walks TOKEN_T tokens one at a time over TOKEN_HEADS heads (a token's heads are one
+  contiguous stretch of memory, as in ``rmsnorm_rope``); reads Q (2), writes the normed/rotated Q
+  (2) in its dtype (the Hopper kernel quantises Q per token itself); reads raw K (2) and V (2),
+  applies RMSNorm + RoPE to K in registers and keeps per-chunk partial K sums (for the smoothing
+  mean) and V channel maxima (for the per-channel FP8 scale) -> (B·H, chunks, D) fp32.
+- **reduce** (``prologue_reduce_kernel``): the chunks' partials -> one K sum and one |V| maximum per
+  head and channel (a fixed order: the same sums every run). Tiny.
+- **codes** (``prologue_quant_kernel``, grid ``(ceil(S / 128), B·H)``): reads raw K (2) and V (2)
+  again, recomputes the norm and rotation (cheap: a few FLOPs per byte), subtracts the mean, writes
+  K codes (1) + scales and Vᵀ codes (1) + per-channel scales (or, for presets with P·V in float, V
+  concatenated, 2).
 
-= 14 bytes per (token, head, channel) in either block type, two launches. The stats pass reads 4
-bytes so that nothing is written twice: writing the normed bf16 K once (2) and reading it back (2)
-would cost as much as recomputing it. cos/sin (fp32, repeat-interleaved): only the even columns
-are read, once per head and pass (Q, K stats, K codes): 3·4 bytes per (token, head, channel pair)
-from L2 (the table, S·D·8 bytes, is 17 MB at Flux 2048px); ``rmsnorm_rope`` reads them once per 8
-heads. Grouping heads per program would cut that but spilled registers (see the launch constants).
+= 14 bytes per (token, head, channel) in either block type (+ the partials: 8·D bytes per head and
+32 tokens), three launches. The statistics pass reads K so that nothing is written twice: writing
+the normed bf16 K once (2) and reading it back (2) would cost as much as recomputing it. cos/sin
+(fp32, repeat-interleaved) come from L2 (the table, S·D·8 bytes, is 17 MB at Flux 2048px).
+Measured on an H200 (Flux-dev, 24 heads, D 128, session 6): statistics 75 / 173 us, reduce 5 / 22
+us, codes 160 / 546 us at 1024 / 2048px; the codes pass is what is left to speed up (NOTES).
 
 Numerics: the normed/rotated K is rounded to the input dtype before it is quantised, exactly as
 the unfused path (``rmsnorm_rope`` writes it in that dtype), so the codes equal
@@ -65,16 +69,17 @@ __all__ = [
     "triton_unsupported_reason",
 ]
 
-Q_ROWS = 64  # query rows per Q program of the stats launch
-# Launch shapes, from sm_90a compiles on a CPU (``qflash.fused.compile_check``: spill instructions
-# at D 128 with RoPE): stats 1 head x 8 warps 49 (2 heads 313, 4 heads 2714); codes 128-row
-# sub-tile x 16 warps 88 (64 x 16: 262, 64 x 8: 376, one head loop of 4: thousands)
-STATS_HEADS = 1  # heads per stats program (a group reads cos/sin once for all its heads)
-STAT_BLOCK = 64  # keys per step of a stats program (kv_quant's BLOCK)
-STATS_WARPS = 8
+# Launch shapes. Statistics (prologue_token_stats_kernel): TOKEN_T tokens x TOKEN_HEADS heads per
+# program, one token at a time (its heads' rows are one contiguous stretch, as in rmsnorm_rope);
+# measured on an H200 at Flux-dev 1024/2048px (docs/perf/NOTES.md, session 6): 75 / 173 us, vs
+# 265 / 965 us for the earlier per-head 64-row tiles (255 registers, 197 spills on sm_90a).
+TOKEN_T = 32
+TOKEN_HEADS = 8
+TOKEN_WARPS = 4
+# Codes (prologue_quant_kernel), from sm_90a compiles on a CPU (``qflash.fused.compile_check``: spill
+# instructions at D 128 with RoPE): 128-row sub-tile x 16 warps 270 (64 x 16 and 64 x 8 spilled more)
 QUANT_WARPS = 16
-QUANT_SUB = 128  # rows the codes pass holds at once (of its V_BLOCK keys): 64 spilled more at 16 warps
-CHUNKS = 32  # at most this many partial sums per head (the quant launch reduces them in one load)
+QUANT_SUB = 128  # rows the codes pass holds at once (of its V_BLOCK keys)
 
 
 @triton.jit
@@ -93,7 +98,11 @@ def _absmax_nan(x, AXIS: tl.constexpr):
 
 @triton.jit
 def _reduce_partials(base, n_chunks, offs_d, IS_MAX: tl.constexpr, CHUNKS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Sum (or NaN-propagating max) of the n_chunks <= CHUNKS partial rows (CHUNKS, D) at ``base``."""
+    """Sum (or NaN-propagating max) of the n_chunks <= CHUNKS partial rows (CHUNKS, D) at ``base``.
+
+    The codes launch reads one row (n_chunks = 1) through this masked CHUNKS-row load, the form it
+    was timed with on the H200: a plain row load instead changed ptxas's allocation on sm_90a (64
+    registers, 1034 spill instructions instead of 128 and 270)."""
     offs_c = tl.arange(0, CHUNKS)
     x = tl.load(base + offs_c[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=(offs_c < n_chunks)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
@@ -157,72 +166,122 @@ def _norm_rope(x, rows, S_A, WA, WB, c, s, eps, offs_d, HAS_NORM: tl.constexpr, 
 
 
 @triton.jit
-def prologue_stats_kernel(
+def _token_rows(XA, XB, sab, sas, sah, sbb, sbs, sbh, WA, WB, b, t, S_A, offs_h, offs_d, m2,
+                HAS_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Token t's rows of heads offs_h (BLOCK_H, D_PAD) fp32 from [x_prefix; x], and its norm weight
+    (D_PAD) fp32 (ones without a norm). The source is a scalar branch (as ``rmsnorm_rope``): the
+    pointers keep their alignment, so the loads stay vectorised."""
+    if t < S_A:
+        ptrs = XA + b.to(tl.int64) * sab + t * sas + offs_h[:, None].to(tl.int64) * sah + offs_d[None, :]
+        x = tl.load(ptrs, mask=m2, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            w = tl.load(WA + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+        else:
+            w = tl.full(offs_d.shape, 1.0, tl.float32)
+    else:
+        ptrs = (XB + b.to(tl.int64) * sbb + (t - S_A) * sbs + offs_h[:, None].to(tl.int64) * sbh
+                + offs_d[None, :])
+        x = tl.load(ptrs, mask=m2, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            w = tl.load(WB + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
+        else:
+            w = tl.full(offs_d.shape, 1.0, tl.float32)
+    return x, w
+
+
+@triton.jit
+def _token_norm_rope(x, w, c, s, eps, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_H: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """``rmsnorm_rope``'s arithmetic on one token's (BLOCK_H, D_PAD) rows: RMSNorm with weight w,
+    then y·c + partner·s, partner = (-y[2j+1], y[2j]) (c, s: the token's (D_PAD,) table rows)."""
+    if HAS_NORM:
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        x = x * r[:, None] * w[None, :]
+    if HAS_ROPE:
+        y_even, y_odd = tl.split(tl.reshape(x, (BLOCK_H, HEAD_DIM_PAD // 2, 2)))
+        partner = tl.reshape(tl.join(-y_odd, y_even), (BLOCK_H, HEAD_DIM_PAD))
+        x = x * c[None, :] + partner * s[None, :]
+    return x
+
+
+@triton.jit
+def prologue_token_stats_kernel(
     QA, QB, KA, KB, VA, VB, WQA, WQB, WKA, WKB, COS, SIN, QO, KSum, VMax,
     sqab, sqas, sqah, sqbb, sqbs, sqbh,
     skab, skas, skah, skbb, skbs, skbh,
     svab, svas, svah, svbb, svbs, svbh,
     sqob, sqos, sqoh, stride_cs,
-    H, S_A, S, n_chunks, ROWS, eps,
+    H, S_A, S, n_chunks, T, eps,
     HAS_Q: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, SMOOTH_K: tl.constexpr,
-    V_STATS: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr, Q_ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    V_STATS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Grid (n_chunks + ceil(S / Q_ROWS) [Q programs only with HAS_Q], B·ceil(H / HEADS)); each
-    program covers HEADS heads (cos/sin read once for all of them).
-
-    Chunk programs: partial sums of the normed/rotated K (rounded to the input dtype) and channel
-    maxima of |V| over ROWS keys (a multiple of BLOCK) -> KSum / VMax (B·H, n_chunks, D) fp32.
-    Q programs: Q_ROWS rows of normed/rotated Q -> QO (B, S, H, D) in the input dtype.
-    """
-    pid = tl.program_id(0)
-    n_groups = tl.cdiv(H, HEADS)
-    b = tl.program_id(1) // n_groups
-    h0 = (tl.program_id(1) % n_groups) * HEADS
+    """Grid (n_chunks, B, ceil(H / BLOCK_H)): T consecutive tokens of BLOCK_H heads, one token at a
+    time (its heads' rows are one contiguous stretch of memory, as in ``rmsnorm_rope``):
+    normed/rotated Q -> QO; partial sums of the normed/rotated K (rounded to the input dtype) and
+    channel maxima of |V| over the T tokens -> KSum / VMax (B·H, n_chunks, D) fp32."""
+    ch = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    hmask = offs_h < H
     dmask = offs_d < HEAD_DIM
-    if pid < n_chunks:
-        offs_g = tl.arange(0, HEADS)
-        ksum = tl.zeros([HEADS, HEAD_DIM_PAD], tl.float32)  # one row per head of the group
-        vmax = tl.zeros([HEADS, HEAD_DIM_PAD], tl.float32)
-        for r in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, S), BLOCK):
-            rows = r + tl.arange(0, BLOCK)
-            if SMOOTH_K:
-                c, s = _load_cos_sin(COS, SIN, rows, S, stride_cs, HAS_ROPE, HEAD_DIM, HEAD_DIM_PAD)
-            for g in range(HEADS):
-                h = h0 + g
-                if h < H:
-                    if SMOOTH_K:
-                        k = _load_rows(KA, skab, skas, skah, KB, skbb, skbs, skbh, b, h, rows, S_A, S, offs_d,
-                                       HEAD_DIM)
-                        k = _norm_rope(k, rows, S_A, WKA, WKB, c, s, eps, offs_d, HAS_NORM, HAS_ROPE, BLOCK,
-                                       HEAD_DIM, HEAD_DIM_PAD)
-                        # rounded as the unfused path stores it; padded rows stay zero
-                        part = tl.sum(k.to(KA.dtype.element_ty).to(tl.float32), axis=0)
-                        ksum += tl.where((offs_g == g)[:, None], part[None, :], 0.0)
-                    if V_STATS:
-                        v = _load_rows(VA, svab, svas, svah, VB, svbb, svbs, svbh, b, h, rows, S_A, S, offs_d,
-                                       HEAD_DIM)
-                        part = _absmax_nan(v, 0)
-                        vmax = tl.where((offs_g == g)[:, None], _max_nan(vmax, part[None, :]), vmax)
-        out = ((b * H + h0 + offs_g).to(tl.int64)[:, None] * n_chunks + pid) * HEAD_DIM + offs_d[None, :]
-        gmask = ((h0 + offs_g) < H)[:, None] & dmask[None, :]
+    m2 = hmask[:, None] & dmask[None, :]
+    ksum = tl.zeros([BLOCK_H, HEAD_DIM_PAD], tl.float32)
+    vmax = tl.zeros([BLOCK_H, HEAD_DIM_PAD], tl.float32)
+    for t_ in range(ch * T, tl.minimum(ch * T + T, S)):
+        t = tl.full([], 0, tl.int64) + t_  # int64 offsets (and a tensor under the CPU interpreter)
+        c = tl.zeros([HEAD_DIM_PAD], tl.float32)
+        s = c
+        if HAS_ROPE:
+            c = tl.load(COS + t * stride_cs + offs_d, mask=dmask, other=0.0)
+            s = tl.load(SIN + t * stride_cs + offs_d, mask=dmask, other=0.0)
+        if HAS_Q:
+            x, w = _token_rows(QA, QB, sqab, sqas, sqah, sqbb, sqbs, sqbh, WQA, WQB, b, t, S_A, offs_h, offs_d, m2,
+                               HAS_NORM, HEAD_DIM)
+            x = _token_norm_rope(x, w, c, s, eps, HAS_NORM, HAS_ROPE, BLOCK_H, HEAD_DIM, HEAD_DIM_PAD)
+            optr = (QO + b.to(tl.int64) * sqob + t * sqos + offs_h[:, None].to(tl.int64) * sqoh
+                    + offs_d[None, :])
+            tl.store(optr, x.to(QO.dtype.element_ty), mask=m2)
         if SMOOTH_K:
-            tl.store(KSum + out, ksum, mask=gmask)
+            k, w = _token_rows(KA, KB, skab, skas, skah, skbb, skbs, skbh, WKA, WKB, b, t, S_A, offs_h, offs_d, m2,
+                               HAS_NORM, HEAD_DIM)
+            k = _token_norm_rope(k, w, c, s, eps, HAS_NORM, HAS_ROPE, BLOCK_H, HEAD_DIM, HEAD_DIM_PAD)
+            ksum += tl.where(m2, k.to(KA.dtype.element_ty).to(tl.float32), 0.0)  # as the unfused path stores it
         if V_STATS:
-            tl.store(VMax + out, vmax, mask=gmask)
-    elif HAS_Q:
-        rows = (pid - n_chunks) * Q_ROWS + tl.arange(0, Q_ROWS)
-        c, s = _load_cos_sin(COS, SIN, rows, S, stride_cs, HAS_ROPE, HEAD_DIM, HEAD_DIM_PAD)
-        for g in range(HEADS):
-            h = h0 + g
-            if h < H:
-                x = _load_rows(QA, sqab, sqas, sqah, QB, sqbb, sqbs, sqbh, b, h, rows, S_A, S, offs_d, HEAD_DIM)
-                x = _norm_rope(x, rows, S_A, WQA, WQB, c, s, eps, offs_d, HAS_NORM, HAS_ROPE, Q_ROWS, HEAD_DIM,
-                               HEAD_DIM_PAD)
-                optr = (QO + b.to(tl.int64) * sqob + rows[:, None].to(tl.int64) * sqos + h.to(tl.int64) * sqoh
-                        + offs_d[None, :])
-                tl.store(optr, x.to(QO.dtype.element_ty), mask=(rows < S)[:, None] & dmask[None, :])
+            v, _ = _token_rows(VA, VB, svab, svas, svah, svbb, svbs, svbh, VA, VA, b, t, S_A, offs_h, offs_d, m2,
+                               False, HEAD_DIM)
+            vmax = _max_nan(vmax, tl.abs(v))
+    out = ((b * H + offs_h).to(tl.int64)[:, None] * n_chunks + ch) * HEAD_DIM + offs_d[None, :]
+    if SMOOTH_K:
+        tl.store(KSum + out, ksum, mask=m2)
+    if V_STATS:
+        tl.store(VMax + out, vmax, mask=m2)
+
+
+@triton.jit
+def prologue_reduce_kernel(KSum, VMax, KTot, VTot, n_chunks,
+                           SMOOTH_K: tl.constexpr, V_STATS: tl.constexpr, RC: tl.constexpr, RD: tl.constexpr,
+                           HEAD_DIM: tl.constexpr):
+    """Grid (B·H, ceil(D / RD)): the n_chunks partial rows of one head summed (K) and maxed (|V|,
+    NaN-propagating) -> KTot / VTot (B·H, D), what ``prologue_quant_kernel`` reads. A fixed order:
+    the same sums every run."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * RD + tl.arange(0, RD)
+    dmask = offs_d < HEAD_DIM
+    acc = tl.zeros([RD], tl.float32)
+    mx = tl.zeros([RD], tl.float32)
+    for c0 in range(0, n_chunks, RC):
+        offs_c = c0 + tl.arange(0, RC)
+        ptr = (bh * n_chunks + offs_c)[:, None] * HEAD_DIM + offs_d[None, :]
+        m = (offs_c < n_chunks)[:, None] & dmask[None, :]
+        if SMOOTH_K:
+            acc += tl.sum(tl.load(KSum + ptr, mask=m, other=0.0), axis=0)
+        if V_STATS:
+            mx = _max_nan(mx, _absmax_nan(tl.load(VMax + ptr, mask=m, other=0.0), 0))
+    if SMOOTH_K:
+        tl.store(KTot + bh * HEAD_DIM + offs_d, acc, mask=dmask)
+    if V_STATS:
+        tl.store(VTot + bh * HEAD_DIM + offs_d, mx, mask=dmask)
 
 
 @triton.jit
@@ -247,7 +306,7 @@ def prologue_quant_kernel(
     skab, skas, skah, skbb, skbs, skbh,
     svab, svas, svah, svbb, svbs, svbh,
     stride_cs,
-    H, S_A, S, n_blocks, n_chunks, eps,
+    H, S_A, S, n_blocks, eps,
     KIND: tl.constexpr, K_PER_TOKEN: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr,
     SMOOTH_K: tl.constexpr, QUANT_V: tl.constexpr, V_PERMUTED: tl.constexpr, CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, SUB: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -272,8 +331,7 @@ def prologue_quant_kernel(
     dmask = offs_d < HEAD_DIM
     mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
     if SMOOTH_K:
-        mean = _reduce_partials(KSum + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, False, CHUNKS,
-                                HEAD_DIM) / S
+        mean = _reduce_partials(KSum + bh.to(tl.int64) * HEAD_DIM, 1, offs_d, False, CHUNKS, HEAD_DIM) / S
         if pid == 0:
             tl.store(KM + bh.to(tl.int64) * HEAD_DIM + offs_d, mean, mask=dmask)
     kc_base = KC + bh.to(tl.int64) * S * HEAD_DIM
@@ -312,8 +370,7 @@ def prologue_quant_kernel(
 
     # --- V ---------------------------------------------------------------------------------------
     if QUANT_V:
-        vmax = _reduce_partials(VMax + bh.to(tl.int64) * n_chunks * HEAD_DIM, n_chunks, offs_d, True, CHUNKS,
-                                HEAD_DIM)
+        vmax = _reduce_partials(VMax + bh.to(tl.int64) * HEAD_DIM, 1, offs_d, True, CHUNKS, HEAD_DIM)
         vmax = tl.where(vmax <= 1e-30, 1.0, vmax)  # NaN stays NaN
         qmax_d = tl.full([HEAD_DIM_PAD], 448.0, tl.float32)
         v_inv = tl.math.div_rn(qmax_d, vmax)
@@ -379,8 +436,6 @@ def _launch(q, q_prefix, k, k_prefix, v, v_prefix, wq, wq_prefix, wk, wk_prefix,
     has_norm, has_rope, has_q = wk is not None, cos is not None, q is not None
     pad = max(next_pow2(D), 16)
     nb = math.ceil(S / V_BLOCK)
-    rows = max(STAT_BLOCK, math.ceil(math.ceil(S / CHUNKS) / STAT_BLOCK) * STAT_BLOCK)  # keys per chunk
-    n_chunks = math.ceil(S / rows)
     smooth_k, quant_v = bool(cfg.smooth_k), cfg.quantizes_pv
     per_token = cfg.k.granularity.kind is GranularityKind.TOKEN
     code_dtype = torch.int8 if cfg.k.precision is Precision.INT8 else torch.float8_e4m3fn
@@ -395,8 +450,6 @@ def _launch(q, q_prefix, k, k_prefix, v, v_prefix, wq, wq_prefix, wk, wk_prefix,
         vt, vs = torch.empty((B, H, S, D), dtype=dtype, device=dev), None
     q_out = torch.empty((B, S, H, D), dtype=dtype, device=dev) if has_q else None
     dummy = ks
-    ksum = torch.empty((B * H, n_chunks, D), dtype=torch.float32, device=dev) if smooth_k else dummy
-    vmax = torch.empty((B * H, n_chunks, D), dtype=torch.float32, device=dev) if quant_v else dummy
 
     ka = k_prefix if k_prefix is not None else k
     va = v_prefix if v_prefix is not None else v
@@ -418,24 +471,34 @@ def _launch(q, q_prefix, k, k_prefix, v, v_prefix, wq, wq_prefix, wk, wk_prefix,
         if vs is not None:
             vs.fill_(1.0 / 448.0)
         return q_out, QuantizedKV(cfg, kc, ks, km, vt.zero_(), vs, v_order if quant_v else "keys", dtype)
-    n_q = math.ceil(S / Q_ROWS) if has_q else 0
-    s_heads = min(STATS_HEADS, next_pow2(H))
+    # statistics (+ Q) launch over token chunks, then the partials reduced to one row per head
+    heads = min(TOKEN_HEADS, next_pow2(H))
+    n_tc = math.ceil(S / TOKEN_T)
+    kpart = torch.empty((B * H, n_tc, D), dtype=torch.float32, device=dev) if smooth_k else dummy
+    vpart = torch.empty((B * H, n_tc, D), dtype=torch.float32, device=dev) if quant_v else dummy
+    ksum = torch.empty((B * H, D), dtype=torch.float32, device=dev) if smooth_k else dummy
+    vmax = torch.empty((B * H, D), dtype=torch.float32, device=dev) if quant_v else dummy
     if smooth_k or quant_v or has_q:
-        prologue_stats_kernel[(n_chunks + n_q, B * math.ceil(H / s_heads))](
-            qa, qb, ka, k, va, v, wqa, wqb, wka, wkb, c, s, q_out if has_q else dummy, ksum, vmax,
+        prologue_token_stats_kernel[(n_tc, B, math.ceil(H / heads))](
+            qa, qb, ka, k, va, v, wqa, wqb, wka, wkb, c, s, q_out if has_q else dummy, kpart, vpart,
             *(_strides3(qa) if has_q else (0, 0, 0)), *(_strides3(qb) if has_q else (0, 0, 0)),
             *kstr, *vstr, *(_strides3(q_out) if has_q else (0, 0, 0)), stride_cs,
-            H, S_A, S, n_chunks, rows, eps,
+            H, S_A, S, n_tc, TOKEN_T, eps,
             HAS_Q=has_q, HAS_NORM=has_norm, HAS_ROPE=has_rope, SMOOTH_K=smooth_k, V_STATS=quant_v,
-            HEADS=s_heads, BLOCK=STAT_BLOCK, Q_ROWS=Q_ROWS, HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=STATS_WARPS,
+            BLOCK_H=heads, HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=TOKEN_WARPS,
         )
+    if smooth_k or quant_v:
+        rd = min(32, pad)
+        prologue_reduce_kernel[(B * H, math.ceil(D / rd))](
+            kpart, vpart, ksum, vmax, n_tc, SMOOTH_K=smooth_k, V_STATS=quant_v, RC=64, RD=rd, HEAD_DIM=D,
+            num_warps=2)
     prologue_quant_kernel[(nb, B * H)](
         ka, k, va, v, wka, wkb, c, s, ksum, vmax,
         kc, ks, km if km is not None else dummy, vt, vs if vs is not None else dummy,
         *kstr, *vstr, stride_cs,
-        H, S_A, S, nb, n_chunks, eps,
+        H, S_A, S, nb, eps,
         KIND=1 if code_dtype is torch.int8 else 3, K_PER_TOKEN=per_token, HAS_NORM=has_norm, HAS_ROPE=has_rope,
-        SMOOTH_K=smooth_k, QUANT_V=quant_v, V_PERMUTED=quant_v and v_order == "hopper", CHUNKS=CHUNKS,
+        SMOOTH_K=smooth_k, QUANT_V=quant_v, V_PERMUTED=quant_v and v_order == "hopper", CHUNKS=32,
         BLOCK_N=V_BLOCK, SUB=QUANT_SUB, HEAD_DIM=D, HEAD_DIM_PAD=pad, num_warps=QUANT_WARPS,
     )
     return q_out, QuantizedKV(cfg, kc, ks, km, vt, vs, v_order if quant_v else "keys", dtype)
@@ -554,9 +617,9 @@ def rmsnorm_rope_quantize(q, k, v, quant="int8-fp8", *, norm_q=None, norm_k=None
     """
     cfg = resolve_quant(quant)
     if v_order == "auto" and isinstance(k, torch.Tensor) and k.dim() == 4:
-        from ..prequant import preferred_v_order
+        from ..kernels.dispatch import preferred_kv_order  # what qflash.preferred_v_order answers
 
-        v_order = preferred_v_order(cfg, k.device, k.dtype, k.shape[-1])
+        v_order = preferred_kv_order(cfg, k.device, k.dtype, k.shape[-1])
     if (isinstance(k, torch.Tensor) and k.is_cuda and k.dim() == 4
             and triton_unsupported_reason(cfg, k.shape[-1], cos is not None) is None):
         return rmsnorm_rope_quantize_triton(q, k, v, cfg, norm_q=norm_q, norm_k=norm_k, eps=eps, cos=cos, sin=sin,
