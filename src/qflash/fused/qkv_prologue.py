@@ -1,5 +1,5 @@
 """The attention prologue that writes attention operands: RMSNorm + RoPE (+ the text/image concat)
-of Q and K, and K/V quantised straight into a preset's ``QuantizedKV`` format — two Triton
+of Q and K, and K/V quantised straight into a preset's ``QuantizedKV`` format — three Triton
 launches, no bf16 K or V in between.
 
 What it replaces, per attention call of a Flux block (``int8-fp8``, Hopper family)::
@@ -428,7 +428,7 @@ def _strides3(x):
 
 
 def _launch(q, q_prefix, k, k_prefix, v, v_prefix, wq, wq_prefix, wk, wk_prefix, cos, sin, eps, cfg, v_order):
-    """The two launches on (B, S, H, D) views; returns (q_out | None, QuantizedKV)."""
+    """The three launches on (B, S, H, D) views; returns (q_out | None, QuantizedKV)."""
     B, S_main, H, D = k.shape
     S_A = k_prefix.shape[1] if k_prefix is not None else 0
     S = S_A + S_main
@@ -582,7 +582,7 @@ def rmsnorm_rope_quantize_reference(q, k, v, quant, *, norm_q=None, norm_k=None,
 def rmsnorm_rope_quantize_triton(q, k, v, quant, *, norm_q=None, norm_k=None, eps=1e-6, cos=None, sin=None,
                                  q_prefix=None, k_prefix=None, v_prefix=None, norm_q_prefix=None, norm_k_prefix=None,
                                  v_order="keys"):
-    """The two Triton launches (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    """The three Triton launches (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     cfg = _config(quant)
     _check(q, k, v, q_prefix, k_prefix, v_prefix, norm_q, norm_k, norm_q_prefix, norm_k_prefix, cos, sin, v_order)
     why = triton_unsupported_reason(cfg, k.shape[-1], cos is not None)
@@ -612,7 +612,7 @@ def rmsnorm_rope_quantize(q, k, v, quant="int8-fp8", *, norm_q=None, norm_k=None
     Returns ``(q_out, qkv)``: q_out (B, S_p + S, H, D) contiguous in q's dtype (None without q) and
     a ``QuantizedKV`` to pass to ``qflash.attention(q_out, qkv, layout="NHD")``.
 
-    Runs the two Triton launches on CUDA (module docstring), the PyTorch reference elsewhere or
+    Runs the three Triton launches on CUDA (module docstring), the PyTorch reference elsewhere or
     where the Triton kernels do not apply (``triton_unsupported_reason``).
     """
     cfg = resolve_quant(quant)
@@ -631,7 +631,7 @@ def rmsnorm_rope_quantize(q, k, v, quant="int8-fp8", *, norm_q=None, norm_k=None
 
 
 def quantize_kv_triton(k: torch.Tensor, v: torch.Tensor, quant, v_order: str = "keys") -> QuantizedKV:
-    """``QuantizedKV`` of HND k, v (B, H, S, D) by the prologue's two launches without norm or
+    """``QuantizedKV`` of HND k, v (B, H, S, D) by the prologue's three launches without norm or
     rotation (CUDA, or the CPU interpreter)."""
     cfg = resolve_quant(quant)
     why = triton_unsupported_reason(cfg, k.shape[-1], False)

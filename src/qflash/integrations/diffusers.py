@@ -459,7 +459,7 @@ def apply(model_or_pipeline, quant: str | QuantConfig = "int8", *, fallback: boo
             (README "Sequence parallel"). Generic SDPA processors (VAE, UNets) stay local.
         fuse_prologue: the q/k RMSNorm + RoPE + [text, image] concat before each attention done by
             one fused prologue that also writes the preset's quantised K/V
-            (``qflash.integrations.fused_prologue``: two Triton launches, then
+            (``qflash.integrations.fused_prologue``: three Triton launches, then
             ``qflash.attention(q, QuantizedKV)``), for Flux blocks and for generic processors with
             RMSNorm q/k norms; calls that do not match that pattern (a mask, gradients, other
             norms, ``parallel=``) run unfused. Presets whose K/V cannot be pre-quantised (``none``,
