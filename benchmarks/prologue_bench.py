@@ -1,6 +1,6 @@
 """Time the Flux attention prologue on a GPU: ``rmsnorm_rope`` on q and k (the floor for those
-bytes) and ``rmsnorm_rope_quantize`` (``int8-fp8``, Hopper V order) per launch shape of its
-statistics launch, in total (``do_bench``, L2 flushed) and per kernel (``torch.profiler``), at
+bytes), the unfused path's K/V quantiser (``kernels.kv_quant.quantize_kv``) and
+``rmsnorm_rope_quantize`` (``int8-fp8``, Hopper V order) per launch shape of its statistics launch, in total (``do_bench``, L2 flushed) and per kernel (``torch.profiler``), at
 Flux-dev double-stream shapes (512 text + 4096 / 16384 image tokens, 24 heads, D 128, bf16). Each
 shape's outputs are checked against the first shape's (q and V bit for bit, K codes one step).
 
@@ -70,6 +70,18 @@ def bench_shape(P, rmsnorm_rope_triton, do_bench, S_img: int, per_token: dict) -
                             weight_prefix=kw["norm_q_prefix"]),
         rmsnorm_rope_triton(k, kw["norm_k"], kw["cos"], kw["sin"], 1e-6, x_prefix=kw["k_prefix"],
                             weight_prefix=kw["norm_k_prefix"])))}
+    # the unfused path's K/V quantiser (kv_quant: statistics + codes launches) on the normed K and the
+    # concatenated V, as the attention call runs it when the prologue is only rmsnorm_rope
+    from qflash.config import resolve_quant
+    from qflash.kernels.kv_quant import quantize_kv
+
+    kn = rmsnorm_rope_triton(k, kw["norm_k"], kw["cos"], kw["sin"], 1e-6, x_prefix=kw["k_prefix"],
+                             weight_prefix=kw["norm_k_prefix"]).transpose(1, 2)
+    vn = torch.cat([kw["v_prefix"], v], dim=1).transpose(1, 2)
+    cfg = resolve_quant("int8-fp8")
+    row["kv_quant_us"] = 1e3 * do_bench(lambda: quantize_kv(kn, vn, cfg, 128, v_permuted=True))
+    row["kv_quant_kernels"] = kernel_times(lambda: quantize_kv(kn, vn, cfg, 128, v_permuted=True))
+    print(S_img, "kv_quant", f"{row['kv_quant_us']:.1f} us", row["kv_quant_kernels"], flush=True)
     first = None
 
     def run():
