@@ -35,7 +35,7 @@ CUDA = torch.cuda.is_available()
 # fp32 runs; on CUDA the forward multiplies fp32 in tf32x3 (near fp32), a looser "none" bound there
 TOL = {"qflash none": 1e-3 if CUDA else 1e-5, "qflash int8": 5e-3, "qflash int8 + INT8 bwd": 1e-2}
 # One layer, one head, vocab 16: the task needs attention (see train_tiny.make_batches) and the
-# interpreter runs one 64x64 tile per sequence and launch (~4-9 s per run on CPU).
+# interpreter runs one 64x64 tile per sequence and launch (~3-20 s per run on CPU).
 SMALL = {"steps": 20, "batch": 8, "seq": 64, "dim": 64, "heads": 1, "layers": 1, "vocab": 16, "lr": 1e-2, "seed": 0}
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..common import CMASK_ADD, CMASK_BOOL, CMASK_NONE, CQK_FLOAT, CQK_INT4, CQK_INT8
+from ..kv_quant import max_nan_reduce
 from .quantize import _max_nan, fp8_channel_codes, guard_amax, quant_codes, scaled_additive_mask
 
 
@@ -67,7 +68,7 @@ def _token_absmax(base, stride_n, S, offs_d, dmask, BLOCK_N: tl.constexpr):
         offs = start + tl.arange(0, BLOCK_N)
         top = _max_nan(top, tl.abs(tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
                                            mask=(offs < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)))
-    return tl.reduce(top, 0, _max_nan)  # NaN-propagating: a NaN in V gives a NaN channel scale
+    return max_nan_reduce(top, 0)  # NaN-propagating: a NaN in V gives a NaN channel scale
 
 
 @triton.jit

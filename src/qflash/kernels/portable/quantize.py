@@ -30,7 +30,7 @@ from .interpreter import apply_if_interpreting
 # Under TRITON_INTERPRET=1 the interpreter's fp8/bf16 conversions, bf16 dots and fma differ from the
 # GPU's: fix them (once) before any of the family's kernels runs (every kernel module imports this one).
 apply_if_interpreting()
-from ..kv_quant import _reduce_partials
+from ..kv_quant import _reduce_partials, max_nan_reduce
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _max_nan(a, b):
 def absmax(x, axis):
     """max |x| along ``axis``, NaN if any element is NaN (``tl.max`` drops NaNs, on the GPU and in the
     interpreter alike). ``max.NaN.f32`` costs what ``max.f32`` does on sm_80+."""
-    return tl.reduce(tl.abs(x), axis, _max_nan)
+    return max_nan_reduce(tl.abs(x), axis)
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def quant_codes(x, KIND: tl.constexpr, PER_ROW: tl.constexpr):
         scale = tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32))
         y = x * inv[:, None]
     else:
-        amax = guard_amax(tl.reduce(absmax(x, 1), 0, _max_nan))
+        amax = guard_amax(max_nan_reduce(absmax(x, 1), 0))
         inv = tl.math.div_rn(QMAX, amax)
         scale = tl.math.div_rn(amax, QMAX)
         y = x * inv
