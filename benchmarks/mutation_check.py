@@ -9,7 +9,7 @@ the mutation is *caught* when at least one test fails. Paths:
 - ``sdpa``: the drop-in, ``qflash.sdpa`` (and the patched SDPA) for that preset;
 - ``ops``: ``qflash.ops.run``, the one host entry below the public API (eager and custom op).
 
-    python benchmarks/mutation_check.py                  # every preset x path (~15-30 min on 2 cores)
+    python benchmarks/mutation_check.py                  # every preset x path (~3 min on 2 cores)
     python benchmarks/mutation_check.py --paths sdpa --presets int8
 
 Prints one line per mutation (caught by which test, or SURVIVED) and exits 1 if any survived.
