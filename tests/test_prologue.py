@@ -383,7 +383,7 @@ def test_prologue_nan_reaches_the_scales(gen):
 def test_prologue_kernels_compile_for_sm90():
     """The Triton kernels of Flux's int8-fp8 prologue compile for sm_90a here (no GPU: a subprocess
     without TRITON_INTERPRET). Spill instructions measured (Triton 3.6, D 128): token statistics 0,
-    reduce 0, codes 270; the bound catches a regression to the thousands an earlier layout had."""
+    reduce 0, codes 261; the bound catches a regression to the thousands an earlier layout had."""
     import json
     import os
     import subprocess

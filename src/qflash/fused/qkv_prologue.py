@@ -57,7 +57,7 @@ import triton.language as tl
 
 from ..config import GranularityKind, Precision, QuantConfig, resolve_quant
 from ..kernels.common import next_pow2
-from ..kernels.kv_quant import _symmetric_codes
+from ..kernels.kv_quant import _max_nan, _symmetric_codes, max_nan_reduce
 from ..quant.kv import V_BLOCK, V_ORDERS, QuantizedKV, quantize_kv_reference, unsupported_reason
 from .rmsnorm_rope import rmsnorm_rope_reference
 
@@ -77,23 +77,15 @@ TOKEN_T = 32
 TOKEN_HEADS = 8
 TOKEN_WARPS = 4
 # Codes (prologue_quant_kernel), from sm_90a compiles on a CPU (``qflash.fused.compile_check``: spill
-# instructions at D 128 with RoPE): 128-row sub-tile x 16 warps 270 (64 x 16 and 64 x 8 spilled more)
+# instructions at D 128 with RoPE): 128-row sub-tile x 16 warps 261 (64 x 16 and 64 x 8 spilled more)
 QUANT_WARPS = 16
 QUANT_SUB = 128  # rows the codes pass holds at once (of its V_BLOCK keys)
 
 
 @triton.jit
-def _max_nan(a, b):
-    # NaN-propagating max (``tl.max`` drops NaNs): a NaN input gives a NaN scale, never finite codes
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _absmax_nan(x, AXIS: tl.constexpr):
-    """Maxima of |x| along AXIS, NaN where that slice holds a NaN (``tl.max`` alone drops NaNs; a
-    ``tl.reduce`` with a NaN-aware combine is as exact but ~30x slower in the CPU interpreter)."""
-    has_nan = tl.sum((x != x).to(tl.int32), axis=AXIS) > 0
-    return tl.where(has_nan, float("nan"), tl.max(tl.abs(x), axis=AXIS))
+    """Maxima of |x| along AXIS, NaN where that slice holds a NaN (``kv_quant.max_nan_reduce``)."""
+    return max_nan_reduce(tl.abs(x), AXIS)
 
 
 @triton.jit
