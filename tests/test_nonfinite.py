@@ -83,7 +83,7 @@ def test_nonfinite_inputs_propagate_like_sdpa(gen, case, quant, backend):
         # v's channel scale is Inf: 0·Inf codes give NaN (documented) on the CPU paths; the GPU's
         # fp32 arithmetic may keep SDPA's +Inf there (H200: SDPA's values exactly)
         got, want = out[ref_bad], ref[ref_bad]
-        assert (got.isnan() | (got == want)).all()
+        assert (got.isnan() | ((got == want) & (DEV == "cuda" and backend == "portable"))).all()
     else:
         assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isposinf(), ref.isposinf())
     # the finite part is still attention (none: the exact values)

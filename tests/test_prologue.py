@@ -91,6 +91,14 @@ def _assert_same_q(got: torch.Tensor, want: torch.Tensor):
     assert rel_l2(a, b) < 2e-3
 
 
+def _assert_same_scales(got: torch.Tensor, want: torch.Tensor):
+    """Scales from the same maxima: equal on the interpreter, within an ulp or two on a GPU."""
+    if got.is_cuda:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(got, want)
+
+
 def _assert_same_kv(got: QuantizedKV, want: QuantizedKV):
     assert got.quant is want.quant and got.v_order == want.v_order and got.dtype == want.dtype
     # K codes: the K mean is summed in another order than torch.mean, so a code on a rounding
@@ -100,8 +108,8 @@ def _assert_same_kv(got: QuantizedKV, want: QuantizedKV):
     assert diff.max().item() <= step and (diff > 0).float().mean().item() < 1e-3
     torch.testing.assert_close(got.k_scale, want.k_scale, rtol=1e-6, atol=0)
     if want.k_mean is not None:
-        # atol: a mean near zero summed in another order (measured 3.8e-6 on an H200, bf16 inputs)
-        torch.testing.assert_close(got.k_mean, want.k_mean, rtol=1e-5, atol=1e-5)
+        # atol on a GPU: a mean near zero summed in another order (measured 3.8e-6 on an H200, bf16)
+        torch.testing.assert_close(got.k_mean, want.k_mean, rtol=1e-5, atol=1e-5 if got.k_mean.is_cuda else 1e-6)
     if want.quant.quantizes_pv:
         # e4m3 codes (zero padding included): Triton's fp32 -> e4m3 conversion and PyTorch's differ
         # by one step on a few values (measured 0.13 % on the interpreter with the shim; an H200
@@ -110,7 +118,7 @@ def _assert_same_kv(got: QuantizedKV, want: QuantizedKV):
         step = 2.0 ** (torch.floor(torch.log2(torch.maximum(a.abs(), b.abs()).clamp(min=2.0 ** -6))) - 3)
         assert ((a - b).abs() <= step).all() and (a != b).float().mean().item() < 1e-2
         # the same maxima; on a GPU Triton's fp32 division is not IEEE-rounded (one ulp apart)
-        torch.testing.assert_close(got.v_scale, want.v_scale, rtol=1e-6, atol=0)
+        _assert_same_scales(got.v_scale, want.v_scale)
     else:
         assert torch.equal(got.v, want.v)
 
@@ -149,7 +157,7 @@ def test_prologue_matches_unfused_path(gen, monkeypatch, preset, B, S_txt, S_img
         # V: bit for bit (a maximum does not depend on the order); K: the mean is summed per head
         # group in another order than kv_quant's, a code may move one step (measured: none moved)
         assert torch.equal(qkv.v.view(torch.uint8), vt.view(torch.uint8))
-        torch.testing.assert_close(qkv.v_scale, vs, rtol=1e-6, atol=0)
+        _assert_same_scales(qkv.v_scale, vs)
         diff = (qkv.k.float() - kc.float()).abs()
         assert diff.max().item() <= (1 if kc.dtype == torch.int8 else 64) and (diff > 0).float().mean() < 1e-3
         torch.testing.assert_close(qkv.k_scale, ks, rtol=1e-6, atol=0)
@@ -255,8 +263,9 @@ def test_portable_kernel_on_quantized_kv(gen, preset, B, Hq, Hkv, Sq, Sk, D, cau
     # 8.4e-3 / 8.5e-3); lse max |diff| int8 5.0e-3, int8-fp8 3.3e-3, fp8 3.2e-2 (Q codes one FP8
     # step apart where Triton's and PyTorch's e4m3 rounding differ move a score)
     # H200: int8 1.68e-3 and int8-fp8 lse 5.1e-3 (GPU fp32 exp2 / division rounding)
-    assert err["fq"] < (2.5e-3 if not cfg.quantizes_pv else 8e-3), err
-    assert err["lse"] < {"int8": 7.5e-3, "int8-fp8": 7.5e-3, "fp8": 5e-2}[preset], err
+    gpu = DEV == "cuda"
+    assert err["fq"] < (8e-3 if cfg.quantizes_pv else 2.5e-3 if gpu else 1.6e-3), err
+    assert err["lse"] < {"int8": 7.5e-3, "int8-fp8": 7.5e-3 if gpu else 5e-3, "fp8": 5e-2}[preset], err
     assert err["exact"] < {"int8": 0.015, "int8-fp8": 0.058, "fp8": 0.08}[preset], err  # test_attention_api's budgets
     # the unfused path quantises K itself (another K-mean summation; at small sizes inside the
     # kernel, with other P·V tiles): measured int8 0 (bit-identical) / 1.9e-4 (the small GQA call
@@ -282,7 +291,7 @@ def test_fused_prologue_attention_matches_unfused_attention(gen, preset):
     # measured: int8 fused == unfused bit for bit; int8-fp8 1.45e-2 (the unfused small call quantises
     # inside the kernel, other P tiles); fused vs the fake-quant reference int8 8.4e-4, int8-fp8 2.3e-3
     # (H200: int8-fp8 5.4e-3)
-    assert rel_l2(fused.transpose(1, 2), fq) < (1.3e-3 if preset == "int8" else 8e-3)
+    assert rel_l2(fused.transpose(1, 2), fq) < (1.3e-3 if preset == "int8" else 8e-3 if DEV == "cuda" else 3.5e-3)
     assert rel_l2(fused, unfused) < (1e-6 if preset == "int8" else 2.2e-2)
     assert torch.isfinite(fused).all()
 
