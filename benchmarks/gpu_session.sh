@@ -17,7 +17,7 @@ has() { [[ "$STAGES" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if has tests; then
-  # ten shards in parallel, two CPU threads each: Triton compiles and the CPU references dominate
+  # eleven shards in parallel, two CPU threads each: Triton compiles and the CPU references dominate
   # the GPU test time, and torch's default (one thread per core in every shard) starved them
   # (session 6: 16 pytest-xdist workers reached 4 % in 520 s; these shards all finished in <= 430 s
   # on the H200). `python3 -u`: a shard that `timeout` kills keeps the output it printed.
@@ -35,7 +35,8 @@ if has tests; then
   run_shard 5 tests/test_backward.py -k "$BIG" &
   run_shard 6 tests/test_backward.py -k "not ($BIG)" &
   run_shard 7 tests/test_small_calls.py tests/test_hopper.py tests/test_checks.py tests/test_tuning.py &
-  run_shard 8 tests/test_nonfinite.py tests/test_interpreter_fixes.py tests/test_fuzz_kernels.py tests/test_prologue_quality.py &
+  run_shard 8 tests/test_nonfinite.py tests/test_interpreter_fixes.py tests/test_prologue_quality.py &
+  run_shard 11 tests/test_fuzz_kernels.py &  # compiles a kernel for most draws
   run_shard 9 tests/test_prologue.py tests/test_prologue_diffusers.py tests/test_bitexact_golden.py \
     tests/test_architecture.py tests/test_transformers.py tests/test_parallel.py tests/test_cli_accuracy.py \
     tests/test_readme.py &

@@ -141,7 +141,9 @@ def run_problem(pb):
 
 
 @pytest.mark.interpreter
-@settings(max_examples=100, deadline=None, derandomize=True,
+# On a GPU every new (preset, head dim, dtype, mask) combination is a real Triton compile (~3-5 s):
+# 100 draws ran past 200 s on the H200, so the GPU run takes the first 40 of the same sequence.
+@settings(max_examples=40 if DEV == "cuda" else 100, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(problems())
 def test_kernel_path_fuzz(pb):

@@ -385,7 +385,7 @@ def _gpu_worker(rank: int, P: int, path: str, outdir: str) -> None:
 
 @pytest.mark.gpu
 def test_one_gpu_world_runs_the_cuda_path():
-    """Not run here (no GPU): tolerances are guesses, to be set from the lead's run (~1.5x measured)."""
+    """NCCL with one rank on the CUDA path (skips without a GPU); bounds from the H200 run."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     got = spawn(_gpu_worker, 1, start_method="spawn")[0]
@@ -393,9 +393,17 @@ def test_one_gpu_world_runs_the_cuda_path():
         m = got[spec[0]]
         assert "error" not in m, m["error"]
         assert m["dtype_ok"] and m["shape_ok"], m
-        # one rank: the ring is one diagonal block, Ulysses/hybrid one local call: same kernels as
-        # one qflash.attention call, so out and lse agree to the output dtype's rounding
-        assert m["out"] < 1e-2 and m["lse"] < 1e-3, m
+        # one rank: the ring is one diagonal block, Ulysses/hybrid one local call. `none` runs the
+        # same kernels as one qflash.attention call: out and lse agree to the output dtype's
+        # rounding. A quantised ring case may run another kernel family than the single call (the
+        # ring's int8-fp8 goes through quantize_kv + the portable kernel, the single call through
+        # the Hopper kernel): the two quantised outputs differ by ~1% (H200, 2026-12-02: 1.03e-2),
+        # so the check there is that the ring is as close to exact attention as the single call.
+        assert m["lse"] < 1e-3, (spec[0], m)
+        if spec[9] == "none":
+            assert m["out"] < 1e-2, (spec[0], m)
+        else:
+            assert m["out"] < 2.5e-2 and m["exact"] < 1.15 * m["single_exact"] + 1e-3, (spec[0], m)
         for key in ("dq", "dk", "dv"):  # same gradient policy (reuse/recompute) and kernels
             assert m[key] < 2e-2, (key, m)
         assert m["exact"] < 1.5 * max(m["single_exact"], 1e-3), m
