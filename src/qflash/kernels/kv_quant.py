@@ -39,15 +39,10 @@ KIND_FP8 = 3
 
 MAX_CHUNKS = 16  # partials per head of the statistics pass (the quantiser sums them in one load)
 
-# Launch shapes (H200 measurements in docs/perf/NOTES.md, session 7). Above TOKEN_STATS_MIN_KEYS
-# keys the statistics come from the prologue's token-major launch (``qkv_prologue``'s
-# prologue_token_stats_kernel without norm or rotation: STATS_TOKENS tokens x STATS_HEADS heads per
-# program, one token's heads at a time) and its reduce launch, instead of ``kv_stats_kernel``'s
-# per-head 64-key tiles: the same loop shape that took the prologue's statistics from 965 to 173 µs
-# at Flux 2048px. Below it, kv_stats_kernel needs one tile per program and one launch less.
-TOKEN_STATS_MIN_KEYS = MAX_CHUNKS * 64 + 1
-STATS_TOKENS, STATS_HEADS, STATS_WARPS = 32, 8, 4
-# the codes launch: N_PARTS 2 gives K and V their own programs
+# The codes launch (H200, session 7, docs/perf/NOTES.md): N_PARTS 2 gives K and V their own programs
+# (half the tiles live per program). With the token-major statistics of that session's sweep it
+# took Flux's K/V from 106.6 to 99.8 µs (4096+512 keys) and 256.8 to 250.9 µs (16384+512); 16 warps
+# were slower at both sizes (124.5 / 354.0 µs with one part).
 QUANT_WARPS, QUANT_PARTS = 8, 2
 
 
@@ -235,47 +230,6 @@ _STATS = FastLauncher(kv_stats_kernel, n_pointers=4)
 _QUANT = FastLauncher(quantize_kv_kernel, n_pointers=8)
 
 
-_TOKEN_STATS = _TOKEN_REDUCE = None
-
-
-def _token_stats(k: torch.Tensor, v: torch.Tensor, smooth_k: bool, per_channel: bool, pad: int):
-    """K sums and |V| channel maxima (B·Hkv, 1, D) fp32 of (B, Hkv, Sk, D) k, v (channel stride 1)
-    by the prologue's token-major statistics launch (no Q, norm or rotation) and its reduce launch.
-    The row order of the sums differs from ``kv_stats_kernel``'s (the K mean can move by an ulp)."""
-    global _TOKEN_STATS, _TOKEN_REDUCE
-    if _TOKEN_STATS is None:
-        # imported here: qkv_prologue imports this module (its codes share _symmetric_codes)
-        from ..fused.qkv_prologue import prologue_reduce_kernel, prologue_token_stats_kernel
-
-        _TOKEN_STATS = FastLauncher(prologue_token_stats_kernel, n_pointers=15)
-        _TOKEN_REDUCE = FastLauncher(prologue_reduce_kernel, n_pointers=4)
-    B, Hkv, Sk, D = k.shape
-    dev = k.device
-    n_tc = -(-Sk // STATS_TOKENS)
-    heads = min(STATS_HEADS, 1 << (Hkv - 1).bit_length())
-    kpart = torch.empty((B * Hkv, n_tc, D), dtype=torch.float32, device=dev) if smooth_k else None
-    vpart = torch.empty((B * Hkv, n_tc, D), dtype=torch.float32, device=dev) if per_channel else None
-    kpart = kpart if kpart is not None else vpart  # an unused partial buffer aliases the used one
-    vpart = vpart if vpart is not None else kpart
-    ktot = torch.empty((B * Hkv, 1, D), dtype=torch.float32, device=dev)
-    vtot = torch.empty((B * Hkv, 1, D), dtype=torch.float32, device=dev) if per_channel else ktot
-    kbsh = (k.stride(0), k.stride(2), k.stride(1))  # the kernel's (batch, token, head) strides
-    vbsh = (v.stride(0), v.stride(2), v.stride(1))
-    no_q = (0, 0, 0)
-    # pointers: QA QB KA KB VA VB WQA WQB WKA WKB COS SIN QO KSum VMax (Q, weights, cos/sin unused)
-    # constexprs: HAS_Q, HAS_NORM, HAS_ROPE, SMOOTH_K, V_STATS, BLOCK_H, HEAD_DIM, HEAD_DIM_PAD
-    _TOKEN_STATS(grid=(n_tc, B, -(-Hkv // heads)),
-                 pointers=(k, k, k, k, v, v, ktot, ktot, ktot, ktot, ktot, ktot, ktot, kpart, vpart),
-                 scalars=(*no_q, *no_q, *kbsh, *kbsh, *vbsh, *vbsh, *no_q, 0, Hkv, 0, Sk, n_tc, STATS_TOKENS, 0.0,
-                          False, False, False, smooth_k, per_channel, heads, D, pad),
-                 num_warps=STATS_WARPS, num_stages=3)
-    rd = min(32, pad)
-    # constexprs: SMOOTH_K, V_STATS, RC, RD, HEAD_DIM
-    _TOKEN_REDUCE(grid=(B * Hkv, -(-D // rd)), pointers=(kpart, vpart, ktot, vtot),
-                  scalars=(n_tc, smooth_k, per_channel, 64, rd, D), num_warps=2, num_stages=3)
-    return ktot, vtot
-
-
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int, v_permuted: bool = False,
                 quant_k: bool = True):
     """K codes and scales, Vᵀ codes and scales (the table in this module's docstring), in at most two launches.
@@ -305,12 +259,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int
     ks = torch.empty((B, Hkv, nb), dtype=torch.float32, device=dev) if quant_k else vs
     ksum = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if smooth_k else vs
     vmax = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if per_channel else vs
-    if (smooth_k or per_channel) and Sk >= TOKEN_STATS_MIN_KEYS and B * Hkv > 0:
-        ksum, vmax = _token_stats(k, v, smooth_k, per_channel, pad)
-        ksum = ksum.view(B, Hkv, 1, D) if smooth_k else vs  # the partials' shape, one partial
-        vmax = vmax if per_channel else vs
-        n_chunks = 1  # the quantiser reads the reduced row
-    elif smooth_k or per_channel:
+    if smooth_k or per_channel:
         # positional records through FastLauncher: ~30 µs less CPU per launch than kernel[grid](...)
         # (SMOOTH_K, V_PER_CHANNEL, BLOCK, HEAD_DIM, HEAD_DIM_PAD are the constexprs, in order)
         _STATS(grid=(n_chunks, B * Hkv), pointers=(k, v, ksum, vmax),
