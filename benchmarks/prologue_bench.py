@@ -9,6 +9,10 @@ shape's outputs are checked against the first shape's (q and V bit for bit, K co
     python benchmarks/prologue_bench.py --flux                   # then examples/flux/run.py, same process,
                                                                  # with the fastest shape (what session 6 ran)
 
+``--flux`` in the same process disturbed session 6's 1024px rows (every mode 6–17 % slow, the SDPA
+baseline included); for recorded Flux numbers run ``examples/flux/run.py`` in its own process with
+the default launch shapes (what session 8 did).
+
 Session 6's numbers (H200) are in docs/perf/NOTES.md; the shapes there were measured with an
 earlier per-head statistics kernel as the first row (since removed).
 """
