@@ -33,7 +33,7 @@ SHAPES = {"tok32h8w4": (32, 8, 4), "tok16h8w4": (16, 8, 4), "tok64h8w4": (64, 8,
 
 # (codes programs per block (1: K and V together, 2: K and V apart), warps) of kv_quant's codes launch;
 # the first is session 6's launch (sm_90a: 255 registers at 8 warps, 128 at 16). Session 7 also swept
-# token-major statistics for kv_quant (the prologue's launch): -4.5 % at 16k keys, +14 % at 4.6k, dropped.
+# token-major statistics for kv_quant (the prologue's launch): -4.3 % at 16k keys, +14 % at 4.6k, dropped.
 KV_VARIANTS = {"p1w8": (1, 8), "p2w8": (2, 8), "p2w16": (2, 16)}
 
 
