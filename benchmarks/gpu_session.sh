@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: GPU tests, kernel sweeps, the kernel targets table (SDPA rerun in the same
 # process), the backward benchmark and the Flux end-to-end run; full logs under $OUT, a short
-# table last. Pick stages with STAGES (default: tests bench bwd flux; also: sweep launch prologue).
+# table last. Pick stages with STAGES (default: tests bench bwd flux; also: sweep launch small prologue).
 #   bash benchmarks/gpu_session.sh                     (on the GPU machine, from the repo root)
 #   STAGES="tests sweep launch" bash benchmarks/gpu_session.sh
 # diffusers is optional: if a wheel sits in .whl/ it is installed to /tmp/site first.
@@ -55,7 +55,13 @@ if has sweep; then
   timeout 120 python3 benchmarks/sweep.py --out "$OUT" --presets fp8,none --variants 2 >> "$OUT/sweep.log" 2>&1
 fi
 if has launch; then
-  timeout 200 python3 benchmarks/launch_overhead.py --out "$OUT" > "$OUT/launch.log" 2>&1
+  timeout 200 python3 benchmarks/launch_overhead.py --out "$OUT" --presets none,int8,int8-fp8,fp8,int4 --pieces \
+    > "$OUT/launch.log" 2>&1
+fi
+if has small; then  # issue 15: the six small shapes through `qflash bench` (SDPA rerun in the same process)
+  timeout 150 python3 -c "import sys; from qflash.cli import main; sys.exit(main(sys.argv[1:]))" bench --no-progress \
+    --out "$OUT/small" --shapes 1x1x64x64,1x1x512x64,1x1x1024x128,1x24x256x128,8x16x77x64,1x8x1:4096x128 \
+    > "$OUT/small.log" 2>&1
 fi
 if has bench; then
   timeout 200 python3 benchmarks/kernel_bench.py --out "$OUT" --quick --presets int8,int8-fp8,fp8,int4,none \
@@ -75,6 +81,7 @@ fi
 has prologue && { echo "== prologue"; grep -E "^(4096|16384|best)" "$OUT/prologue.log" | cut -c1-300; }
 has sweep && { echo "== sweep"; grep -E "^BEST|^shape" "$OUT/sweep.log"; }
 has launch && { echo "== launch (CPU us per call)"; grep -E "us/call|torch.mean|GPU us" "$OUT/launch.log"; }
+has small && { echo "== small shapes (qflash bench)"; grep -E "^### |qflash|^\| sdpa \|" "$OUT/small.log" | cut -c1-90; }
 has bwd && { echo "== backward"; tail -8 "$OUT/bwd_bench.log" 2>/dev/null; }
 has flux && { echo "== flux"; tail -14 "$OUT/flux.log" 2>/dev/null; }
 has bench && { echo "== kernels (forward, quantisation included)"; grep -E "^\|" "$OUT/kernel_bench.log" | tail -40; }

@@ -1,9 +1,10 @@
 """Compile the forward and backward kernels for sm_90a without a GPU; check shared memory and fp32 dots.
 
     python benchmarks/sm90_compile_check.py        (TRITON_INTERPRET must be unset)
+    QFLASH_COMPILE_PRESETS=int4 python benchmarks/sm90_compile_check.py   (one preset of the main grid)
 
 Uses the ptxas bundled with Triton. Every launch the launchers would make, for head dims 64, 96,
-128 and 256, fp32 and bf16, presets none / int8 / int8-fp8 and short and long sequences, with the
+128 and 256, fp32 and bf16, presets none / int8 / int8-fp8 / int4 and short and long sequences, with the
 configs the sm90 tables pick (and the TMA / rotated-loop variants at D128), is captured instead
 of launched and compiled for sm_90a. Its shared memory is compared with the H100's per-block limit
 (232,448 bytes), and fp32 launches must not multiply in plain TF32. It finds compile errors, tiles
@@ -34,6 +35,8 @@ from qflash.kernels.portable import bwd_launch, launch  # noqa: E402
 from qflash.kernels.portable import tuning as configs  # noqa: E402
 
 SMEM_LIMIT = 232448
+# the presets of the main grid; QFLASH_COMPILE_PRESETS=int4 compiles one (the whole grid takes ~20 min on 2 cores)
+PRESETS = tuple(os.environ.get("QFLASH_COMPILE_PRESETS", "none,int8,int8-fp8,int4").split(","))
 TARGET = GPUTarget("cuda", 90, 32)
 captured: list = []
 
@@ -86,7 +89,7 @@ def main() -> int:
     bad, n = [], 0
     for D in (64, 96, 128, 256):
         for dtype in (torch.float32, torch.bfloat16):
-            for preset in ("none", "int8", "int8-fp8"):
+            for preset in PRESETS:  # int4: Q smoothing's bias launch too
                 cfg = qflash.resolve_quant(preset)
                 for S in (512, 4096):
                     kc = configs._pick(cuda, *configs.config_key(D, cfg.quantizes_pv, S, S, cfg.quantizes_qk))

@@ -1,8 +1,9 @@
 """Launchers: allocate outputs, pick a config, compute the grid, call the Triton kernels.
 
-``attention_fwd`` runs at most two Triton launches — the fused quantiser and the attention
-kernel — plus, only when a preset asks for them, small PyTorch reductions that need every token
-(the K and V token means for smoothing) and the Q-bias GEMM of block bias restoration.
+``attention_fwd`` runs the fused quantiser (after the K/V statistics launch where a preset needs
+token statistics), Q smoothing's bias launch (``q_bias``, presets with ``smooth_q``), the attention
+kernel and, in the split-key mode, the merge; on the CPU interpreter the token means are small
+PyTorch reductions instead of the statistics launch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..fastlaunch import FastLauncher, PlanCache, note_host_op
 from ..kv_quant import _STATS as _KV_STATS
 from ..kv_quant import quantize_kv, stat_rows
 from . import attn_fwd, quantize, split_merge
+from .q_bias import q_bias
 from .support import kernel_support
 from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, pick_config, split_limits
 
@@ -269,8 +271,8 @@ def attention_fwd(
 
 def _replayable(q, k, v, scale) -> bool:
     """Whether a CUDA call of ``_attention_fwd`` runs on the caller's own tensors (no copy or
-    negation of an input). Torch ops inside the call (token means, Q smoothing's bias GEMM, the
-    lse correction of K smoothing) mark the recording itself (``note_host_op``) and keep it from
+    negation of an input). Torch ops inside the call (token means without the statistics launch, V
+    smoothing's mean, the lse correction of K smoothing) mark the recording itself (``note_host_op``) and keep it from
     becoming a plan."""
     return all(t.stride(-1) == 1 for t in (q, k, v)) and (scale is None or scale >= 0)
 
@@ -346,12 +348,9 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
             kind = _KIND[cfg.q.precision]
             if cfg.smooth_q:
                 block_m = min(block_m, codes.q_rows)  # one Q-mean block per program
-                k_mean = codes.key_mean()
-                k_sm = k.float() - k_mean[:, :, None, :] if k_mean is not None else k.float()
-                if Hkv != Hq:
-                    k_sm = k_sm.repeat_interleave(Hq // Hkv, dim=1)
-                bias = (codes.q_mean @ k_sm.transpose(-1, -2)) * qk_mult  # (B, Hq, nQblocks, Sk) fp32
-                note_host_op()
+                # (B, Hq, nQblocks, Sk) fp32, one recorded launch (the K mean from the statistics'
+                # partials when they ran, as the quantiser reduced it)
+                bias = q_bias(k, codes.q_mean, codes.k_mean, qk_mult, k_partials=codes.k_partials)
             if return_lse and codes.key_mean() is not None and Sk > 0:
                 km = codes.key_mean() if Hkv == Hq else codes.key_mean().repeat_interleave(Hq // Hkv, dim=1)
                 lse_corr = torch.matmul(q.float(), km[..., None]).squeeze(-1) * scale  # (B, Hq, Sq)
