@@ -169,7 +169,7 @@ def test_q_bias_launch_matches_torch(mean):
     replaced, q_mean · (k - k_mean)ᵀ · qk_mult, with GQA, a partial key tile, a padded head dim,
     the K mean from the statistics' partials, given whole, or absent; NaN in a key reaches only
     that key's column."""
-    from qflash.kernels.portable.q_bias import q_bias
+    from qflash.kernels.portable.smooth_terms import q_bias
 
     g = torch.Generator().manual_seed(11)
     B, Hq, Hkv, Sk, D, nqb = 2, 4, 2, 100, 48, 3
@@ -190,6 +190,30 @@ def test_q_bias_launch_matches_torch(mean):
     assert got.shape == (B, Hq, nqb, Sk) and got.dtype == torch.float32
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(got), nan) and nan.any()
+    torch.testing.assert_close(got[~nan].double(), want[~nan], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean", ["partials", "mean"])
+def test_lse_correction_launch_matches_torch(mean):
+    """K smoothing's lse term, scale · q · k_mean, equals the torch matmul it replaced: GQA, NHD q,
+    a partial query tile, a padded head dim, the mean from partials or given; NaN in q stays in
+    its row."""
+    from qflash.kernels.portable.smooth_terms import lse_correction
+
+    g = torch.Generator().manual_seed(12)
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 70, 90, 48
+    q = torch.randn(B, Sq, Hq, D, generator=g).to(torch.bfloat16).to(DEV).transpose(1, 2)
+    q[0, 3, 9, 2] = float("nan")
+    sums = (torch.randn(B, Hkv, 2, D, generator=g) * 30 + 20).to(DEV)  # two chunks' K sums
+    k_mean = sums.sum(2) / Sk
+    if mean == "partials":
+        got = lse_correction(q, None, 0.3, Sk, k_partials=sums.contiguous())
+    else:
+        got = lse_correction(q, k_mean, 0.3, Sk)
+    want = (q.double() @ k_mean.repeat_interleave(Hq // Hkv, dim=1).double()[..., None]).squeeze(-1) * 0.3
+    assert got.shape == (B, Hq, Sq) and got.dtype == torch.float32
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan) and nan.sum() == 1
     torch.testing.assert_close(got[~nan].double(), want[~nan], rtol=1e-5, atol=1e-5)
 
 

@@ -1,9 +1,10 @@
 """Launchers: allocate outputs, pick a config, compute the grid, call the Triton kernels.
 
 ``attention_fwd`` runs the fused quantiser (after the K/V statistics launch where a preset needs
-token statistics), Q smoothing's bias launch (``q_bias``, presets with ``smooth_q``), the attention
-kernel and, in the split-key mode, the merge; on the CPU interpreter the token means are small
-PyTorch reductions instead of the statistics launch.
+token statistics), smoothing's score terms (``smooth_terms``: Q smoothing's bias, K smoothing's
+lse correction when the lse is returned), the attention kernel and, in the split-key mode, the
+merge; on the CPU interpreter the token means are small PyTorch reductions instead of the
+statistics launch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..fastlaunch import FastLauncher, PlanCache, note_host_op
 from ..kv_quant import _STATS as _KV_STATS
 from ..kv_quant import quantize_kv, stat_rows
 from . import attn_fwd, quantize, split_merge
-from .q_bias import q_bias
+from .smooth_terms import lse_correction, q_bias
 from .support import kernel_support
 from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, pick_config, split_limits
 
@@ -272,7 +273,7 @@ def attention_fwd(
 def _replayable(q, k, v, scale) -> bool:
     """Whether a CUDA call of ``_attention_fwd`` runs on the caller's own tensors (no copy or
     negation of an input). Torch ops inside the call (token means without the statistics launch, V
-    smoothing's mean, the lse correction of K smoothing) mark the recording itself (``note_host_op``) and keep it from
+    smoothing's mean) mark the recording itself (``note_host_op``) and keep it from
     becoming a plan."""
     return all(t.stride(-1) == 1 for t in (q, k, v)) and (scale is None or scale >= 0)
 
@@ -351,10 +352,9 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
                 # (B, Hq, nQblocks, Sk) fp32, one recorded launch (the K mean from the statistics'
                 # partials when they ran, as the quantiser reduced it)
                 bias = q_bias(k, codes.q_mean, codes.k_mean, qk_mult, k_partials=codes.k_partials)
-            if return_lse and codes.key_mean() is not None and Sk > 0:
-                km = codes.key_mean() if Hkv == Hq else codes.key_mean().repeat_interleave(Hq // Hkv, dim=1)
-                lse_corr = torch.matmul(q.float(), km[..., None]).squeeze(-1) * scale  # (B, Hq, Sq)
-                note_host_op()
+            if return_lse and (codes.k_partials is not None or codes.k_mean is not None) and Sk > 0:
+                # K smoothing's shift of every score of a row, for the returned lse: (B, Hq, Sq) fp32
+                lse_corr = lse_correction(q, codes.k_mean, scale, Sk, k_partials=codes.k_partials)
         else:
             qa, ka, qs, ks = q, k, q, k  # scales unused for float operands
             q_scale_block = k_scale_block = 1
