@@ -39,10 +39,10 @@ KIND_FP8 = 3
 
 MAX_CHUNKS = 16  # partials per head of the statistics pass (the quantiser sums them in one load)
 
-# The codes launch (H200, session 7, docs/perf/NOTES.md): N_PARTS 2 gives K and V their own programs
-# (half the tiles live per program). With the token-major statistics of that session's sweep it
-# took Flux's K/V from 106.6 to 99.8 µs (4096+512 keys) and 256.8 to 250.9 µs (16384+512); 16 warps
-# were slower at both sizes (124.5 / 354.0 µs with one part).
+# The codes launch (H200, docs/perf/NOTES.md "Sessions 7-8"): N_PARTS 2 gives K and V their own
+# programs (half the tiles live per program), same codes bit for bit. kv_quant at Flux's K/V
+# (4096+512 / 16384+512 keys): one part 93.4 / 269.2 µs, two parts 92.7 / 268.2 µs (within noise),
+# two parts at 16 warps 108.2 / 317.6 µs.
 QUANT_WARPS, QUANT_PARTS = 8, 2
 
 

@@ -103,14 +103,10 @@ class QKVCodes:
     q_rows: int
     k_rows: int
     v_rows: int
-    k_partials: torch.Tensor | None = None  # (B, Hkv, n_chunks, D) K sums when the stats kernel ran
+    # (B, Hkv, n_chunks, D) K sums when the statistics kernel ran (k_mean is then None): the kernels
+    # that need the mean reduce them as the quantiser does (``smooth_terms``)
+    k_partials: torch.Tensor | None = None
     sk: int = 0
-
-    def key_mean(self) -> torch.Tensor | None:
-        """The K token mean (B, Hkv, D) fp32 used for smoothing, or None without smoothing."""
-        if self.k_mean is None and self.k_partials is not None:  # a torch op: such calls are not plans
-            self.k_mean = self.k_partials.sum(dim=2) / self.sk
-        return self.k_mean
 
 
 def _rows(g, default: int) -> int:
