@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from .config import Precision, QuantConfig, resolve_quant
+from .config import Granularity, OperandQuant, Precision, QuantConfig, resolve_quant
 from .quant.core import block_mean, dequantize, expand_scales, quantize, token_mean
 
 __all__ = ["exact_attention", "fake_quant_attention", "fake_quant_attention_kv", "keep_mask", "expand_kv", "reference_backward"]
@@ -126,6 +126,7 @@ def fake_quant_attention(
     return_lse: bool = False,
     block_n: int = 64,
     top_left: bool = False,
+    stat_block: int | None = None,
 ):
     """Attention computed the way the qflash kernels compute it for ``quant``.
 
@@ -134,6 +135,10 @@ def fake_quant_attention(
         quant: preset name or ``QuantConfig``.
         block_n: key-tile width of the online softmax; P is rounded to its precision per tile
             relative to the running row maximum, exactly as a kernel with ``BLOCK_N = block_n``.
+        stat_block: K/V token statistics per block of this many keys instead of over all keys
+            (the one-launch kernel's split-key mode, one block per split): K and V means per
+            block, V's per-channel scales (``channel(0)``) per block; each block's q·mean shift
+            is added back to its scores. None: over all keys.
 
     Returns ``out`` in q's dtype, or ``(out, lse)``.
     """
@@ -141,10 +146,18 @@ def fake_quant_attention(
     Sk = k.shape[2]
     kf, vf = k.float(), v.float()
     # --- K/V side: smoothing and quantisation -------------------------------------------------
-    k_mean = token_mean(kf) if cfg.smooth_k and Sk else None
+    if stat_block:
+        if cfg.quantizes_pv and cfg.v.granularity == Granularity.channel(0):
+            cfg = cfg.with_(v=OperandQuant(cfg.v.precision, Granularity.channel(stat_block)), name=cfg.name)
+        k_mean = _per_key(block_mean(kf, stat_block), stat_block, Sk) if cfg.smooth_k and Sk else None
+    else:
+        k_mean = token_mean(kf) if cfg.smooth_k and Sk else None
     ks = kf - k_mean if k_mean is not None else kf
     k_hat = dequantize(quantize(ks, cfg.k), torch.float64) if cfg.quantizes_qk else None
-    v_mean = token_mean(vf) if cfg.smooth_v and Sk else None
+    if stat_block:
+        v_mean = _per_key(block_mean(vf, stat_block), stat_block, Sk) if cfg.smooth_v and Sk else None
+    else:
+        v_mean = token_mean(vf) if cfg.smooth_v and Sk else None
     vs = vf - v_mean if v_mean is not None else vf
     v_codes = v_scale = None
     if cfg.quantizes_pv:
@@ -154,6 +167,11 @@ def fake_quant_attention(
     return _fake_quant_core(q, k, v, cfg, k_mean, ks, k_hat, v_mean, v_codes, v_scale, causal=causal,
                             attn_mask=attn_mask, scale=scale, return_lse=return_lse, block_n=block_n,
                             top_left=top_left)
+
+
+def _per_key(block_stats: torch.Tensor, block: int, sk: int) -> torch.Tensor:
+    """(..., ceil(Sk/block), D) per-block statistics repeated to (..., Sk, D), one row per key."""
+    return block_stats.repeat_interleave(block, dim=-2)[..., :sk, :]
 
 
 def fake_quant_attention_kv(
@@ -213,6 +231,11 @@ def _fake_quant_core(q, k, v, cfg, k_mean, ks, k_hat, v_mean, v_codes, v_scale, 
     if q_mean is not None:
         bias = q_mean @ expand_kv(ks, Hq).transpose(-1, -2)  # (B, Hq, nQblocks, Sk), fp32
         scores = scores + bias.repeat_interleave(cfg.q_mean_block, dim=-2)[..., :Sq, :]
+    # per-block K means (stat_block): each key's own shift goes back into its score (one mean for
+    # all keys shifts every score of a row alike: the softmax drops it, the lse gets it back below)
+    block_k_mean = k_mean is not None and k_mean.shape[-2] > 1 and cfg.quantizes_qk
+    if block_k_mean:
+        scores = scores + qf @ expand_kv(k_mean, Hq).transpose(-1, -2)
     keep, additive = keep_mask(Sq, Sk, causal, attn_mask, q.device, top_left)
     t = _masked_scores(scores * scale, keep, additive)
     t = t.expand(B, Hq, Sq, Sk)
@@ -247,13 +270,16 @@ def _fake_quant_core(q, k, v, cfg, k_mean, ks, k_hat, v_mean, v_codes, v_scale, 
         m = m_new
     has_keys = l != 0  # 0 iff no visible key; a NaN row stays NaN
     out = torch.where(has_keys[..., None], acc / torch.where(has_keys, l, torch.ones_like(l))[..., None], torch.zeros_like(acc))
-    if v_mean is not None:
+    if v_mean is not None and v_mean.shape[-2] > 1:  # per-block V means: the softmax's mix of them
+        mix = torch.softmax(t, dim=-1) @ expand_kv(v_mean, Hq)  # (fully masked rows: NaN, not used)
+        out = torch.where(has_keys[..., None], out + mix, out)
+    elif v_mean is not None:
         out = torch.where(has_keys[..., None], out + expand_kv(v_mean, Hq), out)
     out = out.to(q.dtype)
     if not return_lse:
         return out
     lse = torch.where(has_keys, m + torch.log(torch.where(has_keys, l, torch.ones_like(l))), torch.full_like(l, float("-inf")))
-    if k_mean is not None:
+    if k_mean is not None and not block_k_mean:
         corr = scale * (qf @ expand_kv(k_mean, Hq).transpose(-1, -2)).squeeze(-1)
         lse = lse + torch.where(has_keys, corr, torch.zeros_like(corr))  # -inf stays -inf (NaN q rows)
     return out, lse

@@ -9,7 +9,9 @@ FP8 MMA accumulator keeps ~22 bits; one tile's partial sum stays well inside tha
 
 With ``FUSED_QUANT`` (small problems, one launch instead of three) the kernel reads the bf16/fp16
 inputs and quantises each Q, K and V tile itself with the fused quantiser's arithmetic
-(``quantize.quant_codes``), computing the K/V token means in a first pass over the keys.
+(``quantize.quant_codes``), computing the K/V token statistics in a first pass over the keys
+(in the split-key mode, over the split's keys: see ``reference.fake_quant_attention``'s
+``stat_block``). Its FP8 P·V multiplies the FP8-rounded P and V as bf16 (the same products).
 
 Key tiles are visited in two passes: tiles that need no masking (inside Sk and below the causal
 diagonal) run without any compare/select; the remaining tiles apply bounds, causal and mask.
@@ -50,24 +52,24 @@ def _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND: tl.constexpr, HEAD
 
 
 @triton.jit
-def _token_mean(base, stride_n, S, offs_d, dmask, BLOCK_N: tl.constexpr):
-    """Mean over the S rows of a (S, D) slice in fp32 (one pass, BLOCK_N rows at a time)."""
+def _token_mean(base, stride_n, s0, s1, offs_d, dmask, BLOCK_N: tl.constexpr):
+    """Mean over rows [s0, s1) of a (S, D) slice in fp32 (one pass, BLOCK_N rows at a time)."""
     total = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
-    for start in range(0, S, BLOCK_N):
+    for start in range(s0, s1, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         total += tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
-                         mask=(offs < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    return tl.sum(total, axis=0) / S
+                         mask=(offs < s1)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return tl.sum(total, axis=0) / (s1 - s0).to(tl.float32)
 
 
 @triton.jit
-def _token_absmax(base, stride_n, S, offs_d, dmask, BLOCK_N: tl.constexpr):
-    """Per-column max |x| over the S rows of a (S, D) slice (one pass, BLOCK_N rows at a time)."""
+def _token_absmax(base, stride_n, s0, s1, offs_d, dmask, BLOCK_N: tl.constexpr):
+    """Per-column max |x| over rows [s0, s1) of a (S, D) slice (one pass, BLOCK_N rows at a time)."""
     top = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
-    for start in range(0, S, BLOCK_N):
+    for start in range(s0, s1, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         top = _max_nan(top, tl.abs(tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
-                                           mask=(offs < S)[:, None] & dmask[None, :], other=0.0).to(tl.float32)))
+                                           mask=(offs < s1)[:, None] & dmask[None, :], other=0.0).to(tl.float32)))
     return max_nan_reduce(top, 0)  # NaN-propagating: a NaN in V gives a NaN channel scale
 
 
@@ -226,7 +228,11 @@ def _attn_tiles(
                     v_scale = tl.math.div_rn(v_amax, tl.full(v_amax.shape, 448.0, tl.float32))
                 else:
                     v, v_scale = fp8_channel_codes(vf)  # V_SCALE_BLOCK == BLOCK_N: the tile is the block
-                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v) * v_scale[None, :]
+                # P and V rounded to FP8, multiplied as bf16 (every e4m3 value is a bf16, so each
+                # product is the FP8 one, summed in fp32): V stays in the key-major layout it was
+                # loaded in, where the FP8 MMA needs it transposed through shared memory
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv).to(tl.bfloat16),
+                                                    v.to(tl.bfloat16)) * v_scale[None, :]
             else:
                 acc = _pv_fp8_tile(acc, alpha, p, v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
                                    start_n, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
@@ -408,15 +414,28 @@ def attn_fwd_kernel(
     v_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
     v_amax = tl.full([HEAD_DIM_PAD], 1.0, tl.float32)
     q_mean = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    lse_corr = tl.zeros([BLOCK_M], tl.float32)
+    # the keys the one-launch mode takes its statistics (K/V means, V's channel max) over: all of
+    # them, or in the split-key mode this split's block of keys, those the causal diagonal hides
+    # from this query tile included (so every query tile uses the same statistics). A split's own
+    # K mean shifts its scores by q·mean per row; its lse gets that back (HAS_LSE_CORR) before
+    # the merge weighs the splits.
+    stat_lo = 0
+    stat_hi = Sk
+    if SPLIT:
+        stat_lo = tl.program_id(2) * split_keys
+        stat_hi = tl.minimum(Sk, stat_lo + split_keys)
     if FUSED_QUANT and PV_FP8 and V_SCALE_BLOCK == 0:
-        v_amax = _token_absmax(v_base, stride_vn, Sk, offs_d, dmask, BLOCK_N)
+        v_amax = _token_absmax(v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
         v_amax = guard_amax(v_amax)  # quant.core: an all-zero group gets amax = 1, NaN stays NaN
     if FUSED_QUANT:
         xq = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         if SMOOTH_K:
-            k_mean = _token_mean(k_base, stride_kn, Sk, offs_d, dmask, BLOCK_N)
+            k_mean = _token_mean(k_base, stride_kn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
         if SMOOTH_V:
-            v_mean = _token_mean(v_base, stride_vn, Sk, offs_d, dmask, BLOCK_N)
+            v_mean = _token_mean(v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
+        if HAS_LSE_CORR:  # K smoothing's lse term, q·k_mean per row: now, so xq dies here
+            lse_corr = tl.sum(xq * k_mean[None, :], axis=1) * (qk_mult * 0.6931471805599453)
         xs = xq
         if SMOOTH_Q:  # BLOCK_M is the Q-mean block here
             q_mean = tl.sum(xq, axis=0) / tl.minimum(Sq - start_m, BLOCK_M).to(tl.float32)
@@ -526,7 +545,7 @@ def attn_fwd_kernel(
             lse = tl.where(m_i < -3.0e38, -3.4028234663852886e38, lse)
         # (the K-smoothing correction only where a key was seen: -inf + NaN (a NaN q row) would be NaN)
         if HAS_LSE_CORR and FUSED_QUANT:
-            lse += tl.where(has_keys, tl.sum(xq * k_mean[None, :], axis=1) * (qk_mult * 0.6931471805599453), 0.0)
+            lse += tl.where(has_keys, lse_corr, 0.0)
         elif HAS_LSE_CORR:
             lse += tl.where(has_keys, tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0), 0.0)
         tl.store(Lse + lse_row + offs_m, lse, mask=mrow)

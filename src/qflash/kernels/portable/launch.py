@@ -57,14 +57,24 @@ def _alloc_out(q: torch.Tensor, out_layout: str) -> torch.Tensor:
     return torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
 
 
-def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq: int, sk: int, block_m: int) -> bool:
-    """Quantise inside the attention kernel when the problem is small (see configs.FUSED_QUANT)."""
-    if not cfg.quantizes_qk or _fused_blocks(cfg, block_m, 64) is None:
+def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq: int, sk: int, block_m: int,
+                    split_keys: int | None = None, block_n: int = 64) -> bool:
+    """Quantise inside the attention kernel when the problem is small (see tuning.FUSED_QUANT).
+
+    ``sk`` keys per head; ``split_keys``: keys per program when the call is split (each split
+    quantises only its own keys, with its own statistics). ``split_keys=None`` (auto) counts the
+    split ``pick_split_keys`` would choose for the one-launch tiles."""
+    blocks = _fused_blocks(cfg, block_m, block_n) if cfg.quantizes_qk else None
+    if blocks is None:
         return False
     limits = fused_quant_limits(device)
     max_sk = limits["max_sk_smooth_q"] if cfg.smooth_q else limits["max_sk_fp8_pv"] if cfg.quantizes_pv \
         else limits["max_sk"]
-    return programs_bh * cdiv(sq, block_m) <= limits["max_programs"] and sk <= max_sk
+    programs = programs_bh * cdiv(sq, blocks[0])
+    if split_keys is None:
+        k_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else blocks[1]
+        split_keys = pick_split_keys(device, programs, sk, blocks[1], k_block, blocks[1] if cfg.quantizes_pv else 1)
+    return programs <= limits["max_programs"] and min(sk, split_keys or sk) <= max_sk
 
 
 def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, int] | None:
@@ -314,7 +324,7 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
     if pre_codes is not None:
         fused_quant = False
     elif fused_quant is None:
-        fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, Sk, block_m)
+        fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, Sk, block_m, split_keys, block_n)
     if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n) is None:
         raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
                          "(its scale groups are not kernel tiles)")
@@ -334,7 +344,7 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         v_scale_block = block_n if not cfg.quantizes_pv or cfg.v.granularity.size else 0
         stride_vn, v_bh, vs_strides = v.stride(2), (v.stride(0), v.stride(1)), (0, 0, 0)
         has_bias = bool(cfg.smooth_q)
-        has_lse_corr = bool(return_lse and cfg.smooth_k)
+        has_lse_corr = bool(return_lse and cfg.smooth_k)  # split calls: below
     else:
         if cfg.quantizes_qk:
             codes = pre_codes if pre_codes is not None else quantize_qkv(q, k, v, cfg)
@@ -403,6 +413,8 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         lse_dst = torch.empty((B * Hq, n_splits, Sq), dtype=torch.float32, device=dev)
         o_strides = (o_dst.stride(0), o_dst.stride(1), o_dst.stride(3))
         stride_os = o_dst.stride(2)
+        # the one-launch mode smooths K per split: each split's lse gets its own q·mean back
+        has_lse_corr = has_lse_corr or (fused and bool(cfg.smooth_k))
     else:
         o_dst, lse_dst, o_strides, stride_os = out, lse, out.stride()[:3], 0
     grid = (cdiv(Sq, block_m), B * Hq, n_splits)
@@ -439,14 +451,22 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
     )
     _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages)
     if n_splits > 1:
-        _MERGE((Sq, B * Hq), (o_dst, lse_dst, out, lse if lse is not None else lse_dst), (
+        rows = merge_rows(B * Hq * Sq)
+        _MERGE((cdiv(Sq, rows), B * Hq), (o_dst, lse_dst, out, lse if lse is not None else lse_dst), (
             *o_dst.stride()[:4], *out.stride()[:3], Hq, Sq, n_splits,
             lse is not None, max(next_pow2(n_splits), 2), D, head_dim_pad,  # RETURN_LSE, SPLITS_PAD, HEAD_DIM(_PAD)
+            rows,  # ROWS
         ), num_warps=4 if D > 64 else 2, num_stages=1)
     return out, lse
 
 
 _SM_COUNT: dict[int, int] = {}
+
+
+def merge_rows(rows: int) -> int:
+    """Output rows per program of the split merge: one while there are few (a decode step's
+    queries), more past ~512 so that each program has several rows' loads in flight."""
+    return 1 if rows <= 512 else 4 if rows <= 4096 else 8
 
 
 def pick_split_keys(dev: torch.device, programs: int, sk: int, block_n: int, k_block: int, v_block: int) -> int | None:

@@ -26,14 +26,15 @@ def split_merge_kernel(
     stride_ob, stride_oh, stride_om,
     Hq, Sq, n_splits,
     RETURN_LSE: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """Grid (Sq, B·Hq): one output row per program.
+    """Grid (cdiv(Sq, ROWS), B·Hq): ROWS output rows per program (independent, unrolled, so their
+    loads overlap; one row per program left most warps idle at 1024 rows × 8 splits).
 
     OPart (B, Hq, n_splits, Sq, D) fp32 with the given strides (channel stride 1); LsePart
     (B·Hq, n_splits, Sq) fp32 contiguous; Out a (B, Hq, Sq, D) view (channel stride 1) in the
     output dtype; Lse (B·Hq, Sq) fp32 contiguous when RETURN_LSE.
     """
-    m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -41,19 +42,23 @@ def split_merge_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     smask = offs_s < n_splits
     dmask = offs_d < HEAD_DIM
-    lse = tl.load(LsePart + (bh.to(tl.int64) * n_splits + offs_s) * Sq + m, mask=smask, other=float("-inf"))
-    top = tl.max(lse, axis=0)
-    top_use = tl.where(top == float("-inf"), 0.0, top)  # every split empty: keep exp finite
-    w = tl.exp(lse - top_use)  # 0 for empty splits
-    # empty splits wrote O = 0; a NaN lse (NaN input) gives a NaN weight and a NaN row, as SDPA's
-    w = tl.where(lse != lse, float("nan"), w)
-    total = tl.sum(w, axis=0)
-    parts = tl.load(OPart + b * stride_pb + h * stride_ph + offs_s[:, None].to(tl.int64) * stride_ps
-                    + m.to(tl.int64) * stride_pm + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-    has_keys = total != 0.0
-    out = tl.sum(parts * w[:, None], axis=0) / tl.where(has_keys, total, 1.0)
-    out = tl.where(has_keys, out, 0.0)
-    tl.store(Out + b * stride_ob + h * stride_oh + m.to(tl.int64) * stride_om + offs_d, out.to(Out.dtype.element_ty),
-             mask=dmask)
-    if RETURN_LSE:
-        tl.store(Lse + bh.to(tl.int64) * Sq + m, tl.where(has_keys, top_use + tl.log(total), float("-inf")))
+    for r in tl.static_range(ROWS):
+        m = tl.program_id(0) * ROWS + r
+        if m < Sq:
+            lse = tl.load(LsePart + (bh.to(tl.int64) * n_splits + offs_s) * Sq + m, mask=smask, other=float("-inf"))
+            top = tl.max(lse, axis=0)
+            top_use = tl.where(top == float("-inf"), 0.0, top)  # every split empty: keep exp finite
+            w = tl.exp(lse - top_use)  # 0 for empty splits
+            # empty splits wrote O = 0; a NaN lse (NaN input) gives a NaN weight and a NaN row, as SDPA's
+            w = tl.where(lse != lse, float("nan"), w)
+            total = tl.sum(w, axis=0)
+            parts = tl.load(OPart + b * stride_pb + h * stride_ph + offs_s[:, None].to(tl.int64) * stride_ps
+                            + m.to(tl.int64) * stride_pm + offs_d[None, :], mask=smask[:, None] & dmask[None, :],
+                            other=0.0)
+            has_keys = total != 0.0
+            out = tl.sum(parts * w[:, None], axis=0) / tl.where(has_keys, total, 1.0)
+            out = tl.where(has_keys, out, 0.0)
+            tl.store(Out + b * stride_ob + h * stride_oh + m.to(tl.int64) * stride_om + offs_d,
+                     out.to(Out.dtype.element_ty), mask=dmask)
+            if RETURN_LSE:
+                tl.store(Lse + bh.to(tl.int64) * Sq + m, tl.where(has_keys, top_use + tl.log(total), float("-inf")))
