@@ -109,7 +109,8 @@ FUSED_SPLIT_CASES = [
     ("int4", (1, 2, 2, 9, 384, 32), "bottom_right", None),
     ("int8-fp8+smooth_v", (1, 1, 1, 5, 256, 64), "none", None),
 ]
-# relL2 vs the fake-quant reference with per-split statistics, measured on the interpreter: int8
+# relL2 vs the fake-quant reference with per-split statistics, measured on the interpreter (the H200
+# within these bounds, session 9): int8
 # 1.1e-3, int8-fp8 3.2e-3, fp8 5.3e-3, int4 9.5e-4 (vs whole-sequence statistics: 6.3e-3, 1.8e-2,
 # 3.8e-2, 9.4e-2), int8-fp8 with smoothed V 5.5e-3 (2.4e-2); the lse within 1e-6. Bounds ~1.5x.
 FUSED_SPLIT_BOUND = {"int8": 1.6e-3, "int8-fp8": 5e-3, "fp8": 8e-3, "int4": 1.5e-3, "int8-fp8+smooth_v": 8e-3}
@@ -142,7 +143,8 @@ def test_split_keys_fused_quant_mode(preset, shape, causal, mask):
     assert torch.equal(l == float("-inf"), empty) and (o[empty] == 0).all()
     assert not o.isnan().any() and not l.isnan().any()
     assert rel_l2(o, o_fq) < FUSED_SPLIT_BOUND[preset]
-    assert (l[~empty] - l_fq[~empty]).abs().max().item() < 1e-5
+    # (on the GPU, measured 6e-5: torch's CUDA mean rounds differently, a rare code moves one step)
+    assert (l[~empty] - l_fq[~empty]).abs().max().item() < 2e-4
     assert rel_l2(o, o_ex) < {"int4": 0.22}.get(name, EXACT_BOUND.get(name, 0.02))
     assert (l[~empty] - l_ex[~empty]).abs().max().item() < {"int4": 0.3}.get(name, LSE_BOUND.get(name, 0.02))
 
@@ -201,6 +203,9 @@ def test_pick_split_keys_policy(monkeypatch):
     keys = launch.pick_split_keys(dev, 16, 1024, 64, 128, 128)
     assert keys == 128 * math.ceil(1024 / 8 / 128)
     assert launch.pick_split_keys(torch.device("cpu"), 1, 4096, 64, 1, 1) is None
+    # the one-launch mode: one 128-key tile per split where the SMs allow (16 programs x 8 splits)
+    assert launch.pick_split_keys(dev, 16, 1024, 64, 1, 1, one_launch=True) == 128
+    assert launch.pick_split_keys(dev, 8, 4096, 128, 128, 128, one_launch=True) == 256  # 132 // 8 splits
 
 
 @pytest.mark.parametrize("preset", ["int8-fp8", "int4"])

@@ -23,7 +23,7 @@ from ..kv_quant import quantize_kv, stat_rows
 from . import attn_fwd, quantize, split_merge
 from .smooth_terms import lse_correction, q_bias
 from .support import kernel_support
-from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, pick_config, split_limits
+from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, fused_tiles, pick_config, split_limits
 
 FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the kernel's DOT_PRECISION)
 _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
@@ -73,7 +73,8 @@ def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq
     programs = programs_bh * cdiv(sq, blocks[0])
     if split_keys is None:
         k_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else blocks[1]
-        split_keys = pick_split_keys(device, programs, sk, blocks[1], k_block, blocks[1] if cfg.quantizes_pv else 1)
+        split_keys = pick_split_keys(device, programs, sk, blocks[1], k_block, blocks[1] if cfg.quantizes_pv else 1,
+                                     one_launch=True)
     return programs <= limits["max_programs"] and min(sk, split_keys or sk) <= max_sk
 
 
@@ -329,6 +330,11 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
                          "(its scale groups are not kernel tiles)")
     fused = bool(fused_quant) and cfg.quantizes_qk and Sk > 0
+    if fused and kernel_config is None:
+        tiles = fused_tiles(dev, D, B * Hq * cdiv(Sq, 64), Sq)  # (rows, warps) for this GPU, or None
+        if tiles is not None:
+            kc = dataclasses.replace(kc, block_m=tiles[0], num_warps=tiles[1])
+            block_m = kc.block_m
 
     bias = lse_corr = None
     codes = None
@@ -401,7 +407,7 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
     dummy = qs
     if split_keys is None:
         split_keys = pick_split_keys(dev, B * Hq * cdiv(Sq, block_m), Sk, block_n,
-                                     k_scale_block, v_scale_block if cfg.quantizes_pv else 1)
+                                     k_scale_block, v_scale_block if cfg.quantizes_pv else 1, one_launch=fused)
     n_splits = cdiv(Sk, split_keys) if split_keys else 1
     if n_splits > 1:
         if split_keys % block_n or (k_scale_block > 1 and split_keys % k_scale_block) or \
@@ -469,10 +475,13 @@ def merge_rows(rows: int) -> int:
     return 1 if rows <= 512 else 4 if rows <= 4096 else 8
 
 
-def pick_split_keys(dev: torch.device, programs: int, sk: int, block_n: int, k_block: int, v_block: int) -> int | None:
+def pick_split_keys(dev: torch.device, programs: int, sk: int, block_n: int, k_block: int, v_block: int,
+                    one_launch: bool = False) -> int | None:
     """Keys per split when a call has too few query-tile programs to fill the GPU (flash-decoding):
-    enough splits to give every SM a program, at least two key tiles each, split boundaries on
-    whole K/V scale blocks; None (no split) on the CPU, or when the grid is already full."""
+    enough splits to give every SM a program, at least two key tiles each (``one_launch``: at
+    least 128 keys, one tile of 128 — the one-launch mode's statistics pass and quantisation are
+    per program, so it wants short splits; measured in ``tuning.FUSED_QUANT``), split boundaries
+    on whole K/V scale blocks; None (no split) on the CPU, or when the grid is already full."""
     if dev.type != "cuda":
         return None
     sms = _SM_COUNT.get(dev.index)
@@ -482,7 +491,7 @@ def pick_split_keys(dev: torch.device, programs: int, sk: int, block_n: int, k_b
     if programs * 2 > sms or sk < limits["min_sk"]:
         return None
     align = math.lcm(block_n, max(k_block, 1), max(v_block, 1))
-    splits = min(sms // programs, cdiv(sk, 2 * block_n), limits["max_splits"])
+    splits = min(sms // programs, cdiv(sk, max(block_n, 128) if one_launch else 2 * block_n), limits["max_splits"])
     if splits < 2:
         return None
     keys = cdiv(cdiv(sk, splits), align) * align

@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "BWD_TABLES", "BwdConfig", "DEFAULT", "FP32_STAGE_CAPS", "FUSED_QUANT", "KernelConfig", "TABLES", "describe",
+    "fused_tiles",
     "gpu_key", "load_user_table", "pick_bwd_config", "pick_config", "reload", "user_table_path",
 ]
 
@@ -94,9 +95,34 @@ FUSED_QUANT: dict[str, dict[str, int]] = {
     # 512²x64 18.5 / 15.8; 64² 9.8 / 12.1, 8x16x77x64 13.8 / 19.6); int8 ties at 256-512 keys
     # and wins below (8x16x77x64 10.1 / 14.6, 256 programs of 64 rows); int4's separate path adds
     # torch ops for Q smoothing, so its one-launch mode wins up to 1024 keys (1024²x128 31.7 / 46.3)
-    "sm90": {"max_programs": 256, "max_sk": 512, "max_sk_fp8_pv": 128, "max_sk_smooth_q": 1024},
+    # H200 (session 9, benchmarks/small_modes.py, h200-small-modes-2026-12-02.json): the split
+    # one-launch mode (statistics per split) at one or two 128-key tiles per program beats the
+    # separate quantiser for every preset at the six small shapes (1024²x128 int8 / int8-fp8 / int4
+    # 18.0 / 20.9 / 21.0 µs against 20.2 / 25.3 / 27.1; 1x8x1:4096x128 18.5 / 20.8 / 22.9 against
+    # 26.8 / 32.3 / 36.9); unsplit, 512 keys per program lose (512²x64 20.0 / 22.0 / 22.0 against
+    # 12.5 / 15.4 / 16.7) and 256 tie or win (1x24x256x128 16.9 / 20.5 / 20.6 against
+    # 16.6 / 22.1 / 25.8). The limits count keys per program (per split when split).
+    "sm90": {"max_programs": 256, "max_sk": 256, "max_sk_fp8_pv": 256, "max_sk_smooth_q": 256},
 }
 FUSED_QUANT_DEFAULT = {"max_programs": 64, "max_sk": 512, "max_sk_fp8_pv": 512, "max_sk_smooth_q": 512}
+
+
+def fused_tiles(device: torch.device, head_dim: int, programs: int, sq: int) -> tuple[int, int] | None:
+    """(BLOCK_M, num_warps) of the one-launch mode on this GPU (None: keep the picked config).
+
+    ``programs``: query-tile programs at 64 rows each (before any key split); ``sq`` queries.
+    The one-launch tiles hold fp32 copies of the K/V tiles they quantise: at 4 warps, D128 spills
+    ~1.9 KB per thread (sm_90a, int8; 3.6 KB int8-fp8), at 8 warps ~0-1.3 KB. Measured (H200,
+    session 9, GPU µs at 4 warps × 64 rows / 8 × 64 / 8 × 32): D128 8 warps at every shape
+    (1024²x128 int8-fp8 30.7 / 20.9 / 28.7), 32 rows for a few queries (1x8x1:4096 int8-fp8
+    split 256: 34.9 / 24.0 / 20.8); D64 with few programs 8 × 32 (64² int8-fp8 9.9 / 9.8 / 8.2,
+    512²x64 12.5 / 11.8 / 10.9), with many 4 × 64 (8x16x77x64 int8-fp8 13.0 / 19.3 / 22.4).
+    """
+    if gpu_key(device) != "sm90":
+        return None
+    if head_dim <= 64:
+        return (32, 8) if programs <= 64 else (64, 4)
+    return (32 if sq <= 32 else 64), 8
 
 
 #: Split-key mode (``launch.pick_split_keys``): used only below this many keys per head or above
