@@ -14,6 +14,7 @@ __all__ = [
     "naive_attention",
     "randn",
     "rel_l2",
+    "stat_block_of_call",
     "to_hnd",
 ]
 
@@ -120,3 +121,17 @@ def naive_attention(q, k, v, *, scale=None, mask=None, causal=False):
                 out[b, h, i] = sum(w / total * vv[j] for j, w in weights.items())
                 lse[b, h, i] = mx + math.log(total)
     return out, lse
+
+
+def stat_block_of_call(q: torch.Tensor, k: torch.Tensor, quant) -> int | None:
+    """The ``stat_block`` of ``reference.fake_quant_attention`` that models a small quantised
+    ``qflash.attention(q, k, ...)`` on q's device: the keys per split when the portable
+    one-launch mode splits the keys (per-split statistics; CUDA only), else None. q, k: HND, on
+    the device of the call. (Calls the Hopper family keeps — past 2^31 MACs — use one set of
+    statistics; the small calls of the tests go to the portable family.)"""
+    if q.device.type != "cuda":
+        return None
+    from qflash import resolve_quant
+    from qflash.kernels.portable import launch
+
+    return launch.statistics_block(q, k, resolve_quant(quant))

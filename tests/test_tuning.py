@@ -50,13 +50,14 @@ def test_dispatch_auto_never_raises_and_names_force():
 
 def test_fused_tiles_policy(monkeypatch):
     """The one-launch mode's (rows, warps) on sm90 (measured in ``fused_tiles``' docstring): 8 warps
-    at D128, 32 rows for a few queries; at D64 8 warps × 32 rows for a few programs, 4 × 64 for
-    many. Other GPUs keep the picked config."""
+    at D128, 32 rows for a few queries; at D64 8 warps × 32 rows for a few programs; for many, 8 ×
+    128 when one tile holds a head's queries, else 4 × 64. Other GPUs keep the picked config."""
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(tuning, "gpu_key", lambda device=None: "sm90")
     assert tuning.fused_tiles(cuda, 128, 16, 1024) == (64, 8)
     assert tuning.fused_tiles(cuda, 128, 8, 1) == (32, 8)
     assert tuning.fused_tiles(cuda, 64, 1, 64) == (32, 8)
-    assert tuning.fused_tiles(cuda, 64, 256, 77) == (64, 4)
+    assert tuning.fused_tiles(cuda, 64, 256, 77) == (128, 8)  # one tile per head holds all 77 queries
+    assert tuning.fused_tiles(cuda, 64, 256, 300) == (64, 4)
     monkeypatch.setattr(tuning, "gpu_key", lambda device=None: "sm80")
     assert tuning.fused_tiles(cuda, 128, 16, 1024) is None

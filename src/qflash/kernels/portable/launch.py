@@ -30,7 +30,8 @@ _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
 _ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=14)
 _MERGE = FastLauncher(split_merge.split_merge_kernel, n_pointers=4)
 
-__all__ = ["attention_fwd", "attention_fwd_kv", "quantize_q", "quantize_qkv", "QKVCodes", "kernel_support"]
+__all__ = ["attention_fwd", "attention_fwd_kv", "quantize_q", "quantize_qkv", "QKVCodes", "kernel_support",
+           "statistics_block"]
 
 _KIND = {Precision.INT8: QK_INT8, Precision.INT4: QK_INT4, Precision.FP8_E4M3: QK_FP8}
 _TORCH_CODE_DTYPE = {Precision.INT8: torch.int8, Precision.INT4: torch.uint8, Precision.FP8_E4M3: torch.float8_e4m3fn}
@@ -277,6 +278,61 @@ def attention_fwd(
                           fused_quant=fused_quant, codes=codes, split_keys=split_keys)
 
 
+def _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, pre_codes):
+    """(KernelConfig, one-launch mode?, BLOCK_M, BLOCK_N) of a forward call: the picked or given
+    tiles, fp32's stage cap, the one-launch decision (``use_fused_quant`` unless given) and its
+    tiles (``tuning.fused_tiles``, widened to whole scale groups by ``_fused_blocks``)."""
+    dev = q.device
+    B, Hq, Sq, D = q.shape
+    kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, sk, cfg.quantizes_qk)
+    if q.dtype == torch.float32 and kernel_config is None:  # fp32 tiles: fewer stages fit shared memory
+        cap = FP32_STAGE_CAPS["fwd"].get(64 if D <= 64 else 128 if D <= 128 else 256)
+        if cap is not None and kc.num_stages > cap:
+            kc = dataclasses.replace(kc, num_stages=cap)
+    block_m, block_n = kc.block_m, kc.block_n
+    if pre_codes is not None:
+        fused_quant = False
+    elif fused_quant is None:
+        fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, sk, block_m, split_keys, block_n)
+    if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n) is None:
+        raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
+                         "(its scale groups are not kernel tiles)")
+    fused = bool(fused_quant) and cfg.quantizes_qk and sk > 0
+    if fused:
+        tiles = fused_tiles(dev, D, B * Hq * cdiv(Sq, 64), Sq) if kernel_config is None else None
+        if tiles is not None:  # (rows, warps) for this GPU
+            kc = dataclasses.replace(kc, block_m=tiles[0], num_warps=tiles[1])
+        block_m, block_n = _fused_blocks(cfg, kc.block_m, block_n)
+    return kc, fused, block_m, block_n
+
+
+def _one_launch_scale_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, int, int]:
+    """Rows per Q scale, keys per K scale and per V scale in the one-launch mode (V: 0 = one scale
+    per channel over all keys of the program's statistics range, from a pre-pass over V)."""
+    q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else block_m
+    k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else block_n
+    v_scale_block = block_n if not cfg.quantizes_pv or cfg.v.granularity.size else 0
+    return q_scale_block, k_scale_block, v_scale_block
+
+
+def statistics_block(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kernel_config: KernelConfig | None = None,
+                     fused_quant: bool | None = None, split_keys: int | None = None) -> int | None:
+    """Keys per block of the K/V token statistics ``attention_fwd`` takes for this call (same
+    arguments): the split's keys when the one-launch mode splits the keys, each split smoothing
+    with its own K mean and scaling V over its own keys; None when one set covers all keys. The
+    fake-quant reference of the call is ``reference.fake_quant_attention(..., stat_block=this)``."""
+    sk = k.shape[2]
+    _, fused, block_m, block_n = _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, None)
+    if not fused:
+        return None
+    if split_keys is None:
+        _, k_block, v_block = _one_launch_scale_blocks(cfg, block_m, block_n)
+        B, Hq, Sq, _ = q.shape
+        split_keys = pick_split_keys(q.device, B * Hq * cdiv(Sq, block_m), sk, block_n, k_block,
+                                     v_block if cfg.quantizes_pv else 1, one_launch=True)
+    return split_keys if split_keys and cdiv(sk, split_keys) > 1 else None
+
+
 def _replayable(q, k, v, scale) -> bool:
     """Whether a CUDA call of ``_attention_fwd`` runs on the caller's own tensors (no copy or
     negation of an input). Torch ops inside the call (token means without the statistics launch, V
@@ -315,39 +371,17 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
     if Sq == 0 or B * Hq == 0:
         return out, lse
 
-    kc = kernel_config or pick_config(dev, D, cfg.quantizes_pv, Sq, Sk, cfg.quantizes_qk)
-    if q.dtype == torch.float32 and kernel_config is None:  # fp32 tiles: fewer stages fit shared memory
-        cap = FP32_STAGE_CAPS["fwd"].get(64 if D <= 64 else 128 if D <= 128 else 256)
-        if cap is not None and kc.num_stages > cap:
-            kc = dataclasses.replace(kc, num_stages=cap)
-    block_m, block_n = kc.block_m, kc.block_n
+    kc, fused, block_m, block_n = _pick_tiles(q, Sk, cfg, kernel_config, fused_quant, split_keys, pre_codes)
     head_dim_pad = max(next_pow2(D), 32)
-    if pre_codes is not None:
-        fused_quant = False
-    elif fused_quant is None:
-        fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, Sk, block_m, split_keys, block_n)
-    if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n) is None:
-        raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
-                         "(its scale groups are not kernel tiles)")
-    fused = bool(fused_quant) and cfg.quantizes_qk and Sk > 0
-    if fused and kernel_config is None:
-        tiles = fused_tiles(dev, D, B * Hq * cdiv(Sq, 64), Sq)  # (rows, warps) for this GPU, or None
-        if tiles is not None:
-            kc = dataclasses.replace(kc, block_m=tiles[0], num_warps=tiles[1])
-            block_m = kc.block_m
 
     bias = lse_corr = None
     codes = None
     if fused:
         # one launch: the kernel quantises its own tiles (see attn_fwd's docstring)
-        block_m, block_n = _fused_blocks(cfg, block_m, block_n)
         qa, ka, va = q, k, v
         qs = ks = vs = q  # unused pointers
         kind = _KIND[cfg.q.precision]
-        q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else block_m
-        k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else block_n
-        # 0: one V scale per channel over all keys, from a pre-pass over V inside the kernel
-        v_scale_block = block_n if not cfg.quantizes_pv or cfg.v.granularity.size else 0
+        q_scale_block, k_scale_block, v_scale_block = _one_launch_scale_blocks(cfg, block_m, block_n)
         stride_vn, v_bh, vs_strides = v.stride(2), (v.stride(0), v.stride(1)), (0, 0, 0)
         has_bias = bool(cfg.smooth_q)
         has_lse_corr = bool(return_lse and cfg.smooth_k)  # split calls: below

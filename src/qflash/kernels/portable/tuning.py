@@ -116,12 +116,16 @@ def fused_tiles(device: torch.device, head_dim: int, programs: int, sq: int) -> 
     session 9, GPU µs at 4 warps × 64 rows / 8 × 64 / 8 × 32): D128 8 warps at every shape
     (1024²x128 int8-fp8 30.7 / 20.9 / 28.7), 32 rows for a few queries (1x8x1:4096 int8-fp8
     split 256: 34.9 / 24.0 / 20.8); D64 with few programs 8 × 32 (64² int8-fp8 9.9 / 9.8 / 8.2,
-    512²x64 12.5 / 11.8 / 10.9), with many 4 × 64 (8x16x77x64 int8-fp8 13.0 / 19.3 / 22.4).
+    512²x64 12.5 / 11.8 / 10.9); with many, one 128-row tile per head where it holds every query
+    (8x16x77x64 int8 / int8-fp8 / int4 at 8 × 128: 8.5 / 10.8 / 9.5, against 10.0 / 13.0 / 12.6 at
+    4 × 64: each head's keys quantised once, not once per 64 queries), else 4 × 64 (8x16x77x64
+    int8-fp8 4 × 64 13.0, 8 × 64 19.3, 8 × 32 22.4). D128 at 128 rows lost (1x24x256x128 int8
+    18.0 against 16.2 at 8 × 64).
     """
     if gpu_key(device) != "sm90":
         return None
     if head_dim <= 64:
-        return (32, 8) if programs <= 64 else (64, 4)
+        return (32, 8) if programs <= 64 else (128, 8) if sq <= 128 else (64, 4)
     return (32 if sq <= 32 else 64), 8
 
 
