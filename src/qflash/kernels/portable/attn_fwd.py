@@ -63,24 +63,6 @@ def _token_mean(base, stride_n, s0, s1, offs_d, dmask, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _k_mean_v_absmax(k_base, stride_kn, v_base, stride_vn, s0, s1, offs_d, dmask, BLOCK_N: tl.constexpr):
-    """``_token_mean`` of K and ``_token_absmax`` of V over rows [s0, s1) in one pass: each
-    iteration's K and V loads are in flight together (one memory round trip per tile, not two).
-    K's sum keeps ``_token_mean``'s order; V's max reduces per tile (a max is exact in any order)."""
-    total = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
-    top = tl.zeros([offs_d.shape[0]], tl.float32)
-    for start in range(s0, s1, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        m = (offs < s1)[:, None] & dmask[None, :]
-        rows = offs[:, None].to(tl.int64)
-        kt = tl.load(k_base + rows * stride_kn + offs_d[None, :], mask=m, other=0.0)
-        vt = tl.load(v_base + rows * stride_vn + offs_d[None, :], mask=m, other=0.0)
-        total += kt.to(tl.float32)
-        top = _max_nan(top, max_nan_reduce(tl.abs(vt.to(tl.float32)), 0))
-    return tl.sum(total, axis=0) / (s1 - s0).to(tl.float32), top
-
-
-@triton.jit
 def _token_absmax(base, stride_n, s0, s1, offs_d, dmask, BLOCK_N: tl.constexpr):
     """Per-column max |x| over rows [s0, s1) of a (S, D) slice (one pass, BLOCK_N rows at a time)."""
     top = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
@@ -443,17 +425,12 @@ def attn_fwd_kernel(
     if SPLIT:
         stat_lo = tl.program_id(2) * split_keys
         stat_hi = tl.minimum(Sk, stat_lo + split_keys)
-    V_AMAX: tl.constexpr = FUSED_QUANT and PV_FP8 and V_SCALE_BLOCK == 0
-    if V_AMAX and SMOOTH_K:  # (the presets' case: one pass for both)
-        k_mean, v_amax = _k_mean_v_absmax(k_base, stride_kn, v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask,
-                                          BLOCK_N)
-    elif V_AMAX:
+    if FUSED_QUANT and PV_FP8 and V_SCALE_BLOCK == 0:
         v_amax = _token_absmax(v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
-    if V_AMAX:
         v_amax = guard_amax(v_amax)  # quant.core: an all-zero group gets amax = 1, NaN stays NaN
     if FUSED_QUANT:
         xq = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        if SMOOTH_K and not V_AMAX:
+        if SMOOTH_K:
             k_mean = _token_mean(k_base, stride_kn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
         if SMOOTH_V:
             v_mean = _token_mean(v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
