@@ -5,7 +5,8 @@
 
 Uses the ptxas bundled with Triton. Every launch the launchers would make, for head dims 64, 96,
 128 and 256, fp32 and bf16, presets none / int8 / int8-fp8 / int4 and short and long sequences, with the
-configs the sm90 tables pick (and the TMA / rotated-loop variants at D128), is captured instead
+configs the sm90 tables pick (and the TMA / rotated-loop variants at D128, and the one-launch mode
+with ``tuning.fused_tiles``' tiles, split and unsplit, in bf16), is captured instead
 of launched and compiled for sm_90a. Its shared memory is compared with the H100's per-block limit
 (232,448 bytes), and fp32 launches must not multiply in plain TF32. It finds compile errors, tiles
 that would fail with OutOfResources at launch and lost fp32 precision; it says nothing about speed
@@ -79,6 +80,31 @@ def check(fn, args, opts, dtype, what, bad) -> None:
         bad.append((fn.__name__, *what, f"fp32 dot in TF32 ({sorted(dots)})"))
 
 
+def one_launch_mode(D, dtype, cuda, bad) -> int:
+    """The one-launch mode (quantisation inside the attention kernel) with the tiles
+    ``tuning.fused_tiles`` picks on sm90: one query over 512 keys split by 128 (per-split
+    statistics), and 77 queries over 77 keys unsplit; bf16 only. Returns the launches compiled."""
+    if dtype != torch.bfloat16:
+        return 0
+    n = 0
+    for preset in PRESETS:
+        cfg = qflash.resolve_quant(preset)
+        if not cfg.quantizes_qk:
+            continue
+        for sq, sk, split in ((1, 512, 128), (77, 77, 0)):
+            q = torch.randn(1, 2, sq, D, dtype=dtype)
+            k, v = (torch.randn(1, 2, sk, D, dtype=dtype) for _ in range(2))
+            captured.clear()
+            tiles = configs.fused_tiles(cuda, D, 2 * -(-sq // 64), sq)
+            kc = configs._pick(cuda, *configs.config_key(D, cfg.quantizes_pv, sq, sk, cfg.quantizes_qk))
+            kc = configs.KernelConfig(tiles[0], kc.block_n, tiles[1], kc.num_stages)
+            launch.attention_fwd(q, k, v, cfg, kernel_config=kc, fused_quant=True, split_keys=split)
+            for fn, args, opts in list(captured):
+                check(fn, args, opts, dtype, (D, str(dtype), preset, f"one launch {sq}x{sk} split {split}"), bad)
+                n += 1
+    return n
+
+
 def main() -> int:
     JITFunction.__getitem__ = _capture_jit
     fastlaunch.FastLauncher.__call__ = _capture_fast
@@ -112,6 +138,7 @@ def main() -> int:
                     for fn, args, opts in list(captured):
                         check(fn, args, opts, dtype, (D, str(dtype), preset, f"tma={tma} rotate={rotate}"), bad)
                         n += 1
+            n += one_launch_mode(D, dtype, cuda, bad)
             q, k, v, do = (torch.randn(1, 2, 256, D, dtype=dtype) for _ in range(4))
             captured.clear()
             bwd_launch.attention_bwd(q, k, v, torch.randn_like(q), torch.randn(1, 2, 256), do,
