@@ -99,7 +99,7 @@ def one_launch_mode(D, dtype, cuda, bad) -> int:
             kc = configs._pick(cuda, *configs.config_key(D, cfg.quantizes_pv, sq, sk, cfg.quantizes_qk))
             kc = configs.KernelConfig(tiles[0], kc.block_n, tiles[1], kc.num_stages)
             launch.attention_fwd(q, k, v, cfg, kernel_config=kc, fused_quant=True, split_keys=split)
-            for fn, args, opts in list(captured):
+            for fn, args, opts in captured:
                 check(fn, args, opts, dtype, (D, str(dtype), preset, f"one launch {sq}x{sk} split {split}"), bad)
                 n += 1
     return n

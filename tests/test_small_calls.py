@@ -133,7 +133,7 @@ def test_split_keys_fused_quant_mode(preset, shape, causal, mask):
     drift = torch.linspace(-1.5, 1.5, Sk, device=DEV)[:, None] * channels
     k = (k.float() + drift).to(k.dtype)
     v = (v.float() + 0.5 * drift).to(v.dtype)
-    kw = dict(causal=causal != "none", top_left=causal == "top_left", attn_mask=m)
+    kw = {"causal": causal != "none", "top_left": causal == "top_left", "attn_mask": m}
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device=DEV)
     o, l = launch.attention_fwd(q, k, v, cfg, out=out, lse=lse, return_lse=True, fused_quant=True, split_keys=128, **kw)
