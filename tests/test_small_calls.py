@@ -165,6 +165,26 @@ def test_fake_quant_stat_block_reference():
     assert not torch.equal(o_blk, o_all)
 
 
+@pytest.mark.parametrize("preset,fused", [("none", False), ("int8", False), ("int8-fp8", True)])
+def test_split_keys_finfo_min_padding_row(preset, fused):
+    """A row under a Hugging Face padding mask (finfo.min on every key) is the mean of V over all
+    keys, as in SDPA, when the keys are split unevenly (128 + 128 + 44): the merge weighs such
+    splits by their key counts (before: equal weights per split, 47 % off the mean)."""
+    cfg = qflash.resolve_quant(preset)
+    q, k, v, _ = _inputs(1, 2, 1, 6, 300, 64, None, seed=6)
+    mask = torch.zeros(1, 1, 6, 300, device=DEV)
+    mask[..., 2, :] = torch.finfo(torch.float32).min  # a padding row
+    mask[..., 4, 100:] = torch.finfo(torch.float32).min  # a row that sees keys 0-99 only
+    out = torch.full_like(q, float("nan"))
+    o, l = launch.attention_fwd(q, k, v, cfg, attn_mask=mask, split_keys=128, fused_quant=fused, out=out,
+                                return_lse=True)
+    o_ex = reference.exact_attention(q, k, v, attn_mask=mask)
+    # measured (interpreter): none / int8 1.4e-3 (bf16 output), int8-fp8 2.6e-2 (FP8 V codes)
+    assert rel_l2(o[:, :, 2], v.float().mean(dim=2).expand(1, 2, 64)) < {"int8-fp8": 0.03}.get(preset, 2e-3)
+    assert rel_l2(o, o_ex) < EXACT_BOUND[preset]
+    assert (l[:, :, 2] < -3.0e38).all() and l.isfinite().all()  # finfo.min rows' lse: -FLT_MAX, as unsplit
+
+
 def test_split_merge_rows_per_program(monkeypatch):
     """The merge with several output rows per program (a partial last program included) writes
     what one row per program writes, bit for bit."""

@@ -549,3 +549,9 @@ def attn_fwd_kernel(
         elif HAS_LSE_CORR:
             lse += tl.where(has_keys, tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0), 0.0)
         tl.store(Lse + lse_row + offs_m, lse, mask=mrow)
+        if SPLIT and MASK_KIND == CMASK_ADD:
+            # a row whose keys all sit under a finfo.min mask has the lse -FLT_MAX in every split,
+            # where log(l) (its key count) is lost: a second plane of Lse keeps log(l) for the merge,
+            # which weighs such splits by it (SDPA gives the mean of V over all of the row's keys)
+            plane = tl.num_programs(1).to(tl.int64) * tl.num_programs(2) * Sq
+            tl.store(Lse + plane + lse_row + offs_m, tl.log(tl.where(has_keys, l_i, 1.0)), mask=mrow)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ...config import GranularityKind, OperandQuant, Precision, QuantConfig
-from ..common import LOG2E, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
+from ..common import LOG2E, MASK_ADD, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
 from ..fastlaunch import FastLauncher, PlanCache, note_host_op
 from ..kv_quant import _STATS as _KV_STATS
 from ..kv_quant import quantize_kv, stat_rows
@@ -450,7 +450,9 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
                              "K and V scale blocks")
         # partial results per split (fp32), merged by split_merge_kernel into out / lse
         o_dst = torch.empty((B, Hq, n_splits, Sq, D), dtype=torch.float32, device=dev)
-        lse_dst = torch.empty((B * Hq, n_splits, Sq), dtype=torch.float32, device=dev)
+        # (additive masks: a second plane of log(l) per split, for rows all under finfo.min)
+        planes = 2 if mask_kind == MASK_ADD else 1
+        lse_dst = torch.empty((planes, B * Hq, n_splits, Sq), dtype=torch.float32, device=dev)[0]
         o_strides = (o_dst.stride(0), o_dst.stride(1), o_dst.stride(3))
         stride_os = o_dst.stride(2)
         # the one-launch mode smooths K per split: each split's lse gets its own q·mean back
@@ -495,7 +497,7 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         _MERGE((cdiv(Sq, rows), B * Hq), (o_dst, lse_dst, out, lse if lse is not None else lse_dst), (
             *o_dst.stride()[:4], *out.stride()[:3], Hq, Sq, n_splits,
             lse is not None, max(next_pow2(n_splits), 2), D, head_dim_pad,  # RETURN_LSE, SPLITS_PAD, HEAD_DIM(_PAD)
-            rows,  # ROWS
+            rows, mask_kind == MASK_ADD,  # ROWS, CLAMPED_PLANE
         ), num_warps=4 if D > 64 else 2, num_stages=1)
     return out, lse
 

@@ -26,14 +26,16 @@ def split_merge_kernel(
     stride_ob, stride_oh, stride_om,
     Hq, Sq, n_splits,
     RETURN_LSE: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, CLAMPED_PLANE: tl.constexpr,
 ):
     """Grid (cdiv(Sq, ROWS), B·Hq): ROWS output rows per program (independent, unrolled, so their
     loads overlap; one row per program left most warps idle at 1024 rows × 8 splits).
 
     OPart (B, Hq, n_splits, Sq, D) fp32 with the given strides (channel stride 1); LsePart
     (B·Hq, n_splits, Sq) fp32 contiguous; Out a (B, Hq, Sq, D) view (channel stride 1) in the
-    output dtype; Lse (B·Hq, Sq) fp32 contiguous when RETURN_LSE.
+    output dtype; Lse (B·Hq, Sq) fp32 contiguous when RETURN_LSE. ``CLAMPED_PLANE`` (additive
+    masks): LsePart has a second plane (B·Hq, n_splits, Sq) of log(l) per split; a row whose every
+    split has the lse -FLT_MAX (all its keys under a finfo.min mask) weighs the splits by it.
     """
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -49,6 +51,14 @@ def split_merge_kernel(
             top = tl.max(lse, axis=0)
             top_use = tl.where(top == float("-inf"), 0.0, top)  # every split empty: keep exp finite
             w = tl.exp(lse - top_use)  # 0 for empty splits
+            if CLAMPED_PLANE:  # every split saw only finfo.min scores: weigh them by their key counts
+                plane = tl.num_programs(1).to(tl.int64) * n_splits * Sq
+                log_l = tl.load(LsePart + plane + (bh.to(tl.int64) * n_splits + offs_s) * Sq + m, mask=smask,
+                                other=float("-inf"))
+                log_l = tl.where(lse == float("-inf"), float("-inf"), log_l)
+                top_l = tl.max(log_l, axis=0)
+                w_counts = tl.exp(log_l - tl.where(top_l == float("-inf"), 0.0, top_l))
+                w = tl.where(top < -3.0e38, w_counts, w)
             # empty splits wrote O = 0; a NaN lse (NaN input) gives a NaN weight and a NaN row, as SDPA's
             w = tl.where(lse != lse, float("nan"), w)
             total = tl.sum(w, axis=0)
