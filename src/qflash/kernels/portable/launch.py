@@ -249,8 +249,9 @@ def attention_fwd(
     ``top_left``: align ``causal`` to the top-left corner (query i sees keys j <= i, PyTorch SDPA's)
     instead of the bottom-right one (j <= i + Sk - Sq); the kernel only moves its diagonal.
     ``split_keys``: keys per split of the split-key mode (a multiple of the key tile and of the K/V
-    scale blocks; partial results merged by ``split_merge``); default: ``pick_split_keys`` (CUDA,
-    grids too small to fill the GPU), 0 or None on the CPU: no split.
+    scale blocks; partial results merged by ``split_merge``; in the one-launch mode each split takes
+    its own K/V statistics, see ``statistics_block``); default: ``pick_split_keys`` (CUDA, grids
+    too small to fill the GPU), 0 or None on the CPU: no split.
     ``codes``: operands already quantised (``attention_fwd_kv``); k / v then only give shapes
     (and v the values when P·V is not quantised).
     Raises ``NotImplementedError`` for configs ``kernel_support`` rejects.
