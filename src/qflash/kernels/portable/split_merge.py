@@ -10,7 +10,9 @@ weighted mean of the partials:
 
 computed here with the largest L_s subtracted first (no overflow); a row whose every split is
 empty gets O = 0 and L = -inf, the kernels' convention for a fully masked row. NaN in a partial
-(a NaN input) propagates to the row.
+(a NaN input) propagates to the row. A row that saw only ``finfo.min``-masked scores (a Hugging
+Face padding row) has L_s = -FLT_MAX in every split, where fp32 keeps no log(l_s): with additive
+masks the splits also write log(l_s) to a second plane, and such rows are weighed by it.
 """
 
 from __future__ import annotations
