@@ -28,9 +28,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MAGS = (1.0, 10.0, 100.0, 1e3, 1e4)  # q, k element scale; logits grow as its square
 
 # Error over the finite rows relative to sqrt(softmax·v²) (see run_problem): the max measured over
-# 1600 random draws (2026-12-02, interpreter), by preset and by q/k element scale (1 | 10 | >= 100);
-# the bound is 1.5x that, plus 1e-3. At >= 100 the softmax is near one-hot and one quantisation
+# 1600 random draws (2026-12-02, interpreter), by preset and by the logits' size, sigma = mag² ·
+# scale · sqrt(D) (<= 2 | <= 200 | more: with the default scale, q/k element scale 1 | 10 | >= 100);
+# the bound is 1.5x that, plus 1e-3. Past 200 the softmax is near one-hot and one quantisation
 # step can pick another key (README, Reliability): those bounds only catch gross failures.
+# (Session 9: keyed on the element scale alone, scale=1.0 draws at large D — sigma up to 1600 under
+# "10" — exceeded the "10" bounds in 4 of 1000 random draws, all near-one-hot; keyed on sigma, none.)
 MEASURED = {
     "none": (1.75e-3, 1.42e-3, 3.0e-4),
     "int8": (3.0e-2, 0.103, 0.482),
@@ -40,8 +43,14 @@ MEASURED = {
 }
 
 
-def bound(preset: str, mag: float) -> float:
-    m = MEASURED[preset][0 if mag <= 1 else 1 if mag <= 10 else 2]
+def logit_size(pb) -> float:
+    """sigma: the standard deviation of a drawn problem's logits (N(0, mag²) q and k)."""
+    scale = pb["scale"] if pb["scale"] is not None else pb["D"] ** -0.5
+    return pb["mag"] ** 2 * scale * pb["D"] ** 0.5
+
+
+def bound(preset: str, sigma: float) -> float:
+    m = MEASURED[preset][0 if sigma <= 2 else 1 if sigma <= 200 else 2]
     return 1.5 * m + 1e-3
 
 
@@ -155,7 +164,7 @@ def test_kernel_path_fuzz(pb):
     # non-finite exactly where the definition is (NaN/Inf in a q row reaches that row only)
     assert torch.equal(~out.isfinite(), ~ref.isfinite()), pb
     if err is not None:
-        assert err < bound(pb["preset"], pb["mag"]), (err, pb)
+        assert err < bound(pb["preset"], logit_size(pb)), (err, pb)
 
 
 def _split_everywhere(dev, programs, sk, block_n, k_block, v_block, one_launch=False):
@@ -181,4 +190,4 @@ def test_split_path_fuzz(pb):
         out, ref, err = run_problem(pb)
     assert torch.equal(~out.isfinite(), ~ref.isfinite()), pb
     if err is not None:
-        assert err < bound(pb["preset"], pb["mag"]), (err, pb)
+        assert err < bound(pb["preset"], logit_size(pb)), (err, pb)
