@@ -30,8 +30,15 @@ _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
 _ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=14)
 _MERGE = FastLauncher(split_merge.split_merge_kernel, n_pointers=4)
 
-__all__ = ["attention_fwd", "attention_fwd_kv", "quantize_q", "quantize_qkv", "QKVCodes", "kernel_support",
-           "statistics_block"]
+__all__ = [
+    "QKVCodes",
+    "attention_fwd",
+    "attention_fwd_kv",
+    "kernel_support",
+    "quantize_q",
+    "quantize_qkv",
+    "statistics_block",
+]
 
 _KIND = {Precision.INT8: QK_INT8, Precision.INT4: QK_INT4, Precision.FP8_E4M3: QK_FP8}
 _TORCH_CODE_DTYPE = {Precision.INT8: torch.int8, Precision.INT4: torch.uint8, Precision.FP8_E4M3: torch.float8_e4m3fn}
@@ -73,9 +80,7 @@ def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq
         else limits["max_sk"]
     programs = programs_bh * cdiv(sq, blocks[0])
     if split_keys is None:
-        k_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else blocks[1]
-        split_keys = pick_split_keys(device, programs, sk, blocks[1], k_block, blocks[1] if cfg.quantizes_pv else 1,
-                                     one_launch=True)
+        split_keys = _one_launch_split(device, cfg, programs, sk, *blocks)
     return programs <= limits["max_programs"] and min(sk, split_keys or sk) <= max_sk
 
 
@@ -327,11 +332,16 @@ def statistics_block(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kern
     if not fused:
         return None
     if split_keys is None:
-        _, k_block, v_block = _one_launch_scale_blocks(cfg, block_m, block_n)
         B, Hq, Sq, _ = q.shape
-        split_keys = pick_split_keys(q.device, B * Hq * cdiv(Sq, block_m), sk, block_n, k_block,
-                                     v_block if cfg.quantizes_pv else 1, one_launch=True)
+        split_keys = _one_launch_split(q.device, cfg, B * Hq * cdiv(Sq, block_m), sk, block_m, block_n)
     return split_keys if split_keys and cdiv(sk, split_keys) > 1 else None
+
+
+def _one_launch_split(dev, cfg: QuantConfig, programs: int, sk: int, block_m: int, block_n: int) -> int | None:
+    """``pick_split_keys`` for the one-launch mode's tiles (the one rule ``attention_fwd``,
+    ``use_fused_quant`` and ``statistics_block`` share)."""
+    _, k_block, v_block = _one_launch_scale_blocks(cfg, block_m, block_n)
+    return pick_split_keys(dev, programs, sk, block_n, k_block, v_block if cfg.quantizes_pv else 1, one_launch=True)
 
 
 def _replayable(q, k, v, scale) -> bool:
@@ -440,9 +450,11 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         k_desc = v_desc = None
 
     dummy = qs
-    if split_keys is None:
+    if split_keys is None and fused:
+        split_keys = _one_launch_split(dev, cfg, B * Hq * cdiv(Sq, block_m), Sk, block_m, block_n)
+    elif split_keys is None:
         split_keys = pick_split_keys(dev, B * Hq * cdiv(Sq, block_m), Sk, block_n,
-                                     k_scale_block, v_scale_block if cfg.quantizes_pv else 1, one_launch=fused)
+                                     k_scale_block, v_scale_block if cfg.quantizes_pv else 1)
     n_splits = cdiv(Sk, split_keys) if split_keys else 1
     if n_splits > 1:
         if split_keys % block_n or (k_scale_block > 1 and split_keys % k_scale_block) or \
