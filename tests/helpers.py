@@ -13,8 +13,8 @@ __all__ = [
     "max_abs",
     "naive_attention",
     "randn",
+    "reference_args_of_call",
     "rel_l2",
-    "stat_block_of_call",
     "to_hnd",
 ]
 
@@ -123,15 +123,17 @@ def naive_attention(q, k, v, *, scale=None, mask=None, causal=False):
     return out, lse
 
 
-def stat_block_of_call(q: torch.Tensor, k: torch.Tensor, quant) -> int | None:
-    """The ``stat_block`` of ``reference.fake_quant_attention`` that models a small quantised
-    ``qflash.attention(q, k, ...)`` on q's device: the keys per split when the portable
-    one-launch mode splits the keys (per-split statistics; CUDA only), else None. q, k: HND, on
-    the device of the call. (Calls the Hopper family keeps — past 2^31 MACs — use one set of
-    statistics; the small calls of the tests go to the portable family.)"""
-    if q.device.type != "cuda":
-        return None
+def reference_args_of_call(q: torch.Tensor, k: torch.Tensor, quant, *, kernel: bool = False) -> dict:
+    """Keyword arguments of ``reference.fake_quant_attention`` (``quant``, ``stat_block``,
+    ``block_n``) that model a small quantised ``qflash.attention(q, k, ...)`` on q's device:
+    ``launch.reference_args`` of the portable kernel (the one-launch mode's K granularity and
+    per-split statistics) on CUDA, or with ``kernel=True`` (``backend="portable"`` on the CPU);
+    else the preset itself (the CPU's default path is the reference). q, k: HND, on the device of
+    the call. (Calls the Hopper family keeps — past 2^31 MACs — use one set of statistics; the
+    small calls of the tests go to the portable family.)"""
     from qflash import resolve_quant
     from qflash.kernels.portable import launch
 
-    return launch.statistics_block(q, k, resolve_quant(quant))
+    if q.device.type != "cuda" and not kernel:
+        return {"quant": quant}
+    return launch.reference_args(q, k, resolve_quant(quant))

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import PRESET_NAMES, make_qkv, randn, rel_l2, stat_block_of_call, to_hnd
+from helpers import PRESET_NAMES, make_qkv, randn, reference_args_of_call, rel_l2, to_hnd
 
 import qflash
 from qflash.config import Granularity, OperandQuant, QuantConfig, resolve_quant
@@ -105,7 +105,7 @@ def test_masks_match_fake_quant(gen, preset, masking):
         cfg = resolve_quant(preset)
         got = qflash.attention(*_kdev(q, k, v), quant=preset, attn_mask=_kdev(mask)[0], causal=causal,
                                backend="portable").cpu()
-        fq = fake_quant_attention(q, k, v, cfg, attn_mask=mask, causal=causal, block_n=_kernel_block_n(q, k, cfg))
+        fq = fake_quant_attention(q, k, v, attn_mask=mask, causal=causal, **_kernel_reference_args(q, k, cfg))
         # FP8 P·V with these masks (fp32 inputs): measured 1.18e-2 .. 1.47e-2 kernel vs fake-quant (the
         # reference does not model the kernel's P quantisation of partly masked tiles exactly);
         # the others <= 2.2e-7 (interpreter), 2.0e-4 on an H200 (int8, additive: a Q code one step
@@ -124,7 +124,7 @@ def test_scale_argument(gen, preset):
         if _KERNELS:  # the kernel (it negates Q for scale < 0) against the reference tiled like it
             cfg = resolve_quant(preset)
             got = qflash.attention(*_kdev(q, k, v), quant=preset, scale=scale, backend="portable").cpu()
-            fq = fake_quant_attention(q, k, v, cfg, scale=scale, block_n=_kernel_block_n(q, k, cfg))
+            fq = fake_quant_attention(q, k, v, scale=scale, **_kernel_reference_args(q, k, cfg))
             # measured: int8-fp8 <= 4.6e-3, fp8 <= 4.9e-3 (scale -0.1), the others <= 6.1e-7
             tol = 7.5e-3 if cfg.quantizes_pv else 1e-6
             assert rel_l2(got, fq) < tol, f"kernel vs fake-quant {rel_l2(got, fq):.2e}"
@@ -157,9 +157,17 @@ def test_custom_config(gen):
     assert rel_l2(out, exact_attention(q.double(), k.double(), v.double())) < 0.015
 
 
+def _kernel_reference_args(q, k, cfg) -> dict:
+    """``fake_quant_attention`` keywords (quant, stat_block, block_n) that model the portable
+    kernel call qflash.attention(q, k, backend="portable") makes on KERNEL_DEV (small calls: the
+    one-launch mode, with its own K granularity; ``launch.reference_args``)."""
+    return reference_args_of_call(q.to(KERNEL_DEV), k.to(KERNEL_DEV), cfg, kernel=True)
+
+
 def _kernel_block_n(q, k, cfg) -> int:
-    """Keys per tile of the portable kernel qflash.attention(backend="portable") launches (the
-    fake-quant reference must tile P·V the same way for the FP8/INT8 P·V presets)."""
+    """Keys per tile of the portable kernel on pre-quantised K/V (``qflash.attention(q, qkv,
+    backend="portable")``, never the one-launch mode): the fake-quant reference must tile P·V
+    the same way for the FP8/INT8 P·V presets."""
     from qflash.kernels.portable.tuning import pick_config
     block_n = pick_config(KERNEL_DEV, q.shape[-1], cfg.quantizes_pv, q.shape[2], k.shape[2], cfg.quantizes_qk).block_n
     return min(block_n, cfg.v.granularity.size or 128) if cfg.quantizes_pv else block_n
@@ -199,8 +207,8 @@ def test_kernel_path_matches_references(gen, preset, B, Hq, Hkv, Sq, Sk, D, caus
     assert out.dtype == dtype and not torch.isnan(out).any()
     qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
     cfg = resolve_quant(preset)
-    fq, fq_lse = fake_quant_attention(qh, kh, vh, cfg, causal=causal, attn_mask=mask, return_lse=True,
-                                      block_n=_kernel_block_n(qh, kh, cfg))
+    fq, fq_lse = fake_quant_attention(qh, kh, vh, causal=causal, attn_mask=mask, return_lse=True,
+                                      **_kernel_reference_args(qh, kh, cfg))
     ref = exact_attention(qh.double(), kh.double(), vh.double(), causal=causal, attn_mask=mask)
     out_h = to_hnd(out, layout)
     e_fq, e_ex = rel_l2(out_h, fq), rel_l2(out_h, ref)
@@ -422,13 +430,11 @@ def test_cuda_dispatch(gen, preset, layout):
     assert torch.isfinite(out_h).all()
     ref = exact_attention(qh.double(), kh.double(), vh.double(), causal=True)
     assert rel_l2(out_h, ref) < SMALL_BUDGET[preset]
-    # FP8 P rounds per key tile: the one-launch mode at this size tiles keys by the V block (128)
-    block_n = 128 if resolve_quant(preset).quantizes_pv else 64
     # 4 heads x 5 query tiles fill under half the GPU: the call splits its 300 keys (flash-decoding)
     # and each split rounds FP8 P against its own running max, which the reference does not model
     # (H200: int8-fp8 1.59e-2, fp8 1.61e-2)
     tight = 2.4e-2 if resolve_quant(preset).quantizes_pv else 1e-2
-    # and the one-launch mode's splits each take their own K/V statistics
-    stat_block = stat_block_of_call(to_hnd(q.cuda(), layout), to_hnd(k.cuda(), layout), preset)
-    fq = fake_quant_attention(qh, kh, vh, preset, causal=True, block_n=block_n, stat_block=stat_block)
+    # and the one-launch mode's splits each take their own K/V statistics (its tiles, K granularity)
+    fq = fake_quant_attention(qh, kh, vh, causal=True,
+                              **reference_args_of_call(to_hnd(q.cuda(), layout), to_hnd(k.cuda(), layout), preset))
     assert rel_l2(out_h, fq) < tight

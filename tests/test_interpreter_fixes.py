@@ -16,7 +16,9 @@ g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 2, 40, 32, generator=g).to(torch.bfloat16) for _ in range(3))
 for quant in ("none", "int8-fp8"):
     out = qflash.attention(q, k, v, quant=quant, backend="portable")
-    ref = fake_quant_attention(q, k, v, quant)
+    # the reference as the kernel call runs (the one-launch mode's K granularity and tiles)
+    from qflash.kernels.portable.launch import reference_args
+    ref = fake_quant_attention(q, k, v, **reference_args(q, k, qflash.resolve_quant(quant)))
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     print(quant, err)
 """

@@ -23,7 +23,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 if not kernels_usable(torch.device(DEVICE))[0]:
     pytest.skip("Triton kernels cannot run here (no CUDA, interpreter off)", allow_module_level=True)
 
-from qflash.kernels.portable.launch import attention_fwd, kernel_support, quantize_qkv  # noqa: E402
+from qflash.kernels.portable.launch import attention_fwd, kernel_support, quantize_qkv, reference_args  # noqa: E402
 from qflash.kernels.portable.tuning import KernelConfig  # noqa: E402
 from qflash.quant import quantize  # noqa: E402
 
@@ -80,13 +80,20 @@ def _v_block(cfg) -> int:
     return cfg.v.granularity.size or 128
 
 
-def check(o, l, q, k, v, preset, *, block_n, cfg=None, **kw):
+def _as_called(q, k, cfg) -> dict:
+    """``check`` keywords for an automatic ``attention_fwd(q, k, v, cfg)`` call (the one-launch
+    mode's K granularity, tiles and per-split statistics: ``launch.reference_args``)."""
+    ref = reference_args(q, k, cfg)
+    return {"cfg": ref["quant"], "block_n": ref["block_n"], "stat_block": ref["stat_block"]}
+
+
+def check(o, l, q, k, v, preset, *, block_n, cfg=None, stat_block=None, **kw):
     """Kernel output against both references; tolerances are the preset's, ``cfg`` (default:
-    the preset's) is what the kernel ran."""
+    the preset's) is what the kernel ran, ``stat_block`` its K/V statistics blocks."""
     cfg = resolve_quant(preset) if cfg is None else cfg
     assert not torch.isnan(o).any(), "unwritten (NaN-poisoned) or NaN output"
     # references run in plain PyTorch on the kernels' device (fp64 on the GPU is fast enough)
-    ref, ref_lse = fake_quant_attention(q, k, v, cfg, return_lse=True, block_n=block_n, **kw)
+    ref, ref_lse = fake_quant_attention(q, k, v, cfg, return_lse=True, block_n=block_n, stat_block=stat_block, **kw)
     exact = exact_attention(q, k, v, **kw)
     if exact.abs().sum() == 0:
         assert o.abs().sum() == 0
@@ -315,19 +322,26 @@ def test_fused_quant_mode(preset, shape, causal):
     B, Hq, Hkv, Sq, Sk, D = shape
     q, k, v = make_qkv(B, Hq, Hkv, Sq, Sk, D, torch.float16, "NHD", gen)
     cfg = resolve_quant(preset)
-    o, l = run_kernel(q, k, v, cfg, kc=KernelConfig(64, 64, 4, 1), causal=causal, fused_quant=True)
-    # FP8 P rounds per key tile; with K scaled per 128-key block the one-launch mode tiles keys by 128
-    check(o, l, q, k, v, preset, block_n=128 if cfg.quantizes_pv else 64, causal=causal)
-    if cfg.quantizes_pv:  # and the per-block V scales of the one-launch mode (V block = K block)
+    kc = KernelConfig(64, 64, 4, 1)
+    o, l = run_kernel(q, k, v, cfg, kc=kc, causal=causal, fused_quant=True)
+    # the one-launch mode quantises K per token where the preset scales it per 128-key block
+    # (launch.one_launch_quant), with the given 64-key tiles (FP8 P rounds per tile)
+    ref = reference_args(q, k, cfg, kernel_config=kc, fused_quant=True)
+    assert ref["block_n"] == 64 and ref["quant"].k.granularity == Granularity.token()
+    check(o, l, q, k, v, preset, block_n=64, cfg=ref["quant"], causal=causal)
+    if cfg.quantizes_pv:  # and per-block V scales in the one-launch mode (V block 128 = the tile)
         cfg = dataclasses.replace(cfg, v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(128)))
-        o, l = run_kernel(q, k, v, cfg, kc=KernelConfig(64, 64, 4, 1), causal=causal, fused_quant=True)
-        check(o, l, q, k, v, preset, block_n=128, cfg=cfg, causal=causal)
+        o, l = run_kernel(q, k, v, cfg, kc=kc, causal=causal, fused_quant=True)
+        ref = reference_args(q, k, cfg, kernel_config=kc, fused_quant=True)
+        assert ref["block_n"] == 128
+        check(o, l, q, k, v, preset, block_n=128, cfg=ref["quant"], causal=causal)
 
 
 def test_fused_quant_refuses_what_it_cannot_tile():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.float16, "HND", torch.Generator().manual_seed(0))
-    cfg = dataclasses.replace(resolve_quant("int8-fp8"), v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(64)))
-    with pytest.raises(ValueError, match="fused_quant"):  # V block 64 != K block 128: no tile fits both
+    # V scaled per 256 keys: a V block must be one key tile in the one-launch mode, tiles hold <= 128
+    cfg = dataclasses.replace(resolve_quant("int8-fp8"), v=OperandQuant(Precision.FP8_E4M3, Granularity.channel(256)))
+    with pytest.raises(ValueError, match="fused_quant"):
         attention_fwd(q, k, v, cfg, fused_quant=True)
 
 
@@ -369,7 +383,7 @@ def test_fast_launcher_relaunch():
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     q2, k2, v2 = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, "HND", gen)  # new data, same shapes
     third, l3 = run_kernel(q2, k2, v2, cfg, kc=None, fused_quant=None)
-    check(third, l3, q2, k2, v2, "int8-fp8", block_n=_v_block(cfg))
+    check(third, l3, q2, k2, v2, "int8-fp8", **_as_called(q2, k2, cfg))
 
 
 @pytest.mark.gpu
@@ -393,8 +407,7 @@ def test_small_call_plans(preset, layout):
         o, l = launch.attention_fwd(q, k, v, cfg, return_lse=True, out_layout=layout if layout == "NHD" else "HND")
         if i > 0 and layout != "strided":
             assert len(launch._PLANS) == before  # replayed, nothing new stored
-        block_n = _v_block(cfg) if cfg.quantizes_pv else _picked(q, k, cfg).block_n
-        check(o, l, q, k, v, preset, block_n=block_n)
+        check(o, l, q, k, v, preset, **_as_called(q, k, cfg))
 
 
 @pytest.mark.gpu
@@ -412,8 +425,7 @@ def test_plan_not_shared_between_aliased_and_distinct_inputs(preset):
     launch.attention_fwd(x, x, x, cfg)
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, "HND", gen)
     o, l = launch.attention_fwd(q, k, v, cfg, return_lse=True)
-    block_n = _v_block(cfg) if cfg.quantizes_pv else _picked(q, k, cfg).block_n
-    check(o, l, q, k, v, preset, block_n=block_n)
+    check(o, l, q, k, v, preset, **_as_called(q, k, cfg))
 
 
 @pytest.mark.parametrize("preset", ["none", "int8", "int8-fp8"])

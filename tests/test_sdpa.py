@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cosine, rel_l2
+from helpers import cosine, reference_args_of_call, rel_l2
 
 import qflash
 import qflash.dropin as qsdpa
@@ -369,14 +369,16 @@ KERNEL_CASES = SHAPES + [
 ]
 
 
-def _fake_quant_sdpa(q, k, v, quant, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
-    """What the kernels compute for ``qflash.sdpa(...)``: the fake-quant reference on 4-D views
-    (PyTorch's top-left causal; a K/V head broadcast by SDPA is one shared head)."""
+def _fake_quant_sdpa(q, k, v, quant, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, kernel=False):
+    """What ``qflash.sdpa(...)`` computes: the fake-quant reference on 4-D views (PyTorch's
+    top-left causal; a K/V head broadcast by SDPA is one shared head); ``kernel``: as the portable
+    kernel call on q's device does (``helpers.reference_args_of_call``), else as the device's default path."""
     from qflash.dropin import _to_4d
     from qflash.reference import fake_quant_attention
 
     q4, k4, v4, m4 = _to_4d(q, k, v, attn_mask)
-    out = fake_quant_attention(q4, k4, v4, quant, causal=is_causal, top_left=True, attn_mask=m4, scale=scale)
+    out = fake_quant_attention(q4, k4, v4, causal=is_causal, top_left=True, attn_mask=m4, scale=scale,
+                               **reference_args_of_call(q4, k4, quant, kernel=kernel))
     return out.reshape(q.shape)
 
 
@@ -402,7 +404,7 @@ def test_kernel_semantics(gen, quant, qs, ks, kw):
     out = qflash.sdpa(q, k, v, quant=quant, fallback=False, backend="portable", **kw)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16 and out.device == q.device
     assert rel_l2(out, ref) < SDPA_BUDGET[quant]
-    fq = _fake_quant_sdpa(q, k, v, quant, **kw)
+    fq = _fake_quant_sdpa(q, k, v, quant, kernel=True, **kw)
     assert rel_l2(out, fq) < KERNEL_VS_FQ[quant]
 
 

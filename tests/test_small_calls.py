@@ -137,7 +137,9 @@ def test_split_keys_fused_quant_mode(preset, shape, causal, mask):
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device=DEV)
     o, l = launch.attention_fwd(q, k, v, cfg, out=out, lse=lse, return_lse=True, fused_quant=True, split_keys=128, **kw)
-    o_fq, l_fq = reference.fake_quant_attention(q, k, v, cfg, return_lse=True, block_n=128, stat_block=128, **kw)
+    ref = launch.reference_args(q, k, cfg, fused_quant=True, split_keys=128)
+    assert ref["stat_block"] == 128
+    o_fq, l_fq = reference.fake_quant_attention(q, k, v, return_lse=True, **ref, **kw)
     o_ex, l_ex = reference.exact_attention(q, k, v, return_lse=True, **kw)
     empty = l_ex == float("-inf")
     assert torch.equal(l == float("-inf"), empty) and (o[empty] == 0).all()

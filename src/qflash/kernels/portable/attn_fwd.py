@@ -52,25 +52,52 @@ def _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, KIND: tl.constexpr, HEAD
 
 
 @triton.jit
-def _token_mean(base, stride_n, s0, s1, offs_d, dmask, BLOCK_N: tl.constexpr):
-    """Mean over rows [s0, s1) of a (S, D) slice in fp32 (one pass, BLOCK_N rows at a time)."""
-    total = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
-    for start in range(s0, s1, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        total += tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
-                         mask=(offs < s1)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    return tl.sum(total, axis=0) / (s1 - s0).to(tl.float32)
+def _raw_tile(base, stride_n, start, end, Sk, offs_d, dmask, BLOCK_N: tl.constexpr):
+    """Rows [start, start + BLOCK_N) of a (S, D) K or V slice in its own dtype, zeros past Sk;
+    nothing is read when ``start >= end`` (the tile after a loop's last)."""
+    offs = start + tl.arange(0, BLOCK_N)
+    mask = ((offs < Sk) & (start < end))[:, None] & dmask[None, :]
+    return tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _token_absmax(base, stride_n, s0, s1, offs_d, dmask, BLOCK_N: tl.constexpr):
-    """Per-column max |x| over rows [s0, s1) of a (S, D) slice (one pass, BLOCK_N rows at a time)."""
-    top = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
-    for start in range(s0, s1, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        top = _max_nan(top, tl.abs(tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :],
-                                           mask=(offs < s1)[:, None] & dmask[None, :], other=0.0).to(tl.float32)))
-    return max_nan_reduce(top, 0)  # NaN-propagating: a NaN in V gives a NaN channel scale
+def _split_stats(k_base, stride_kn, v_base, stride_vn, s0, s1, offs_d, dmask, K_MEAN: tl.constexpr,
+                 V_MEAN: tl.constexpr, V_AMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(K mean, V mean, V's per-column max |v|) over rows [s0, s1) of (S, D) K and V slices, fp32
+    (D,) each, zeros (ones for the max) where not asked for. One pass, 2·BLOCK_N rows of K and V
+    per iteration with all their loads in flight together (each iteration otherwise waits one
+    memory latency); elementwise accumulators, reduced across the tile once at the end."""
+    k_sum = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
+    v_sum = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
+    v_top = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
+    for start in range(s0, s1, 2 * BLOCK_N):
+        offs_a = start + tl.arange(0, BLOCK_N)
+        offs_b = offs_a + BLOCK_N
+        mask_a = (offs_a < s1)[:, None] & dmask[None, :]
+        mask_b = (offs_b < s1)[:, None] & dmask[None, :]
+        if K_MEAN:
+            k_a = tl.load(k_base + offs_a[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=mask_a, other=0.0)
+            k_b = tl.load(k_base + offs_b[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=mask_b, other=0.0)
+        if V_MEAN or V_AMAX:
+            v_a = tl.load(v_base + offs_a[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=mask_a, other=0.0)
+            v_b = tl.load(v_base + offs_b[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=mask_b, other=0.0)
+        if K_MEAN:
+            k_sum += k_a.to(tl.float32) + k_b.to(tl.float32)
+        if V_MEAN:
+            v_sum += v_a.to(tl.float32) + v_b.to(tl.float32)
+        if V_AMAX:
+            v_top = _max_nan(v_top, _max_nan(tl.abs(v_a.to(tl.float32)), tl.abs(v_b.to(tl.float32))))
+    n = (s1 - s0).to(tl.float32)
+    k_mean = tl.zeros([offs_d.shape[0]], tl.float32)
+    v_mean = tl.zeros([offs_d.shape[0]], tl.float32)
+    v_amax = tl.full([offs_d.shape[0]], 1.0, tl.float32)
+    if K_MEAN:
+        k_mean = tl.sum(k_sum, axis=0) / n
+    if V_MEAN:
+        v_mean = tl.sum(v_sum, axis=0) / n
+    if V_AMAX:
+        v_amax = max_nan_reduce(v_top, 0)  # NaN-propagating: a NaN in V gives a NaN channel scale
+    return k_mean, v_mean, v_amax
 
 
 @triton.jit
@@ -126,11 +153,17 @@ def _attn_tiles(
         P_LOG2_SCALE: tl.constexpr = 0.0
     K_SCALAR: tl.constexpr = (K_SCALE_BLOCK % BLOCK_N) == 0
     FMA_FORM: tl.constexpr = (not HAS_BIAS) and MASK_KIND != CMASK_ADD
+    if FUSED_QUANT:  # raw K/V tiles one ahead: the next tile's loads fly while this one computes
+        k_next = _raw_tile(k_base, stride_kn, lo, hi, Sk, offs_d, dmask, BLOCK_N)
+        v_next = _raw_tile(v_base, stride_vn, lo, hi, Sk, offs_d, dmask, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if FUSED_QUANT:
-            kf = _load_k_tile(k_base, offs_n, offs_d, stride_kn, Sk, 0, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, MASKED)
-            kf = kf.to(tl.float32)
+            k_raw = k_next
+            v_raw = v_next
+            k_next = _raw_tile(k_base, stride_kn, start_n + BLOCK_N, hi, Sk, offs_d, dmask, BLOCK_N)
+            v_next = _raw_tile(v_base, stride_vn, start_n + BLOCK_N, hi, Sk, offs_d, dmask, BLOCK_N)
+            kf = k_raw.to(tl.float32)
             if SMOOTH_K:
                 kf = tl.where((offs_n < Sk)[:, None], kf - k_mean[None, :], 0.0)
             k, k_scale_f = quant_codes(kf, KIND, not K_SCALAR)
@@ -218,8 +251,7 @@ def _attn_tiles(
             # Each tile's product starts from zero (fresh FP8 accumulator) and is flushed into the
             # fp32 accumulator with the tile's per-channel V scale.
             if FUSED_QUANT:
-                vf = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
-                             mask=(offs_n < Sk)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                vf = v_raw.to(tl.float32)
                 if SMOOTH_V:
                     vf = tl.where((offs_n < Sk)[:, None], vf - v_mean[None, :], 0.0)
                 if V_SCALE_BLOCK == 0:  # one scale per channel over all keys (v_amax, from a pre-pass)
@@ -236,6 +268,8 @@ def _attn_tiles(
             else:
                 acc = _pv_fp8_tile(acc, alpha, p, v_base, stride_vn, vs_base, stride_vsb, v_desc, v_row0, offs_d,
                                    start_n, V_SCALE_BLOCK, USE_TMA, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N)
+        elif FUSED_QUANT:
+            acc = tl.dot(p.to(v_raw.dtype), v_raw, acc * alpha[:, None], input_precision=DOT_PRECISION)
         else:
             v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
             if MASKED or HEAD_DIM != HEAD_DIM_PAD:
@@ -425,15 +459,13 @@ def attn_fwd_kernel(
     if SPLIT:
         stat_lo = tl.program_id(2) * split_keys
         stat_hi = tl.minimum(Sk, stat_lo + split_keys)
-    if FUSED_QUANT and PV_FP8 and V_SCALE_BLOCK == 0:
-        v_amax = _token_absmax(v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
-        v_amax = guard_amax(v_amax)  # quant.core: an all-zero group gets amax = 1, NaN stays NaN
     if FUSED_QUANT:
+        V_AMAX: tl.constexpr = PV_FP8 and V_SCALE_BLOCK == 0
+        k_mean, v_mean, v_amax = _split_stats(k_base, stride_kn, v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask,
+                                              SMOOTH_K, SMOOTH_V, V_AMAX, BLOCK_N)
+        if V_AMAX:
+            v_amax = guard_amax(v_amax)  # quant.core: an all-zero group gets amax = 1, NaN stays NaN
         xq = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        if SMOOTH_K:
-            k_mean = _token_mean(k_base, stride_kn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
-        if SMOOTH_V:
-            v_mean = _token_mean(v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask, BLOCK_N)
         if HAS_LSE_CORR:  # K smoothing's lse term, q·k_mean per row: now, so xq dies here
             lse_corr = tl.sum(xq * k_mean[None, :], axis=1) * (qk_mult * 0.6931471805599453)
         xs = xq

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...config import GranularityKind, OperandQuant, Precision, QuantConfig
+from ...config import Granularity, GranularityKind, OperandQuant, Precision, QuantConfig
 from ..common import LOG2E, MASK_ADD, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
 from ..fastlaunch import FastLauncher, PlanCache, note_host_op
 from ..kv_quant import _STATS as _KV_STATS
@@ -35,9 +35,10 @@ __all__ = [
     "attention_fwd",
     "attention_fwd_kv",
     "kernel_support",
+    "one_launch_quant",
     "quantize_q",
     "quantize_qkv",
-    "statistics_block",
+    "reference_args",
 ]
 
 _KIND = {Precision.INT8: QK_INT8, Precision.INT4: QK_INT4, Precision.FP8_E4M3: QK_FP8}
@@ -72,7 +73,7 @@ def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq
     ``sk`` keys per head; ``split_keys``: keys per program when the call is split (each split
     quantises only its own keys, with its own statistics). ``split_keys=None`` (auto) counts the
     split ``pick_split_keys`` would choose for the one-launch tiles."""
-    blocks = _fused_blocks(cfg, block_m, block_n) if cfg.quantizes_qk else None
+    blocks = _fused_blocks(cfg, block_m, block_n, sq) if cfg.quantizes_qk else None
     if blocks is None:
         return False
     limits = fused_quant_limits(device)
@@ -84,10 +85,15 @@ def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq
     return programs <= limits["max_programs"] and min(sk, split_keys or sk) <= max_sk
 
 
-def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, int] | None:
-    """(BLOCK_M, BLOCK_N) that make every scale group one tile in the fused mode, or None."""
+def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int, sq: int | None = None) -> tuple[int, int] | None:
+    """(BLOCK_M, BLOCK_N) that make every scale group one tile in the fused mode, or None.
+    ``sq``: the call's queries; with Q smoothing, a tile is one Q-mean block, or, when one
+    Q-mean block holds every query, a tile that holds them all (the same mean: a single query
+    needs no 128-row tile)."""
+    cfg = one_launch_quant(cfg)
     if cfg.smooth_q:
-        block_m = cfg.q_mean_block
+        fits = sq is not None and sq <= cfg.q_mean_block
+        block_m = min(cfg.q_mean_block, max(block_m, next_pow2(sq))) if fits else cfg.q_mean_block
     qg, kg = cfg.q.granularity, cfg.k.granularity
     if qg.kind is GranularityKind.BLOCK:
         if cfg.smooth_q and qg.size != block_m:
@@ -255,7 +261,7 @@ def attention_fwd(
     instead of the bottom-right one (j <= i + Sk - Sq); the kernel only moves its diagonal.
     ``split_keys``: keys per split of the split-key mode (a multiple of the key tile and of the K/V
     scale blocks; partial results merged by ``split_merge``; in the one-launch mode each split takes
-    its own K/V statistics, see ``statistics_block``); default: ``pick_split_keys`` (CUDA, grids
+    its own K/V statistics, see ``reference_args``); default: ``pick_split_keys`` (CUDA, grids
     too small to fill the GPU), 0 or None on the CPU: no split.
     ``codes``: operands already quantised (``attention_fwd_kv``); k / v then only give shapes
     (and v the values when P·V is not quantised).
@@ -300,7 +306,7 @@ def _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, pre_codes):
         fused_quant = False
     elif fused_quant is None:
         fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, sk, block_m, split_keys, block_n)
-    if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n) is None:
+    if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n, Sq) is None:
         raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
                          "(its scale groups are not kernel tiles)")
     fused = bool(fused_quant) and cfg.quantizes_qk and sk > 0
@@ -308,38 +314,54 @@ def _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, pre_codes):
         tiles = fused_tiles(dev, D, B * Hq * cdiv(Sq, 64), Sq) if kernel_config is None else None
         if tiles is not None:  # (rows, warps) for this GPU
             kc = dataclasses.replace(kc, block_m=tiles[0], num_warps=tiles[1])
-        block_m, block_n = _fused_blocks(cfg, kc.block_m, block_n)
+        block_m, block_n = _fused_blocks(cfg, kc.block_m, block_n, Sq)
     return kc, fused, block_m, block_n
 
 
 def _one_launch_scale_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tuple[int, int, int]:
     """Rows per Q scale, keys per K scale and per V scale in the one-launch mode (V: 0 = one scale
     per channel over all keys of the program's statistics range, from a pre-pass over V)."""
+    cfg = one_launch_quant(cfg)
     q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else block_m
     k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else block_n
     v_scale_block = block_n if not cfg.quantizes_pv or cfg.v.granularity.size else 0
     return q_scale_block, k_scale_block, v_scale_block
 
 
-def statistics_block(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kernel_config: KernelConfig | None = None,
-                     fused_quant: bool | None = None, split_keys: int | None = None) -> int | None:
-    """Keys per block of the K/V token statistics ``attention_fwd`` takes for this call (same
-    arguments): the split's keys when the one-launch mode splits the keys, each split smoothing
-    with its own K mean and scaling V over its own keys; None when one set covers all keys. The
-    fake-quant reference of the call is ``reference.fake_quant_attention(..., stat_block=this)``."""
+def one_launch_quant(cfg: QuantConfig) -> QuantConfig:
+    """The quantisation the one-launch mode runs for ``cfg``: K per token where ``cfg`` scales K
+    per block of keys (a finer grid, so at least as accurate: a block scale forces 128-key tiles,
+    whose fp32 copies spill ~1.2-1.7 KB per thread at D128 on sm_90a; token scales take 64-key
+    tiles), else ``cfg`` itself. The fake-quant reference of a one-launch call is
+    ``reference.fake_quant_attention(q, k, v, **reference_args(q, k, cfg))``."""
+    if cfg.quantizes_qk and cfg.k.granularity.kind is GranularityKind.BLOCK:
+        return cfg.with_(k=OperandQuant(cfg.k.precision, Granularity.token()), name=cfg.name)
+    return cfg
+
+
+def reference_args(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kernel_config: KernelConfig | None = None,
+                   fused_quant: bool | None = None, split_keys: int | None = None) -> dict:
+    """Keyword arguments of ``reference.fake_quant_attention`` that model ``attention_fwd(q, k, v,
+    cfg, ...)`` with the same arguments: ``quant`` (``one_launch_quant(cfg)`` in the one-launch
+    mode), ``stat_block`` (the split's keys when the one-launch mode splits the keys, each split
+    smoothing with its own K mean and scaling V over its own keys; None when one set of K/V
+    statistics covers all keys) and ``block_n`` (the key tile: FP8 P rounds per tile)."""
+    B, Hq, Sq, _ = q.shape
     sk = k.shape[2]
     _, fused, block_m, block_n = _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, None)
     if not fused:
-        return None
+        if cfg.quantizes_pv:  # the V scale block caps the tile (as _attention_fwd does)
+            block_n = min(block_n, cfg.v.granularity.size or _V_GLOBAL_ROWS)
+        return {"quant": cfg, "stat_block": None, "block_n": block_n}
     if split_keys is None:
-        B, Hq, Sq, _ = q.shape
         split_keys = _one_launch_split(q.device, cfg, B * Hq * cdiv(Sq, block_m), sk, block_m, block_n)
-    return split_keys if split_keys and cdiv(sk, split_keys) > 1 else None
+    stat_block = split_keys if split_keys and cdiv(sk, split_keys) > 1 else None
+    return {"quant": one_launch_quant(cfg), "stat_block": stat_block, "block_n": block_n}
 
 
 def _one_launch_split(dev, cfg: QuantConfig, programs: int, sk: int, block_m: int, block_n: int) -> int | None:
     """``pick_split_keys`` for the one-launch mode's tiles (the one rule ``attention_fwd``,
-    ``use_fused_quant`` and ``statistics_block`` share)."""
+    ``use_fused_quant`` and ``reference_args`` share)."""
     _, k_block, v_block = _one_launch_scale_blocks(cfg, block_m, block_n)
     return pick_split_keys(dev, programs, sk, block_n, k_block, v_block if cfg.quantizes_pv else 1, one_launch=True)
 
