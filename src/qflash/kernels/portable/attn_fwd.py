@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 
 from ..common import CMASK_ADD, CMASK_BOOL, CMASK_NONE, CQK_FLOAT, CQK_INT4, CQK_INT8
-from ..kv_quant import max_nan_reduce
-from .quantize import _max_nan, fp8_channel_codes, guard_amax, quant_codes, scaled_additive_mask
+from .quantize import _split_stats, fp8_channel_codes, guard_amax, quant_codes, scaled_additive_mask
 
 
 @triton.jit
@@ -58,46 +57,6 @@ def _raw_tile(base, stride_n, start, end, Sk, offs_d, dmask, BLOCK_N: tl.constex
     offs = start + tl.arange(0, BLOCK_N)
     mask = ((offs < Sk) & (start < end))[:, None] & dmask[None, :]
     return tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _split_stats(k_base, stride_kn, v_base, stride_vn, s0, s1, offs_d, dmask, K_MEAN: tl.constexpr,
-                 V_MEAN: tl.constexpr, V_AMAX: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(K mean, V mean, V's per-column max |v|) over rows [s0, s1) of (S, D) K and V slices, fp32
-    (D,) each, zeros (ones for the max) where not asked for. One pass, 2·BLOCK_N rows of K and V
-    per iteration with all their loads in flight together (each iteration otherwise waits one
-    memory latency); elementwise accumulators, reduced across the tile once at the end."""
-    k_sum = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
-    v_sum = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
-    v_top = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
-    for start in range(s0, s1, 2 * BLOCK_N):
-        offs_a = start + tl.arange(0, BLOCK_N)
-        offs_b = offs_a + BLOCK_N
-        mask_a = (offs_a < s1)[:, None] & dmask[None, :]
-        mask_b = (offs_b < s1)[:, None] & dmask[None, :]
-        if K_MEAN:
-            k_a = tl.load(k_base + offs_a[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=mask_a, other=0.0)
-            k_b = tl.load(k_base + offs_b[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=mask_b, other=0.0)
-        if V_MEAN or V_AMAX:
-            v_a = tl.load(v_base + offs_a[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=mask_a, other=0.0)
-            v_b = tl.load(v_base + offs_b[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=mask_b, other=0.0)
-        if K_MEAN:
-            k_sum += k_a.to(tl.float32) + k_b.to(tl.float32)
-        if V_MEAN:
-            v_sum += v_a.to(tl.float32) + v_b.to(tl.float32)
-        if V_AMAX:
-            v_top = _max_nan(v_top, _max_nan(tl.abs(v_a.to(tl.float32)), tl.abs(v_b.to(tl.float32))))
-    n = (s1 - s0).to(tl.float32)
-    k_mean = tl.zeros([offs_d.shape[0]], tl.float32)
-    v_mean = tl.zeros([offs_d.shape[0]], tl.float32)
-    v_amax = tl.full([offs_d.shape[0]], 1.0, tl.float32)
-    if K_MEAN:
-        k_mean = tl.sum(k_sum, axis=0) / n
-    if V_MEAN:
-        v_mean = tl.sum(v_sum, axis=0) / n
-    if V_AMAX:
-        v_amax = max_nan_reduce(v_top, 0)  # NaN-propagating: a NaN in V gives a NaN channel scale
-    return k_mean, v_mean, v_amax
 
 
 @triton.jit

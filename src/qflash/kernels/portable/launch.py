@@ -23,7 +23,15 @@ from ..kv_quant import quantize_kv, stat_rows
 from . import attn_fwd, quantize, split_merge
 from .smooth_terms import lse_correction, q_bias
 from .support import kernel_support
-from .tuning import FP32_STAGE_CAPS, KernelConfig, fused_quant_limits, fused_tiles, pick_config, split_limits
+from .tuning import (
+    FP32_STAGE_CAPS,
+    QUANT_SELF_STATS_MAX_SK,
+    KernelConfig,
+    fused_quant_limits,
+    fused_tiles,
+    pick_config,
+    split_limits,
+)
 
 FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the kernel's DOT_PRECISION)
 _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
@@ -140,7 +148,8 @@ _FLOAT_OPERAND = OperandQuant(Precision.FP32)  # "not quantised" (config.py's pl
 _V_GLOBAL_ROWS = 128  # key block of the repeated per-channel V scale (V granularity channel(0))
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, stats: bool | None = None) -> QKVCodes:
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, stats: bool | None = None,
+                 self_stats: bool | None = None) -> QKVCodes:
     """Quantise HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) in one Triton launch, after the token
     statistics it needs (the K mean for smoothing, V's per-channel max for channel(0) scales).
 
@@ -148,6 +157,10 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     partials, summed inside the quantiser: no torch op, so the call can be replayed as a plan);
     False with torch reductions and, for channel(0) V, the shared K/V quantiser (the CPU
     interpreter's default: the golden digests were recorded with it). Default: True on CUDA.
+    ``self_stats`` (with ``stats``): no statistics launch; the quantiser's K and V programs take
+    the statistics over all keys themselves (``quantize_qkv_kernel``'s ``SELF_STATS``; the K mean
+    comes back as ``k_mean``). Default: up to ``tuning.QUANT_SELF_STATS_MAX_SK`` keys, without V
+    smoothing.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -173,7 +186,13 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     vm = None
     n_chunks = 0
     km = k_mean = None
-    if stats and (cfg.smooth_k or v_global) and Sk > 0:
+    needs_stats = (cfg.smooth_k or v_global) and Sk > 0
+    if self_stats is None:
+        self_stats = Sk <= QUANT_SELF_STATS_MAX_SK
+    self_stats = bool(stats and self_stats and needs_stats and not cfg.smooth_v)
+    if self_stats:  # the quantiser's K programs write the mean (B, Hkv, D) here
+        km = k_mean = torch.empty((B, Hkv, D), dtype=torch.float32, device=dev) if cfg.smooth_k else None
+    elif stats and needs_stats:
         rows = stat_rows(Sk)
         n_chunks = cdiv(Sk, rows)
         km = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if cfg.smooth_k else None
@@ -187,7 +206,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
         km = k_mean = torch.mean(k, dim=2, dtype=torch.float32)  # (B, Hkv, D)
         note_host_op()
     stats = stats and n_chunks > 0
-    if v_global and stats:
+    if v_global and (stats or self_stats):
         sk_pad = cdiv(Sk, v_rows) * v_rows
         vt = torch.empty((B, Hkv, D, sk_pad), dtype=torch.float8_e4m3fn, device=dev)
         vs_channel = torch.empty((B, Hkv, D), dtype=torch.float32, device=dev)
@@ -204,12 +223,12 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
             note_host_op()
     else:
         vt = vs = None
-    quant_v = cfg.quantizes_pv and (stats or not v_global)  # V quantised by the launch below
+    quant_v = cfg.quantizes_pv and (stats or self_stats or not v_global)  # V quantised by the launch below
     dummy = qs  # stands in for absent tensors; never dereferenced (guarded by constexprs)
     qm_, km_, vt_, vs_, vm_ = (t if t is not None else dummy for t in (qm, km, vt, vs, vm))
 
     nblocks = max(cdiv(Sq, q_rows), cdiv(Sk, k_rows), cdiv(Sk, v_rows) if quant_v else 0)
-    grid = (max(nblocks, 1), B * Hq)
+    grid = (max(nblocks, 1), B * Hq, 3)  # roles: Q, K, V blocks side by side
     if Sq or Sk:
         _QUANTIZE(grid, (q, k, v, qc, qs, qm_, kc, ks, km_, vt_, vs_, vm_), (
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -222,9 +241,9 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
             *(vm.stride()[:2] if vm is not None else (0, 0)),
             Hq, Hkv, Sq, Sk, n_chunks,
             # constexprs, in the kernel's order: KIND, Q_PER_TOKEN, K_PER_TOKEN, Q_ROWS, K_ROWS, V_ROWS,
-            # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, STATS, HEAD_DIM, HEAD_DIM_PAD
+            # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, STATS, SELF_STATS, HEAD_DIM, HEAD_DIM_PAD
             kind, q_per_token, k_per_token, q_rows, k_rows, v_rows,
-            bool(cfg.smooth_q), bool(cfg.smooth_k), quant_v, bool(cfg.smooth_v), stats,
+            bool(cfg.smooth_q), bool(cfg.smooth_k), quant_v, bool(cfg.smooth_v), stats, self_stats,
             D, max(next_pow2(D), 32),
         ), num_warps=8, num_stages=3)
     return QKVCodes(qc, qs, qm, kc, ks, k_mean, vt, vs, None if stats else vm, q_rows, k_rows, v_rows,

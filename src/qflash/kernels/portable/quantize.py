@@ -112,6 +112,46 @@ def fp8_channel_codes(x):
 
 
 @triton.jit
+def _split_stats(k_base, stride_kn, v_base, stride_vn, s0, s1, offs_d, dmask, K_MEAN: tl.constexpr,
+                 V_MEAN: tl.constexpr, V_AMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(K mean, V mean, V's per-column max |v|) over rows [s0, s1) of (S, D) K and V slices, fp32
+    (D,) each, zeros (ones for the max) where not asked for. One pass, 2·BLOCK_N rows of K and V
+    per iteration with all their loads in flight together (each iteration otherwise waits one
+    memory latency); elementwise accumulators, reduced across the tile once at the end."""
+    k_sum = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
+    v_sum = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
+    v_top = tl.zeros([BLOCK_N, offs_d.shape[0]], tl.float32)
+    for start in range(s0, s1, 2 * BLOCK_N):
+        offs_a = start + tl.arange(0, BLOCK_N)
+        offs_b = offs_a + BLOCK_N
+        mask_a = (offs_a < s1)[:, None] & dmask[None, :]
+        mask_b = (offs_b < s1)[:, None] & dmask[None, :]
+        if K_MEAN:
+            k_a = tl.load(k_base + offs_a[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=mask_a, other=0.0)
+            k_b = tl.load(k_base + offs_b[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=mask_b, other=0.0)
+        if V_MEAN or V_AMAX:
+            v_a = tl.load(v_base + offs_a[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=mask_a, other=0.0)
+            v_b = tl.load(v_base + offs_b[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=mask_b, other=0.0)
+        if K_MEAN:
+            k_sum += k_a.to(tl.float32) + k_b.to(tl.float32)
+        if V_MEAN:
+            v_sum += v_a.to(tl.float32) + v_b.to(tl.float32)
+        if V_AMAX:
+            v_top = _max_nan(v_top, _max_nan(tl.abs(v_a.to(tl.float32)), tl.abs(v_b.to(tl.float32))))
+    n = (s1 - s0).to(tl.float32)
+    k_mean = tl.zeros([offs_d.shape[0]], tl.float32)
+    v_mean = tl.zeros([offs_d.shape[0]], tl.float32)
+    v_amax = tl.full([offs_d.shape[0]], 1.0, tl.float32)
+    if K_MEAN:
+        k_mean = tl.sum(k_sum, axis=0) / n
+    if V_MEAN:
+        v_mean = tl.sum(v_sum, axis=0) / n
+    if V_AMAX:
+        v_amax = max_nan_reduce(v_top, 0)  # NaN-propagating: a NaN in V gives a NaN channel scale
+    return k_mean, v_mean, v_amax
+
+
+@triton.jit
 def _quantize_rows(
     x_base, stride_xs,
     out_base, stride_os,
@@ -171,11 +211,13 @@ def _quantize_v_block(
     row0, S,
     SUBTRACT_MEAN: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     vmax_base=None, n_chunks=0, V_GLOBAL: tl.constexpr = False, CHUNKS: tl.constexpr = 16,
+    amax_in=None, AMAX_IN: tl.constexpr = False,
 ):
     """FP8 e4m3 codes of V rows [row0, row0 + ROWS), one scale per channel, stored transposed.
 
     ``V_GLOBAL``: the scale is per channel over *all* keys (V granularity channel(0)), from the
-    ``n_chunks`` partial maxima (n_chunks, D) at ``vmax_base`` (``kv_quant.kv_stats_kernel``)."""
+    ``n_chunks`` partial maxima (n_chunks, D) at ``vmax_base`` (``kv_quant.kv_stats_kernel``);
+    ``AMAX_IN``: from ``amax_in`` (D_pad,), the max |v| per channel over all keys."""
     offs_r = row0 + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     rmask = offs_r < S
@@ -186,8 +228,11 @@ def _quantize_v_block(
     if SUBTRACT_MEAN:
         mean = tl.load(mean_base + offs_d, mask=dmask, other=0.0)
         x = tl.where(m2, x - mean[None, :], 0.0)
-    if V_GLOBAL:
-        amax = guard_amax(_reduce_partials(vmax_base, n_chunks, offs_d, True, CHUNKS, HEAD_DIM))
+    if V_GLOBAL or AMAX_IN:
+        if AMAX_IN:
+            amax = guard_amax(amax_in)
+        else:
+            amax = guard_amax(_reduce_partials(vmax_base, n_chunks, offs_d, True, CHUNKS, HEAD_DIM))
         inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
         scale = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
         codes = tl.clamp(x * inv[None, :], -448.0, 448.0).to(tl.float8e4nv)
@@ -220,21 +265,28 @@ def quantize_qkv_kernel(
     Q_PER_TOKEN: tl.constexpr, K_PER_TOKEN: tl.constexpr,
     Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, V_ROWS: tl.constexpr,
     SMOOTH_Q: tl.constexpr, SMOOTH_K: tl.constexpr, QUANT_V: tl.constexpr, SMOOTH_V: tl.constexpr,
-    STATS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    STATS: tl.constexpr, SELF_STATS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """Grid (max row blocks over Q, K, V, B * Hq): each program quantises one block of rows of
-    each tensor it covers (K and V only for programs whose head index is below Hkv).
-    Inputs have a contiguous channel dim (stride 1); other strides are free (HND or NHD).
+    """Grid (max row blocks over Q, K, V, B * Hq, 3): program (i, bh, role) quantises block i of
+    Q (role 0), K (role 1) or V (role 2) of its head (K and V only for head indices below Hkv):
+    the three are independent, so they run side by side rather than one after another in a
+    program. Inputs have a contiguous channel dim (stride 1); other strides are free (HND or NHD).
 
     ``STATS``: the token statistics come from ``kv_quant.kv_stats_kernel``'s ``n_chunks`` partials
     per head instead of host tensors: KM then holds the K partial sums (B, Hkv, n_chunks, D) (the
     mean is their sum / Sk) and, with ``QUANT_V``, VM the V partial maxima (same shape) for one
-    FP8 scale per V channel over all keys (written to VS (B, Hkv, D); SMOOTH_V must be off)."""
+    FP8 scale per V channel over all keys (written to VS (B, Hkv, D); SMOOTH_V must be off).
+    ``SELF_STATS`` (short key ranges, no statistics launch): each K program takes the K mean over
+    all keys itself (program 0 writes it to KM, (B, Hkv, D)), each V program V's channel maxima
+    (for one FP8 scale per channel, VS as with ``STATS``); SMOOTH_V must be off."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
+    role = tl.program_id(2)
     b = bh // Hq
     h = bh % Hq
-    if pid * Q_ROWS < Sq:
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    dmask = offs_d < HEAD_DIM
+    if role == 0 and pid * Q_ROWS < Sq:
         _quantize_rows(
             Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, stride_qs,
             QC + b.to(tl.int64) * stride_qcb + h.to(tl.int64) * stride_qch, stride_qcs,
@@ -243,8 +295,21 @@ def quantize_qkv_kernel(
             pid * Q_ROWS, Sq,
             KIND, Q_PER_TOKEN, 2 if SMOOTH_Q else 0, Q_ROWS, HEAD_DIM, HEAD_DIM_PAD,
         )
-    if h < Hkv:
-        if pid * K_ROWS < Sk and STATS and SMOOTH_K:
+    if role == 1 and h < Hkv:
+        if pid * K_ROWS < Sk and SELF_STATS and SMOOTH_K:
+            k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+            k_mean, _, _ = _split_stats(k_base, stride_ks, k_base, stride_ks, 0, Sk, offs_d, dmask,
+                                        True, False, False, 64)
+            if pid == 0:
+                tl.store(KM + b.to(tl.int64) * stride_kmb + h.to(tl.int64) * stride_kmh + offs_d, k_mean, mask=dmask)
+            _quantize_rows(
+                k_base, stride_ks,
+                KC + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch, stride_kcs,
+                KS + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh, stride_kss,
+                KM, pid * K_ROWS, Sk,
+                KIND, K_PER_TOKEN, 3, K_ROWS, HEAD_DIM, HEAD_DIM_PAD, k_mean,
+            )
+        elif pid * K_ROWS < Sk and STATS and SMOOTH_K:
             k_mean = _reduce_partials(KM + b.to(tl.int64) * stride_kmb + h.to(tl.int64) * stride_kmh, n_chunks,
                                       tl.arange(0, HEAD_DIM_PAD), False, 16, HEAD_DIM) / Sk
             _quantize_rows(
@@ -263,14 +328,25 @@ def quantize_qkv_kernel(
                 pid * K_ROWS, Sk,
                 KIND, K_PER_TOKEN, 1 if SMOOTH_K else 0, K_ROWS, HEAD_DIM, HEAD_DIM_PAD,
             )
-        if QUANT_V:
-            if pid * V_ROWS < Sk:
-                _quantize_v_block(
-                    V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vs,
-                    VT + b.to(tl.int64) * stride_vtb + h.to(tl.int64) * stride_vth, stride_vtd,
-                    VS + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh + pid * stride_vss,
-                    VM + b.to(tl.int64) * stride_vmb + h.to(tl.int64) * stride_vmh,
-                    pid * V_ROWS, Sk,
-                    SMOOTH_V, V_ROWS, HEAD_DIM, HEAD_DIM_PAD,
-                    VM + b.to(tl.int64) * stride_vmb + h.to(tl.int64) * stride_vmh, n_chunks, STATS, 16,
-                )
+    if role == 2 and h < Hkv and QUANT_V:
+        if pid * V_ROWS < Sk and SELF_STATS:
+            v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+            _, _, v_amax = _split_stats(v_base, stride_vs, v_base, stride_vs, 0, Sk, offs_d, dmask,
+                                        False, False, True, 64)
+            _quantize_v_block(
+                v_base, stride_vs,
+                VT + b.to(tl.int64) * stride_vtb + h.to(tl.int64) * stride_vth, stride_vtd,
+                VS + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh + pid * stride_vss,
+                VM, pid * V_ROWS, Sk,
+                False, V_ROWS, HEAD_DIM, HEAD_DIM_PAD, amax_in=v_amax, AMAX_IN=True,
+            )
+        elif pid * V_ROWS < Sk:
+            _quantize_v_block(
+                V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vs,
+                VT + b.to(tl.int64) * stride_vtb + h.to(tl.int64) * stride_vth, stride_vtd,
+                VS + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh + pid * stride_vss,
+                VM + b.to(tl.int64) * stride_vmb + h.to(tl.int64) * stride_vmh,
+                pid * V_ROWS, Sk,
+                SMOOTH_V, V_ROWS, HEAD_DIM, HEAD_DIM_PAD,
+                VM + b.to(tl.int64) * stride_vmb + h.to(tl.int64) * stride_vmh, n_chunks, STATS, 16,
+            )

@@ -106,6 +106,12 @@ FUSED_QUANT: dict[str, dict[str, int]] = {
 }
 FUSED_QUANT_DEFAULT = {"max_programs": 64, "max_sk": 512, "max_sk_fp8_pv": 512, "max_sk_smooth_q": 512}
 
+#: The separate quantiser takes the K/V statistics itself (no statistics launch before it) up to
+#: this many keys: each of its K (V) programs reads all of its head's keys for the K mean (V's
+#: channel maxima), two 64-key tiles per step. Predicted from the launch costs (session 9, H200:
+#: statistics launch 5.0 µs at 1x24x256x128, against one program's read of 256 keys, ~1-2 µs).
+QUANT_SELF_STATS_MAX_SK = 512
+
 
 def fused_tiles(device: torch.device, head_dim: int, programs: int, sq: int) -> tuple[int, int] | None:
     """(BLOCK_M, num_warps) of the one-launch mode on this GPU (None: keep the picked config).
