@@ -6,7 +6,8 @@
 Uses the ptxas bundled with Triton. Every launch the launchers would make, for head dims 64, 96,
 128 and 256, fp32 and bf16, presets none / int8 / int8-fp8 / int4 and short and long sequences, with the
 configs the sm90 tables pick (and the TMA / rotated-loop variants at D128, and the one-launch mode
-with ``tuning.fused_tiles``' tiles, split and unsplit, in bf16), is captured instead
+with ``tuning.fused_tiles``' tiles, split and unsplit, in bf16; the quantiser with CUDA's
+statistics: the statistics launch, or its own below ``QUANT_SELF_STATS_MAX_SK``), is captured instead
 of launched and compiled for sm_90a. Its shared memory is compared with the H100's per-block limit
 (232,448 bytes), and fp32 launches must not multiply in plain TF32. It finds compile errors, tiles
 that would fail with OutOfResources at launch and lost fp32 precision; it says nothing about speed
@@ -111,6 +112,11 @@ def main() -> int:
     configs.gpu_key = lambda device=None: "sm90"  # the sm90 table, as on an H100
     configs.load_user_table = lambda path: {}
     configs.user_table_path = lambda device: "none"
+    # the quantiser as CUDA runs it (GPU statistics: the statistics launch at 4096 keys, the
+    # quantiser's own statistics at 512), not the CPU's torch means
+    quantize_qkv = launch.quantize_qkv
+    launch.quantize_qkv = lambda q, k, v, cfg, stats=None, self_stats=None: quantize_qkv(
+        q, k, v, cfg, True if stats is None else stats, self_stats)
     cuda = torch.device("cuda", 0)
     bad, n = [], 0
     for D in (64, 96, 128, 256):

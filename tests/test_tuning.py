@@ -7,6 +7,8 @@ import json
 
 import torch
 
+import qflash
+
 from qflash.kernels.portable import tuning
 
 
@@ -46,6 +48,25 @@ def test_dispatch_auto_never_raises_and_names_force():
         dispatch.select(AttnSpec.build("int8", backend="hopper"), q, q, q, None)
     rows = dispatch.explain(AttnSpec.build(PRESETS["fp8"]), q, q, q)
     assert [r[0] for r in rows] == ["hopper", "portable", "reference"] and rows[-1][1]
+
+
+def test_one_launch_policy_wide_heads(monkeypatch):
+    """sm90: head dims > 64 with more than 64 query tiles of 64 rows take the separate quantiser
+    (measured in ``tuning.FUSED_QUANT``: 1x24x256x128, 96 tiles); fewer tiles, or D64, keep the
+    one-launch mode. Keys per program past the limit leave it as before."""
+    from qflash.kernels.portable import launch
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(tuning, "gpu_key", lambda device=None: "sm90")
+    monkeypatch.setattr(launch, "_SM_COUNT", {0: 132})
+    for preset in ("int8", "int8-fp8", "fp8", "int4"):
+        cfg = qflash.resolve_quant(preset)
+        assert not launch.use_fused_quant(cuda, cfg, 24, 256, 256, 64, None, 64, head_dim=128)  # 96 tiles
+        assert launch.use_fused_quant(cuda, cfg, 24, 256, 256, 64, None, 64, head_dim=64)
+        assert launch.use_fused_quant(cuda, cfg, 1, 1024, 1024, 64, None, 64, head_dim=128)  # 16 tiles, split
+        assert launch.use_fused_quant(cuda, cfg, 128, 77, 77, 64, None, 64, head_dim=64)  # 8x16x77x64
+        assert launch.use_fused_quant(cuda, cfg, 8, 1, 4096, 64, None, 64, head_dim=128)  # one query, split
+        assert not launch.use_fused_quant(cuda, cfg, 1, 4096, 4096, 64, 0, 64, head_dim=128)  # unsplit 4096 keys
 
 
 def test_fused_tiles_policy(monkeypatch):

@@ -16,7 +16,19 @@ from dataclasses import dataclass
 import torch
 
 from ...config import Granularity, GranularityKind, OperandQuant, Precision, QuantConfig
-from ..common import LOG2E, MASK_ADD, MASK_NONE, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8, causal_offset, cdiv, mask_operand, next_pow2
+from ..common import (
+    LOG2E,
+    MASK_ADD,
+    MASK_NONE,
+    QK_FLOAT,
+    QK_FP8,
+    QK_INT4,
+    QK_INT8,
+    causal_offset,
+    cdiv,
+    mask_operand,
+    next_pow2,
+)
 from ..fastlaunch import FastLauncher, PlanCache, note_host_op
 from ..kv_quant import _STATS as _KV_STATS
 from ..kv_quant import quantize_kv, stat_rows
@@ -75,7 +87,7 @@ def _alloc_out(q: torch.Tensor, out_layout: str) -> torch.Tensor:
 
 
 def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq: int, sk: int, block_m: int,
-                    split_keys: int | None = None, block_n: int = 64) -> bool:
+                    split_keys: int | None = None, block_n: int = 64, head_dim: int = 64) -> bool:
     """Quantise inside the attention kernel when the problem is small (see tuning.FUSED_QUANT).
 
     ``sk`` keys per head; ``split_keys``: keys per program when the call is split (each split
@@ -85,6 +97,8 @@ def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq
     if blocks is None:
         return False
     limits = fused_quant_limits(device)
+    if head_dim > 64 and programs_bh * cdiv(sq, 64) > limits.get("max_programs_wide", limits["max_programs"]):
+        return False
     max_sk = limits["max_sk_smooth_q"] if cfg.smooth_q else limits["max_sk_fp8_pv"] if cfg.quantizes_pv \
         else limits["max_sk"]
     programs = programs_bh * cdiv(sq, blocks[0])
@@ -324,7 +338,7 @@ def _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, pre_codes):
     if pre_codes is not None:
         fused_quant = False
     elif fused_quant is None:
-        fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, sk, block_m, split_keys, block_n)
+        fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, sk, block_m, split_keys, block_n, head_dim=D)
     if fused_quant and cfg.quantizes_qk and _fused_blocks(cfg, block_m, block_n, Sq) is None:
         raise ValueError(f"fused_quant=True: {cfg.name!r} cannot be quantised inside the attention kernel "
                          "(its scale groups are not kernel tiles)")

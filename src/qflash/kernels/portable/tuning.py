@@ -102,7 +102,14 @@ FUSED_QUANT: dict[str, dict[str, int]] = {
     # 26.8 / 32.3 / 36.9); unsplit, 512 keys per program lose (512²x64 20.0 / 22.0 / 22.0 against
     # 12.5 / 15.4 / 16.7) and 256 tie or win (1x24x256x128 16.9 / 20.5 / 20.6 against
     # 16.6 / 22.1 / 25.8). The limits count keys per program (per split when split).
-    "sm90": {"max_programs": 256, "max_sk": 256, "max_sk_fp8_pv": 256, "max_sk_smooth_q": 256},
+    # H200 (session 10, small_modes.py call E, the separate quantiser now taking its own statistics
+    # with Q/K/V on a role axis): head dims > 64 with more than 64 query tiles of 64 rows go to
+    # the separate quantiser ("max_programs_wide"): 1x24x256x128 int8 / int8-fp8 / fp8 / int4 14.1 /
+    # 17.2 / 16.8 / 22.6 µs against the one-launch mode's 16.4 / 20.9 / 19.7 / 24.1; with 16 tiles
+    # (1024²x128) the one-launch mode still wins (17.6 / 20.3 against 19.5 / 21.9), and at D64 too
+    # (8x16x77x64, 128 tiles: 8.8 / 11.5 / 10.8 / 9.6 against 12.0 / 14.6 / 14.4 / 16.9).
+    "sm90": {"max_programs": 256, "max_programs_wide": 64, "max_sk": 256, "max_sk_fp8_pv": 256,
+             "max_sk_smooth_q": 256},
 }
 FUSED_QUANT_DEFAULT = {"max_programs": 64, "max_sk": 512, "max_sk_fp8_pv": 512, "max_sk_smooth_q": 512}
 
