@@ -10,6 +10,7 @@ statistics launch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -87,12 +88,13 @@ def _alloc_out(q: torch.Tensor, out_layout: str) -> torch.Tensor:
 
 
 def use_fused_quant(device: torch.device, cfg: QuantConfig, programs_bh: int, sq: int, sk: int, block_m: int,
-                    split_keys: int | None = None, block_n: int = 64, head_dim: int = 64) -> bool:
+                    split_keys: int | None = None, block_n: int = 64, *, head_dim: int) -> bool:
     """Quantise inside the attention kernel when the problem is small (see tuning.FUSED_QUANT).
 
     ``sk`` keys per head; ``split_keys``: keys per program when the call is split (each split
     quantises only its own keys, with its own statistics). ``split_keys=None`` (auto) counts the
-    split ``pick_split_keys`` would choose for the one-launch tiles."""
+    split ``pick_split_keys`` would choose for the one-launch tiles. ``head_dim``: wide heads (> 64)
+    with many query tiles take the separate quantiser (``max_programs_wide``)."""
     blocks = _fused_blocks(cfg, block_m, block_n, sq) if cfg.quantizes_qk else None
     if blocks is None:
         return False
@@ -162,6 +164,14 @@ _FLOAT_OPERAND = OperandQuant(Precision.FP32)  # "not quantised" (config.py's pl
 _V_GLOBAL_ROWS = 128  # key block of the repeated per-channel V scale (V granularity channel(0))
 
 
+def _v_rows(cfg: QuantConfig) -> int:
+    """Keys per V scale block of the separate quantiser's output (channel(0): the per-channel
+    scale repeated per ``_V_GLOBAL_ROWS`` keys)."""
+    if not cfg.quantizes_pv:
+        return _DEFAULT_ROWS
+    return cfg.v.granularity.size or _V_GLOBAL_ROWS
+
+
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, stats: bool | None = None,
                  self_stats: bool | None = None) -> QKVCodes:
     """Quantise HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) in one Triton launch, after the token
@@ -196,7 +206,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     # V with one scale per channel over all keys (channel(0)) needs every key first; the scale
     # then repeats per 128-key block
     v_global = cfg.quantizes_pv and cfg.v.granularity.size == 0
-    v_rows = (_V_GLOBAL_ROWS if v_global else cfg.v.granularity.size) if cfg.quantizes_pv else _DEFAULT_ROWS
+    v_rows = _v_rows(cfg)
     vm = None
     n_chunks = 0
     km = k_mean = None
@@ -361,12 +371,14 @@ def _one_launch_scale_blocks(cfg: QuantConfig, block_m: int, block_n: int) -> tu
     return q_scale_block, k_scale_block, v_scale_block
 
 
+@functools.lru_cache(maxsize=64)
 def one_launch_quant(cfg: QuantConfig) -> QuantConfig:
     """The quantisation the one-launch mode runs for ``cfg``: K per token where ``cfg`` scales K
     per block of keys (a finer grid, so at least as accurate: a block scale forces 128-key tiles,
     whose fp32 copies spill ~1.2-1.7 KB per thread at D128 on sm_90a; token scales take 64-key
     tiles), else ``cfg`` itself. The fake-quant reference of a one-launch call is
-    ``reference.fake_quant_attention(q, k, v, **reference_args(q, k, cfg))``."""
+    ``reference.fake_quant_attention(q, k, v, **reference_args(q, k, cfg))``. Cached: the launcher
+    asks several times per call, and building a config costs ~10 µs of host time."""
     if cfg.quantizes_qk and cfg.k.granularity.kind is GranularityKind.BLOCK:
         return cfg.with_(k=OperandQuant(cfg.k.precision, Granularity.token()), name=cfg.name)
     return cfg
@@ -384,7 +396,7 @@ def reference_args(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kernel
     _, fused, block_m, block_n = _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, None)
     if not fused:
         if cfg.quantizes_pv:  # the V scale block caps the tile (as _attention_fwd does)
-            block_n = min(block_n, cfg.v.granularity.size or _V_GLOBAL_ROWS)
+            block_n = min(block_n, _v_rows(cfg))
         return {"quant": cfg, "stat_block": None, "block_n": block_n}
     if split_keys is None:
         split_keys = _one_launch_split(q.device, cfg, B * Hq * cdiv(Sq, block_m), sk, block_m, block_n)
