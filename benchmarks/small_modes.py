@@ -11,6 +11,7 @@ time per call (the call captured once, replayed 200 times; no host cost) of
   every ``n`` keys (each split with its own K/V statistics) plus the merge launch; ``@BMxBNxWxS``:
   the same with the tiles of ``--configs`` (the mode may widen BN/BM to its scale blocks);
 - ``Q/auto``: the separate quantiser (statistics, quantiser, attention, merge where split);
+  ``Q/auto@BMxBNxWxS``: the same with the attention launch's tiles from ``--configs``;
 
 and SDPA's default backend on the same inputs. Splits that do not divide into the mode's key
 tiles or that leave a single split are skipped. Prints one table (µs, and × SDPA) and writes
@@ -44,6 +45,8 @@ def modes(splits: list[int], configs: list[str]) -> list[tuple[str, dict]]:
         kc = {"kernel_config": KernelConfig(*(int(x) for x in c.split("x")))} if c else {}
         out += [(f"F/{n}" + (f"@{c}" if c else ""), {"fused_quant": True, "split_keys": n, **kc}) for n in [0, *splits]]
     out.append(("Q/auto", {"fused_quant": False}))
+    for c in configs:  # the separate quantiser's attention launch with each given config
+        out.append((f"Q/auto@{c}", {"fused_quant": False, "kernel_config": KernelConfig(*(int(x) for x in c.split("x")))}))
     return out
 
 

@@ -126,8 +126,9 @@ def naive_attention(q, k, v, *, scale=None, mask=None, causal=False):
 def reference_args_of_call(q: torch.Tensor, k: torch.Tensor, quant, *, kernel: bool = False) -> dict:
     """Keyword arguments of ``reference.fake_quant_attention`` (``quant``, ``stat_block``,
     ``block_n``) that model a small quantised ``qflash.attention(q, k, ...)`` on q's device:
-    ``launch.reference_args`` of the portable kernel (the one-launch mode's K granularity and
-    per-split statistics) on CUDA, or with ``kernel=True`` (``backend="portable"`` on the CPU);
+    ``launch.reference_args`` of the portable kernel for the quantisation the family runs
+    (``launch.call_quant``: small FP8 P·V calls keep P·V in the input dtype on CUDA; the one-launch
+    mode's K granularity and per-split statistics) on CUDA, or with ``kernel=True`` (``backend="portable"`` on the CPU);
     else the preset itself (the CPU's default path is the reference). q, k: HND, on the device of
     the call. (Calls the Hopper family keeps — past 2^31 MACs — use one set of statistics; the
     small calls of the tests go to the portable family.)"""
@@ -136,4 +137,4 @@ def reference_args_of_call(q: torch.Tensor, k: torch.Tensor, quant, *, kernel: b
 
     if q.device.type != "cuda" and not kernel:
         return {"quant": quant}
-    return launch.reference_args(q, k, resolve_quant(quant))
+    return launch.reference_args(q, k, launch.call_quant(q, k, resolve_quant(quant)))

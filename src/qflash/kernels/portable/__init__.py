@@ -24,9 +24,10 @@ class PortableFamily(Family):
         return None if ok else why
 
     def forward(self, spec, q, k, v, attn_mask):
-        from .launch import attention_fwd
+        from .launch import attention_fwd, call_quant
 
-        return attention_fwd(q, k, v, spec.quant, causal=spec.causal != "none", attn_mask=attn_mask,
+        # small calls of FP8 P·V presets keep P·V in the input dtype (tuning.FLOAT_PV_MAX_WORK)
+        return attention_fwd(q, k, v, call_quant(q, k, spec.quant), causal=spec.causal != "none", attn_mask=attn_mask,
                              scale=spec.scale, return_lse=spec.return_lse, out_layout=spec.layout,
                              top_left=spec.causal == "top_left")
 

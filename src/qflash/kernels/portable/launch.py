@@ -40,6 +40,7 @@ from .tuning import (
     FP32_STAGE_CAPS,
     QUANT_SELF_STATS_MAX_SK,
     KernelConfig,
+    float_pv_max_work,
     fused_quant_limits,
     fused_tiles,
     pick_config,
@@ -55,6 +56,7 @@ __all__ = [
     "QKVCodes",
     "attention_fwd",
     "attention_fwd_kv",
+    "call_quant",
     "kernel_support",
     "one_launch_quant",
     "quantize_q",
@@ -382,6 +384,26 @@ def one_launch_quant(cfg: QuantConfig) -> QuantConfig:
     if cfg.quantizes_qk and cfg.k.granularity.kind is GranularityKind.BLOCK:
         return cfg.with_(k=OperandQuant(cfg.k.precision, Granularity.token()), name=cfg.name)
     return cfg
+
+
+def call_quant(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig) -> QuantConfig:
+    """The quantisation an automatic call of ``cfg`` runs on this family (``PortableFamily.forward``;
+    launches with an explicit config run ``cfg``): ``cfg`` with P·V in the input dtype for FP8 P·V
+    presets at or below ``tuning.float_pv_max_work`` multiply-adds per matmul on this GPU (faster
+    there, and more accurate), else ``cfg``. q (B, Hq, Sq, D), k (B, Hkv, Sk, D)."""
+    if not cfg.quantizes_pv:
+        return cfg
+    limit = float_pv_max_work(q.device)  # None on the CPU
+    B, Hq, Sq, D = q.shape
+    if limit is None or B * Hq * Sq * k.shape[2] * D > limit:
+        return cfg
+    return _float_pv(cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _float_pv(cfg: QuantConfig) -> QuantConfig:
+    # cached: one object per preset, as plan and dispatch keys expect (and with_ costs ~10 µs)
+    return cfg.with_(v=_FLOAT_OPERAND, p=_FLOAT_OPERAND, smooth_v=False, name=cfg.name)
 
 
 def reference_args(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kernel_config: KernelConfig | None = None,

@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "BWD_TABLES", "BwdConfig", "DEFAULT", "FP32_STAGE_CAPS", "FUSED_QUANT", "KernelConfig", "TABLES", "describe",
-    "fused_tiles",
+    "FLOAT_PV_MAX_WORK", "float_pv_max_work", "fused_tiles",
     "gpu_key", "load_user_table", "pick_bwd_config", "pick_config", "reload", "user_table_path",
 ]
 
@@ -140,6 +140,21 @@ def fused_tiles(device: torch.device, head_dim: int, programs: int, sq: int) -> 
     if head_dim <= 64:
         return (32, 8) if programs <= 64 else (128, 8) if sq <= 128 else (64, 4)
     return (32 if sq <= 32 else 64), 8
+
+
+#: Small calls of the FP8 P·V presets keep P·V in the input dtype (``launch.call_quant``): at or
+#: below this many multiply-adds per matmul (B·Hq·Sq·Sk·D) the call is a few dependent chains of
+#: latency, not tensor-core throughput, and quantising V (its channel maxima, the FP8 codes, Vᵀ
+#: through shared memory) only lengthens them. H200 (session 11 call A, CUDA-graph GPU µs, int8
+#: against int8-fp8, which differ there only by FP8 P·V): 64² 5.6 / 7.1, 512²x64 10.2 / 11.9,
+#: 1024²x128 17.5 / 20.5, 1x24x256x128 13.9 / 16.9, 8x16x77x64 8.6 / 11.4, 1x8x1:4096x128
+#: 18.6 / 22.3. The largest of those is 2^27.6 MACs; the crossover above it is not measured.
+FLOAT_PV_MAX_WORK: dict[str, int] = {"sm90": 2**28}
+
+
+def float_pv_max_work(device: torch.device) -> int | None:
+    """``FLOAT_PV_MAX_WORK`` for this GPU (None: FP8 P·V presets always quantise P·V)."""
+    return FLOAT_PV_MAX_WORK.get(gpu_key(device))
 
 
 #: Split-key mode (``launch.pick_split_keys``): used only below this many keys per head or above
