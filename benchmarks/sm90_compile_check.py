@@ -32,8 +32,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction, mangle_type  # noqa: E402
 
 import qflash  # noqa: E402
-from qflash.kernels import fastlaunch  # noqa: E402
-from qflash.kernels.portable import bwd_launch, launch  # noqa: E402
+from qflash.kernels import fastlaunch, kv_quant  # noqa: E402
+from qflash.kernels.portable import bwd_launch, launch, smooth_terms  # noqa: E402
 from qflash.kernels.portable import tuning as configs  # noqa: E402
 
 SMEM_LIMIT = 232448
@@ -53,13 +53,19 @@ def _capture_jit(self, grid):
 
 
 def _capture_fast(self, grid, pointers, scalars, *, num_warps, num_stages):
-    captured.append((self.fn, list(pointers + scalars), {"num_warps": num_warps, "num_stages": num_stages}))
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    if self._pdl_at is not None and scalars[self._pdl_at]:
+        opts["launch_pdl"] = True  # as FastLauncher compiles it
+    captured.append((self.fn, list(pointers + scalars), opts))
 
 
 def compile_one(fn, args, opts):
     """Shared memory bytes, and the input precisions of the kernel's fp32 dots (from its TTIR)."""
-    sig = {p.name: ("constexpr" if (p.is_constexpr or a is None) else mangle_type(a)) for p, a in zip(fn.params, args)}
-    consts = {p.name: a for p, a in zip(fn.params, args) if p.is_constexpr or a is None}
+    # as Triton's launcher does, integer arguments equal to 1 are specialised to constexprs (a
+    # single key or query turns Sk / Sq into a Python int inside the kernel)
+    fixed = [p.is_constexpr or a is None or (type(a) is int and a == 1) for p, a in zip(fn.params, args)]
+    sig = {p.name: ("constexpr" if c else mangle_type(a)) for p, a, c in zip(fn.params, args, fixed)}
+    consts = {p.name: a for p, a, c in zip(fn.params, args, fixed) if c}
     compiled = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options=opts)
     # the precision of dots on fp32 operands ("ieee" is the attribute's default and is not printed)
     dots = {m.group(1) or "ieee" for m in re.finditer(r"tt\.dot [^:]*?(?:inputPrecision = (\w+))? : tensor<[0-9x]+xf32>",
@@ -79,6 +85,23 @@ def check(fn, args, opts, dtype, what, bad) -> None:
         bad.append((fn.__name__, *what, f"shared memory {smem}"))
     if dtype == torch.float32 and "tf32" in dots:
         bad.append((fn.__name__, *what, f"fp32 dot in TF32 ({sorted(dots)})"))
+
+
+def single_key_calls(D, dtype, bad) -> int:
+    """One query over one key (Sq = Sk = 1, both specialised to constexprs), every preset, the
+    launcher's own choice of mode; bf16 only. Returns the launches compiled."""
+    if dtype != torch.bfloat16:
+        return 0
+    n = 0
+    for preset in PRESETS:
+        q, k, v = (torch.randn(1, 2, 1, D, dtype=dtype) for _ in range(3))
+        for fused in (False, True):
+            captured.clear()
+            launch.attention_fwd(q, k, v, qflash.resolve_quant(preset), fused_quant=fused)
+            for fn, args, opts in list(captured):
+                check(fn, args, opts, dtype, (D, str(dtype), preset, f"1x1 fused={fused}"), bad)
+                n += 1
+    return n
 
 
 def one_launch_mode(D, dtype, cuda, bad) -> int:
@@ -110,13 +133,15 @@ def main() -> int:
     JITFunction.__getitem__ = _capture_jit
     fastlaunch.FastLauncher.__call__ = _capture_fast
     configs.gpu_key = lambda device=None: "sm90"  # the sm90 table, as on an H100
+    for module in (launch, smooth_terms, kv_quant):  # programmatic dependent launch, as on an H100
+        module.pdl_enabled = lambda device: True
     configs.load_user_table = lambda path: {}
     configs.user_table_path = lambda device: "none"
     # the quantiser as CUDA runs it (GPU statistics: the statistics launch at 4096 keys, the
     # quantiser's own statistics at 512), not the CPU's torch means
     quantize_qkv = launch.quantize_qkv
-    launch.quantize_qkv = lambda q, k, v, cfg, stats=None, self_stats=None: quantize_qkv(
-        q, k, v, cfg, True if stats is None else stats, self_stats)
+    launch.quantize_qkv = lambda q, k, v, cfg, stats=None, self_stats=None, pack_int4=True: quantize_qkv(
+        q, k, v, cfg, True if stats is None else stats, self_stats, pack_int4)
     cuda = torch.device("cuda", 0)
     bad, n = [], 0
     for D in (64, 96, 128, 256):
@@ -145,6 +170,7 @@ def main() -> int:
                         check(fn, args, opts, dtype, (D, str(dtype), preset, f"tma={tma} rotate={rotate}"), bad)
                         n += 1
             n += one_launch_mode(D, dtype, cuda, bad)
+            n += single_key_calls(D, dtype, bad)
             q, k, v, do = (torch.randn(1, 2, 256, D, dtype=dtype) for _ in range(4))
             captured.clear()
             bwd_launch.attention_bwd(q, k, v, torch.randn_like(q), torch.randn(1, 2, 256), do,

@@ -283,6 +283,47 @@ def test_fused_quantiser_matches_torch(preset):
         assert (c.v_t.cpu()[..., Sk:].float() == 0).all(), "V padding must be zeros"
 
 
+@pytest.mark.parametrize("case", ["gqa-causal", "mask-d80"])
+def test_int4_unpacked_codes_match_packed(case, monkeypatch):
+    """INT4 codes one per byte (``pack_int4=False``, the sm_90 default of the separate quantiser)
+    hold exactly the packed codes' values, and the attention kernel, reading them as INT8, gives
+    bit-identical output and lse to the packed path; ``attention_fwd`` follows
+    ``tuning.int4_packed_codes``. Outputs poisoned; GQA + causal, and a boolean mask at D = 80."""
+    from qflash.kernels.portable import launch
+    from qflash.quant import unpack_int4
+
+    cfg = resolve_quant("int4")
+    gen = torch.Generator().manual_seed(23)
+    D = 80 if case == "mask-d80" else 64
+    q, k, v = make_qkv(1, 4, 2 if case == "gqa-causal" else 4, 45, 70, D, torch.bfloat16, "HND", gen)
+    causal = case == "gqa-causal"
+    mask = (torch.rand(1, 1, 45, 70, generator=gen) > 0.3).to(DEVICE) if case == "mask-d80" else None
+    packed = quantize_qkv(q, k, v, cfg, pack_int4=True)
+    flat = quantize_qkv(q, k, v, cfg, pack_int4=False)
+    assert packed.int4_packed and not flat.int4_packed
+    assert flat.q.dtype == torch.int8 and flat.q.shape == q.shape and flat.k.shape == k.shape
+    assert torch.equal(flat.q.cpu(), unpack_int4(packed.q.cpu()))
+    assert torch.equal(flat.k.cpu(), unpack_int4(packed.k.cpu()))
+    assert int(flat.q.abs().max()) == 7
+    outs = {}
+    for name, codes in (("packed", packed), ("flat", flat)):
+        out = torch.full_like(q, float("nan"))
+        o, lse = attention_fwd(q, k, v, cfg, causal=causal, attn_mask=mask, return_lse=True, out=out,
+                               codes=codes, kernel_config=SMALL_CFG, fused_quant=False, split_keys=0)
+        outs[name] = (o.clone(), lse.clone())
+    assert not outs["flat"][0].isnan().any()
+    assert torch.equal(outs["flat"][0], outs["packed"][0]) and torch.equal(outs["flat"][1], outs["packed"][1])
+    # the launcher's own quantiser follows the policy: unpacked there, the same bits again
+    monkeypatch.setattr(launch, "int4_packed_codes", lambda device: False)
+    o, lse = attention_fwd(q, k, v, cfg, causal=causal, attn_mask=mask, return_lse=True,
+                           kernel_config=SMALL_CFG, fused_quant=False, split_keys=0)
+    assert torch.equal(o, outs["packed"][0]) and torch.equal(lse, outs["packed"][1])
+    fq = fake_quant_attention(q, k, v, causal=causal, attn_mask=mask, **reference_args(
+        q, k, cfg, kernel_config=SMALL_CFG, fused_quant=False, split_keys=0))
+    assert rel_l2(o, fq) < TIGHT["int4"]
+
+
+
 def test_kernel_support_rejects_what_it_cannot_do():
     cfg = resolve_quant("int8")
     bad = cfg.with_(q=OperandQuant(Precision.INT8, Granularity.group(32)), k=OperandQuant(Precision.INT8, Granularity.group(32)))

@@ -115,6 +115,10 @@ class FastLauncher:
     parameters of ``fn`` (tensors, tensor descriptors or None), ``scalars`` every parameter after
     them in order, constexprs included (ints, floats, bools); ``grid`` is a tuple of 1–3 ints.
     Keeping the two apart makes the key cheap: the scalars are hashed as one tuple.
+
+    A kernel with a ``USE_PDL`` constexpr is compiled with Triton's ``launch_pdl`` option set to
+    that argument (programmatic dependent launch, ``kernels.pdl``): the launch attribute lives in
+    the compiled kernel, so the flag and the attribute cannot disagree, in a replay neither.
     """
 
     def __init__(self, fn, n_pointers: int | None = None):
@@ -123,6 +127,9 @@ class FastLauncher:
         self.n_pointers = n_pointers
         self._flags = _constexpr_flags(fn)
         self._types: tuple | None = None  # Python type of each scalar position, from the first launch
+        # index of USE_PDL among the scalars (None: the kernel has no such parameter)
+        self._pdl_at = (self.names.index("USE_PDL") - (n_pointers or 0)
+                        if "USE_PDL" in self.names and n_pointers is not None else None)
         self._cache: dict = {}
         self._knobs = None
         try:
@@ -167,6 +174,8 @@ class FastLauncher:
             raise TypeError(f"{self.fn.__name__} takes {len(self.names)} arguments, "
                             f"got {len(pointers) + len(scalars)}")
         kwargs = dict(zip(self.names, (*pointers, *scalars)))
+        if self._pdl_at is not None and scalars[self._pdl_at]:
+            kwargs["launch_pdl"] = True  # a compile option (metadata.launch_pdl), keyed by USE_PDL itself
         with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
             kernel = self.fn[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
         if fast and kernel is not None and hasattr(kernel, "packed_metadata"):

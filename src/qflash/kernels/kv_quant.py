@@ -30,6 +30,7 @@ import triton.language as tl
 from ..config import Precision, QuantConfig
 from .common import interpreter_enabled
 from .fastlaunch import FastLauncher
+from .pdl import grid_dependency, pdl_enabled
 
 __all__ = ["quantize_kv", "quantize_kv_kernel", "kv_stats_kernel", "stat_rows"]
 
@@ -82,13 +83,15 @@ def kv_stats_kernel(
     stride_vb, stride_vh, stride_vs,
     Hkv, Sk, n_chunks, ROWS,
     SMOOTH_K: tl.constexpr, V_PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (n_chunks, B·Hkv): partial K sums and V channel maxima over ROWS keys (a multiple of BLOCK).
 
     Writes KSum / VMax (B·Hkv, n_chunks, D) fp32; the quantiser sums / maxes the partials in a
-    fixed order, so the statistics are deterministic (no atomics).
+    fixed order, so the statistics are deterministic (no atomics). ``USE_PDL``: programmatic
+    dependent launch (``kernels.pdl``).
     """
+    grid_dependency(USE_PDL)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -261,9 +264,9 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, block_n: int
     vmax = torch.empty((B, Hkv, n_chunks, D), dtype=torch.float32, device=dev) if per_channel else vs
     if smooth_k or per_channel:
         # positional records through FastLauncher: ~30 µs less CPU per launch than kernel[grid](...)
-        # (SMOOTH_K, V_PER_CHANNEL, BLOCK, HEAD_DIM, HEAD_DIM_PAD are the constexprs, in order)
+        # (SMOOTH_K, V_PER_CHANNEL, BLOCK, HEAD_DIM, HEAD_DIM_PAD, USE_PDL are the constexprs, in order)
         _STATS(grid=(n_chunks, B * Hkv), pointers=(k, v, ksum, vmax),
-               scalars=(*strides, Hkv, Sk, n_chunks, rows, smooth_k, per_channel, 64, D, pad),
+               scalars=(*strides, Hkv, Sk, n_chunks, rows, smooth_k, per_channel, 64, D, pad, pdl_enabled(dev)),
                num_warps=8, num_stages=3)
     parts = QUANT_PARTS if quant_k else 1
     # constexprs: KIND, SMOOTH_K, V_PER_CHANNEL, V_PERMUTED, CHUNKS, QUANT_K, N_PARTS, BLOCK_N, HEAD_DIM,

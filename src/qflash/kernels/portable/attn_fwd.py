@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..common import CMASK_ADD, CMASK_BOOL, CMASK_NONE, CQK_FLOAT, CQK_INT4, CQK_INT8
+from ..pdl import grid_dependency
 from .quantize import _split_stats, fp8_channel_codes, guard_amax, quant_codes, scaled_additive_mask
 
 
@@ -371,7 +372,7 @@ def attn_fwd_kernel(
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
     USE_TMA: tl.constexpr, ROTATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
 
@@ -386,7 +387,9 @@ def attn_fwd_kernel(
     "ieee" for fp32 inputs (``launch.FP32_DOT_PRECISION``). It must be explicit: Triton 3.6 takes a
     missing one from ``knobs.language.fp32_default``, not from the ``default_dot_input_precision``
     launch option.
+    ``USE_PDL``: programmatic dependent launch (``kernels.pdl``; nothing global is touched before it).
     """
+    grid_dependency(USE_PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)

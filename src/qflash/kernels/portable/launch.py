@@ -33,6 +33,7 @@ from ..common import (
 from ..fastlaunch import FastLauncher, PlanCache, note_host_op
 from ..kv_quant import _STATS as _KV_STATS
 from ..kv_quant import quantize_kv, stat_rows
+from ..pdl import pdl_enabled
 from . import attn_fwd, quantize, split_merge
 from .smooth_terms import lse_correction, q_bias
 from .support import kernel_support
@@ -42,6 +43,7 @@ from .tuning import (
     KernelConfig,
     float_pv_max_work,
     fused_quant_limits,
+    int4_packed_codes,
     fused_tiles,
     pick_config,
     split_limits,
@@ -156,6 +158,8 @@ class QKVCodes:
     # that need the mean reduce them as the quantiser does (``smooth_terms``)
     k_partials: torch.Tensor | None = None
     sk: int = 0
+    # INT4 Q and K codes two per byte (False: one int8 per code, read by the kernel as INT8)
+    int4_packed: bool = True
 
 
 def _rows(g, default: int) -> int:
@@ -175,7 +179,7 @@ def _v_rows(cfg: QuantConfig) -> int:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, stats: bool | None = None,
-                 self_stats: bool | None = None) -> QKVCodes:
+                 self_stats: bool | None = None, pack_int4: bool = True) -> QKVCodes:
     """Quantise HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) in one Triton launch, after the token
     statistics it needs (the K mean for smoothing, V's per-channel max for channel(0) scales).
 
@@ -186,7 +190,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     ``self_stats`` (with ``stats``): no statistics launch; the quantiser's K and V programs take
     the statistics over all keys themselves (``quantize_qkv_kernel``'s ``SELF_STATS``; the K mean
     comes back as ``k_mean``). Default: up to ``tuning.QUANT_SELF_STATS_MAX_SK`` keys, without V
-    smoothing.
+    smoothing. ``pack_int4`` (INT4 presets): Q and K codes two per byte, (…, D // 2) uint8; False:
+    one int8 per code, (…, D) (``tuning.int4_packed_codes``).
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -194,8 +199,9 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     if stats is None:
         stats = dev.type == "cuda"
     kind = _KIND[cfg.q.precision]
-    d_codes = D // 2 if kind == QK_INT4 else D
-    code_dtype = _TORCH_CODE_DTYPE[cfg.q.precision]
+    packed = kind == QK_INT4 and pack_int4
+    d_codes = D // 2 if packed else D
+    code_dtype = _TORCH_CODE_DTYPE[cfg.q.precision] if packed or kind != QK_INT4 else torch.int8
     q_rows = cfg.q_mean_block if cfg.smooth_q else _rows(cfg.q.granularity, _DEFAULT_ROWS)
     k_rows = _rows(cfg.k.granularity, _DEFAULT_ROWS)
     q_per_token = cfg.q.granularity.kind is GranularityKind.TOKEN
@@ -226,7 +232,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
         ku, vu = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
         _KV_STATS((n_chunks, B * Hkv), (ku, vu, km if km is not None else vm, vm if vm is not None else km),
                   (ku.stride(0), ku.stride(1), ku.stride(2), vu.stride(0), vu.stride(1), vu.stride(2),
-                   Hkv, Sk, n_chunks, rows, bool(cfg.smooth_k), v_global, 64, D, max(next_pow2(D), 16)),
+                   Hkv, Sk, n_chunks, rows, bool(cfg.smooth_k), v_global, 64, D, max(next_pow2(D), 16),
+                   pdl_enabled(dev)),
                   num_warps=8, num_stages=3)
     elif cfg.smooth_k:
         km = k_mean = torch.mean(k, dim=2, dtype=torch.float32)  # (B, Hkv, D)
@@ -267,13 +274,14 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
             *(vm.stride()[:2] if vm is not None else (0, 0)),
             Hq, Hkv, Sq, Sk, n_chunks,
             # constexprs, in the kernel's order: KIND, Q_PER_TOKEN, K_PER_TOKEN, Q_ROWS, K_ROWS, V_ROWS,
-            # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, STATS, SELF_STATS, HEAD_DIM, HEAD_DIM_PAD
+            # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, STATS, SELF_STATS, HEAD_DIM, HEAD_DIM_PAD, PACK_INT4,
+            # USE_PDL
             kind, q_per_token, k_per_token, q_rows, k_rows, v_rows,
             bool(cfg.smooth_q), bool(cfg.smooth_k), quant_v, bool(cfg.smooth_v), stats, self_stats,
-            D, max(next_pow2(D), 32),
+            D, max(next_pow2(D), 32), packed, pdl_enabled(dev),
         ), num_warps=8, num_stages=3)
     return QKVCodes(qc, qs, qm, kc, ks, k_mean, vt, vs, None if stats else vm, q_rows, k_rows, v_rows,
-                    k_partials=km if stats else None, sk=Sk)
+                    k_partials=km if stats else None, sk=Sk, int4_packed=packed or kind != QK_INT4)
 
 
 def attention_fwd(
@@ -487,12 +495,15 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         has_lse_corr = bool(return_lse and cfg.smooth_k)  # split calls: below
     else:
         if cfg.quantizes_qk:
-            codes = pre_codes if pre_codes is not None else quantize_qkv(q, k, v, cfg)
+            codes = pre_codes if pre_codes is not None else quantize_qkv(
+                q, k, v, cfg, pack_int4=int4_packed_codes(dev))
             qa, ka = codes.q, codes.k
             qs, ks = codes.q_scale, codes.k_scale
             q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else codes.q_rows
             k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else codes.k_rows
             kind = _KIND[cfg.q.precision]
+            if kind == QK_INT4 and not codes.int4_packed:
+                kind = QK_INT8  # int4 values one per byte: the INT8 products, no unpacking
             if cfg.smooth_q:
                 block_m = min(block_m, codes.q_rows)  # one Q-mean block per program
                 # (B, Hq, nQblocks, Sk) fp32, one recorded launch (the K mean from the statistics'
@@ -592,6 +603,7 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         # DOT_PRECISION. fp32 inputs: TF32 products (Triton's default) cost ~1e-3 relative error
         FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
         n_splits > 1,  # SPLIT
+        pdl_enabled(dev),  # USE_PDL
     )
     _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages)
     if n_splits > 1:
@@ -599,7 +611,7 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         _MERGE((cdiv(Sq, rows), B * Hq), (o_dst, lse_dst, out, lse if lse is not None else lse_dst), (
             *o_dst.stride()[:4], *out.stride()[:3], Hq, Sq, n_splits,
             lse is not None, max(next_pow2(n_splits), 2), D, head_dim_pad,  # RETURN_LSE, SPLITS_PAD, HEAD_DIM(_PAD)
-            rows, mask_kind == MASK_ADD,  # ROWS, CLAMPED_PLANE
+            rows, mask_kind == MASK_ADD, pdl_enabled(dev),  # ROWS, CLAMPED_PLANE, USE_PDL
         ), num_warps=4 if D > 64 else 2, num_stages=1)
     return out, lse
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..common import CQK_FP8, CQK_INT4, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8  # noqa: F401  (host codes re-exported)
+from ..pdl import grid_dependency
 from .interpreter import apply_if_interpreting
 
 # Under TRITON_INTERPRET=1 the interpreter's fp8/bf16 conversions, bf16 dots and fma differ from the
@@ -138,7 +139,8 @@ def _split_stats(k_base, stride_kn, v_base, stride_vn, s0, s1, offs_d, dmask, K_
             v_sum += v_a.to(tl.float32) + v_b.to(tl.float32)
         if V_AMAX:
             v_top = _max_nan(v_top, _max_nan(tl.abs(v_a.to(tl.float32)), tl.abs(v_b.to(tl.float32))))
-    n = (s1 - s0).to(tl.float32)
+    # tl.cast, not .to: with Sk == 1 Triton specialises the bounds to Python ints (s0 = 0, s1 = 1)
+    n = tl.cast(s1 - s0, tl.float32)
     k_mean = tl.zeros([offs_d.shape[0]], tl.float32)
     v_mean = tl.zeros([offs_d.shape[0]], tl.float32)
     v_amax = tl.full([offs_d.shape[0]], 1.0, tl.float32)
@@ -163,9 +165,10 @@ def _quantize_rows(
     SUBTRACT_MEAN: tl.constexpr,  # 0: no, 1: load a (D,) mean from mean_base, 2: compute the block mean and
     # store it, 3: subtract ``mean_in`` (D_pad,) fp32
     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    mean_in=None,
+    mean_in=None, PACK: tl.constexpr = True,
 ):
-    """Quantise rows [row0, row0 + ROWS) of one (batch, head) slice; write codes and scales."""
+    """Quantise rows [row0, row0 + ROWS) of one (batch, head) slice; write codes and scales.
+    ``PACK`` (INT4): two codes per byte; False: one int8 per code (values in [-7, 7])."""
     offs_r = row0 + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     rmask = offs_r < S
@@ -191,7 +194,7 @@ def _quantize_rows(
     if KIND == CQK_FP8:
         tl.store(out_base + offs_r[:, None].to(tl.int64) * stride_os + offs_d[None, :], codes, mask=m2)
     else:
-        if KIND == CQK_INT4:
+        if KIND == CQK_INT4 and PACK:
             lo, hi = tl.split(tl.reshape(codes, [ROWS, HEAD_DIM_PAD // 2, 2]))
             packed = (lo & 0xF) | (hi << 4)
             offs_p = tl.arange(0, HEAD_DIM_PAD // 2)
@@ -266,6 +269,7 @@ def quantize_qkv_kernel(
     Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, V_ROWS: tl.constexpr,
     SMOOTH_Q: tl.constexpr, SMOOTH_K: tl.constexpr, QUANT_V: tl.constexpr, SMOOTH_V: tl.constexpr,
     STATS: tl.constexpr, SELF_STATS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PACK_INT4: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (max row blocks over Q, K, V, B * Hq, 3): program (i, bh, role) quantises block i of
     Q (role 0), K (role 1) or V (role 2) of its head (K and V only for head indices below Hkv):
@@ -278,7 +282,11 @@ def quantize_qkv_kernel(
     FP8 scale per V channel over all keys (written to VS (B, Hkv, D); SMOOTH_V must be off).
     ``SELF_STATS`` (short key ranges, no statistics launch): each K program takes the K mean over
     all keys itself (program 0 writes it to KM, (B, Hkv, D)), each V program V's channel maxima
-    (for one FP8 scale per channel, VS as with ``STATS``); SMOOTH_V must be off."""
+    (for one FP8 scale per channel, VS as with ``STATS``); SMOOTH_V must be off.
+    ``PACK_INT4``: INT4 Q and K codes two per byte; False: one int8 per code (the attention kernel
+    then reads them as INT8: the same products, no unpacking per tile).
+    ``USE_PDL``: programmatic dependent launch (``kernels.pdl``)."""
+    grid_dependency(USE_PDL)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
@@ -293,7 +301,7 @@ def quantize_qkv_kernel(
             QS + b.to(tl.int64) * stride_qsb + h.to(tl.int64) * stride_qsh, stride_qss,
             QM + b.to(tl.int64) * stride_qmb + h.to(tl.int64) * stride_qmh + pid * stride_qms,
             pid * Q_ROWS, Sq,
-            KIND, Q_PER_TOKEN, 2 if SMOOTH_Q else 0, Q_ROWS, HEAD_DIM, HEAD_DIM_PAD,
+            KIND, Q_PER_TOKEN, 2 if SMOOTH_Q else 0, Q_ROWS, HEAD_DIM, HEAD_DIM_PAD, PACK=PACK_INT4,
         )
     if role == 1 and h < Hkv:
         if pid * K_ROWS < Sk and SELF_STATS and SMOOTH_K:
@@ -307,7 +315,7 @@ def quantize_qkv_kernel(
                 KC + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch, stride_kcs,
                 KS + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh, stride_kss,
                 KM, pid * K_ROWS, Sk,
-                KIND, K_PER_TOKEN, 3, K_ROWS, HEAD_DIM, HEAD_DIM_PAD, k_mean,
+                KIND, K_PER_TOKEN, 3, K_ROWS, HEAD_DIM, HEAD_DIM_PAD, k_mean, PACK_INT4,
             )
         elif pid * K_ROWS < Sk and STATS and SMOOTH_K:
             k_mean = _reduce_partials(KM + b.to(tl.int64) * stride_kmb + h.to(tl.int64) * stride_kmh, n_chunks,
@@ -317,7 +325,7 @@ def quantize_qkv_kernel(
                 KC + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch, stride_kcs,
                 KS + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh, stride_kss,
                 KM, pid * K_ROWS, Sk,
-                KIND, K_PER_TOKEN, 3, K_ROWS, HEAD_DIM, HEAD_DIM_PAD, k_mean,
+                KIND, K_PER_TOKEN, 3, K_ROWS, HEAD_DIM, HEAD_DIM_PAD, k_mean, PACK_INT4,
             )
         elif pid * K_ROWS < Sk:
             _quantize_rows(
@@ -326,7 +334,7 @@ def quantize_qkv_kernel(
                 KS + b.to(tl.int64) * stride_ksb + h.to(tl.int64) * stride_ksh, stride_kss,
                 KM + b.to(tl.int64) * stride_kmb + h.to(tl.int64) * stride_kmh,
                 pid * K_ROWS, Sk,
-                KIND, K_PER_TOKEN, 1 if SMOOTH_K else 0, K_ROWS, HEAD_DIM, HEAD_DIM_PAD,
+                KIND, K_PER_TOKEN, 1 if SMOOTH_K else 0, K_ROWS, HEAD_DIM, HEAD_DIM_PAD, PACK=PACK_INT4,
             )
     if role == 2 and h < Hkv and QUANT_V:
         if pid * V_ROWS < Sk and SELF_STATS:

@@ -37,6 +37,7 @@ import triton.language as tl
 from ..common import next_pow2
 from ..fastlaunch import FastLauncher
 from ..kv_quant import MAX_CHUNKS, _reduce_partials
+from ..pdl import grid_dependency, pdl_enabled
 
 
 @triton.jit
@@ -48,9 +49,10 @@ def q_bias_kernel(
     stride_ob, stride_oh, stride_os,
     Hq, group, Sk, n_chunks, div, qk_mult,
     HAS_MEAN: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (cdiv(Sk, BLOCK_N), n_q_blocks, B·Hq): BLOCK_N keys' bias for one query block of one head."""
+    grid_dependency(USE_PDL)
     pid_n = tl.program_id(0)
     qb = tl.program_id(1)
     bh = tl.program_id(2)
@@ -83,8 +85,10 @@ def lse_correction_kernel(
     stride_kmb, stride_kmh,
     Hq, group, Sq, n_chunks, div, scale,
     CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B·Hq): BLOCK_M queries' q · k_mean · scale of one head."""
+    grid_dependency(USE_PDL)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -138,13 +142,13 @@ def q_bias(k: torch.Tensor, q_mean: torch.Tensor, k_mean: torch.Tensor | None, q
     km, n_chunks, div, km_strides = _k_mean_operand(k_mean, k_partials, Sk, q_mean)
     pad = max(next_pow2(D), 16)
     block_n = max(16, min(64, 8192 // pad))
-    # constexprs: HAS_MEAN, CHUNKS, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD
+    # constexprs: HAS_MEAN, CHUNKS, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_PDL
     _Q_BIAS(grid=(triton.cdiv(Sk, block_n), n_qb, B * Hq), pointers=(k, km, q_mean, out),
             scalars=(k.stride(0), k.stride(1), k.stride(2), *km_strides,
                      q_mean.stride(0), q_mean.stride(1), q_mean.stride(2),
                      out.stride(0), out.stride(1), out.stride(2),
                      Hq, Hq // Hkv, Sk, n_chunks, div, float(qk_mult),
-                     n_chunks > 0, MAX_CHUNKS, block_n, D, pad),
+                     n_chunks > 0, MAX_CHUNKS, block_n, D, pad, pdl_enabled(k.device)),
             num_warps=4, num_stages=2)
     return out
 
@@ -169,9 +173,9 @@ def lse_correction(q: torch.Tensor, k_mean: torch.Tensor | None, scale: float, s
     km, n_chunks, div, km_strides = _k_mean_operand(k_mean, k_partials, sk, q)
     pad = max(next_pow2(D), 16)
     block_m = max(16, min(64, 8192 // pad))
-    # constexprs: CHUNKS, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD
+    # constexprs: CHUNKS, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, USE_PDL
     _LSE_CORR(grid=(triton.cdiv(Sq, block_m), B * Hq), pointers=(q, km, out),
               scalars=(q.stride(0), q.stride(1), q.stride(2), *km_strides, Hq, Hq // Hkv, Sq, n_chunks, div,
-                       float(scale), MAX_CHUNKS, block_m, D, pad),
+                       float(scale), MAX_CHUNKS, block_m, D, pad, pdl_enabled(q.device)),
               num_warps=4, num_stages=2)
     return out

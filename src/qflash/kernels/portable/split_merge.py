@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..pdl import grid_dependency
+
 
 @triton.jit
 def split_merge_kernel(
@@ -28,7 +30,7 @@ def split_merge_kernel(
     stride_ob, stride_oh, stride_om,
     Hq, Sq, n_splits,
     RETURN_LSE: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    ROWS: tl.constexpr, CLAMPED_PLANE: tl.constexpr,
+    ROWS: tl.constexpr, CLAMPED_PLANE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (cdiv(Sq, ROWS), B·Hq): ROWS output rows per program (independent, unrolled, so their
     loads overlap; one row per program left most warps idle at 1024 rows × 8 splits).
@@ -38,7 +40,9 @@ def split_merge_kernel(
     output dtype; Lse (B·Hq, Sq) fp32 contiguous when RETURN_LSE. ``CLAMPED_PLANE`` (additive
     masks): LsePart has a second plane (B·Hq, n_splits, Sq) of log(l) per split; a row whose every
     split has the lse -FLT_MAX (all its keys under a finfo.min mask) weighs the splits by it.
+    ``USE_PDL``: programmatic dependent launch (``kernels.pdl``).
     """
+    grid_dependency(USE_PDL)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)

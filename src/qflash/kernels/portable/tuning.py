@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "BWD_TABLES", "BwdConfig", "DEFAULT", "FP32_STAGE_CAPS", "FUSED_QUANT", "KernelConfig", "TABLES", "describe",
-    "FLOAT_PV_MAX_WORK", "float_pv_max_work", "fused_tiles",
+    "FLOAT_PV_MAX_WORK", "INT4_UNPACKED", "float_pv_max_work", "fused_tiles", "int4_packed_codes",
     "gpu_key", "load_user_table", "pick_bwd_config", "pick_config", "reload", "user_table_path",
 ]
 
@@ -155,6 +155,18 @@ FLOAT_PV_MAX_WORK: dict[str, int] = {"sm90": 2**28}
 def float_pv_max_work(device: torch.device) -> int | None:
     """``FLOAT_PV_MAX_WORK`` for this GPU (None: FP8 P·V presets always quantise P·V)."""
     return FLOAT_PV_MAX_WORK.get(gpu_key(device))
+
+
+#: GPUs on which the separate quantiser writes INT4 codes one per byte (int8 values in [-7, 7])
+#: instead of two per byte: with no INT4 tensor-core MMA (sm_90) the attention kernel multiplies
+#: INT4 codes in INT8 MMAs anyway, and unpacking every K tile (shifts, a join and a relayout)
+#: costs more than the bytes packing saves. Measured: see docs/perf/NOTES.md, session 11.
+INT4_UNPACKED: set[str] = {"sm90"}
+
+
+def int4_packed_codes(device: torch.device) -> bool:
+    """Whether the separate quantiser packs INT4 codes two per byte on this device (the CPU: yes)."""
+    return gpu_key(device) not in INT4_UNPACKED
 
 
 #: Split-key mode (``launch.pick_split_keys``): used only below this many keys per head or above
