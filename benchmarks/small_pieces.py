@@ -70,12 +70,14 @@ def main() -> None:
             if cfg.q.precision.value == "int4":  # the other INT4 code layout than the default
                 other = not launch.int4_packed_codes(q.device)
                 tag = "packed" if other else "flat"
-                saved = launch.int4_packed_codes
-                launch.int4_packed_codes = lambda device: other
+                saved, saved_plans = launch.int4_packed_codes, launch._PLANS
+                # a fresh plan cache: a plan key does not include the code layout, so the cached plan of
+                # the default layout would be replayed
+                launch.int4_packed_codes, launch._PLANS = (lambda device: other), type(saved_plans)()
                 try:
                     row[f"whole {tag}"] = graph_us(lambda: launch.attention_fwd(q, k, v, cfg, fused_quant=False))
                 finally:
-                    launch.int4_packed_codes = saved
+                    launch.int4_packed_codes, launch._PLANS = saved, saved_plans
                 codes_o = launch.quantize_qkv(q, k, v, cfg, pack_int4=other)
                 row[f"attention {tag}"] = graph_us(lambda: launch.attention_fwd(q, k, v, cfg, codes=codes_o))
             print(f"  {preset:9s} " + "  ".join(f"{name} {us:.1f}" for name, us in row.items()), flush=True)

@@ -298,16 +298,18 @@ def test_two_launch_path_with_self_statistics(preset):
     assert rel_l2(o, o2) < (1e-6 if DEV == "cpu" else 2e-3)
 
 
+@pytest.mark.parametrize("nqb", [3, 1])
 @pytest.mark.parametrize("mean", ["partials", "mean", "none"])
-def test_q_bias_launch_matches_torch(mean):
+def test_q_bias_launch_matches_torch(mean, nqb):
     """Q smoothing's bias launch (int4's block bias restoration) equals the torch formula it
     replaced, q_mean · (k - k_mean)ᵀ · qk_mult, with GQA, a partial key tile, a padded head dim,
     the K mean from the statistics' partials, given whole, or absent. NaN lands where the formula
-    puts it: a NaN key poisons its own column and, through the K mean, every column of its head."""
+    puts it: a NaN key poisons its own column and, through the K mean, every column of its head.
+    Each program loops over the query blocks (one block: a bound Triton specialises to 1)."""
     from qflash.kernels.portable.smooth_terms import q_bias
 
     g = torch.Generator().manual_seed(11)
-    B, Hq, Hkv, Sk, D, nqb = 2, 4, 2, 100, 48, 3
+    B, Hq, Hkv, Sk, D = 2, 4, 2, 100, 48
     k = (torch.randn(B, Sk, Hkv, D, generator=g) + 0.3).to(torch.bfloat16).to(DEV).transpose(1, 2)  # NHD view
     k[1, 0, 7, 5] = float("nan")
     q_mean = torch.randn(B, Hq, nqb, D, generator=g).to(DEV)

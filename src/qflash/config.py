@@ -258,7 +258,8 @@ PRESETS: dict[str, QuantConfig] = {
     # INT8 Q/K per token, K smoothed; P·V in the input dtype. The accurate one.
     "int8": _preset("int8", q=_I8, k=_I8, smooth_k=True),
     # (Small calls in the portable one-launch mode scale K per token instead, for every preset:
-    # ``kernels.portable.launch.one_launch_quant``.)
+    # ``kernels.portable.launch.one_launch_quant``; on sm_90 small calls of the FP8 P·V presets
+    # keep P·V in the input dtype: ``launch.call_quant``.)
     # INT8 Q per token, K per 128-key block (one scale per kernel tile: a scalar in the softmax
     # FMA), K smoothed; P and V in FP8 e4m3, V scaled per channel over all keys (P·V accumulates in
     # place; per-block V scales measured +0.02 pp more accurate, 22 % slower on Hopper). The fast one.

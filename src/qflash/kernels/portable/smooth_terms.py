@@ -47,15 +47,17 @@ def q_bias_kernel(
     stride_kmb, stride_kmh,
     stride_qmb, stride_qmh, stride_qms,
     stride_ob, stride_oh, stride_os,
-    Hq, group, Sk, n_chunks, div, qk_mult,
+    Hq, group, Sk, n_chunks, div, qk_mult, n_qb,
     HAS_MEAN: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Grid (cdiv(Sk, BLOCK_N), n_q_blocks, B·Hq): BLOCK_N keys' bias for one query block of one head."""
+    """Grid (cdiv(Sk, BLOCK_N), B·Hq): BLOCK_N keys' bias for every query block of one head. The
+    K tile (minus the K mean) is loaded and the mean reduced once, then reused for each of the
+    ``n_qb`` query blocks (a program per (tile, query block) reloaded both: 300 µs at 1x24x4096x128
+    on an H200, session 11)."""
     grid_dependency(USE_PDL)
     pid_n = tl.program_id(0)
-    qb = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
@@ -70,12 +72,16 @@ def q_bias_kernel(
         k_mean = _reduce_partials(KM + b.to(tl.int64) * stride_kmb + hk.to(tl.int64) * stride_kmh, n_chunks,
                                   offs_d, False, CHUNKS, HEAD_DIM) / div
         k = k - k_mean[None, :]
-    qm = tl.load(QM + b.to(tl.int64) * stride_qmb + h.to(tl.int64) * stride_qmh + qb.to(tl.int64) * stride_qms
-                 + offs_d, mask=dmask, other=0.0)
-    # padded channels: q_mean is 0 there, so (k - k_mean) · 0 adds nothing
-    bias = tl.sum(k * qm[None, :], axis=1) * qk_mult
-    tl.store(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + qb.to(tl.int64) * stride_os + offs_n,
-             bias, mask=nmask)
+    qm_base = QM + b.to(tl.int64) * stride_qmb + h.to(tl.int64) * stride_qmh
+    out_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    qm = tl.load(qm_base + offs_d, mask=dmask, other=0.0)
+    for qb in range(n_qb):
+        # the next block's mean in flight while this one's dot reduces
+        qm_next = tl.load(qm_base + (qb + 1) * stride_qms + offs_d, mask=dmask & (qb + 1 < n_qb), other=0.0)
+        # padded channels: q_mean is 0 there, so (k - k_mean) · 0 adds nothing
+        bias = tl.sum(k * qm[None, :], axis=1) * qk_mult
+        tl.store(out_base + qb * stride_os + offs_n, bias, mask=nmask)
+        qm = qm_next
 
 
 @triton.jit
@@ -143,11 +149,11 @@ def q_bias(k: torch.Tensor, q_mean: torch.Tensor, k_mean: torch.Tensor | None, q
     pad = max(next_pow2(D), 16)
     block_n = max(16, min(64, 8192 // pad))
     # constexprs: HAS_MEAN, CHUNKS, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, USE_PDL
-    _Q_BIAS(grid=(triton.cdiv(Sk, block_n), n_qb, B * Hq), pointers=(k, km, q_mean, out),
+    _Q_BIAS(grid=(triton.cdiv(Sk, block_n), B * Hq), pointers=(k, km, q_mean, out),
             scalars=(k.stride(0), k.stride(1), k.stride(2), *km_strides,
                      q_mean.stride(0), q_mean.stride(1), q_mean.stride(2),
                      out.stride(0), out.stride(1), out.stride(2),
-                     Hq, Hq // Hkv, Sk, n_chunks, div, float(qk_mult),
+                     Hq, Hq // Hkv, Sk, n_chunks, div, float(qk_mult), n_qb,
                      n_chunks > 0, MAX_CHUNKS, block_n, D, pad, pdl_enabled(k.device)),
             num_warps=4, num_stages=2)
     return out
