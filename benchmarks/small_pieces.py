@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import qflash
+from qflash.config import Precision
 from qflash.bench.shapes import parse_shapes
 from qflash.kernels.common import LOG2E
 from qflash.kernels.portable import launch, smooth_terms
@@ -67,7 +68,7 @@ def main() -> None:
                 kc = KernelConfig(*(int(x) for x in c.split("x")))
                 row[f"attention@{c}"] = graph_us(lambda: launch.attention_fwd(q, k, v, cfg, codes=codes,
                                                                               kernel_config=kc))
-            if cfg.q.precision.value == "int4":  # the other INT4 code layout than the default
+            if cfg.q.precision is Precision.INT4:  # the other INT4 code layout than the default
                 other = not launch.int4_packed_codes(q.device)
                 tag = "packed" if other else "flat"
                 saved, saved_plans = launch.int4_packed_codes, launch._PLANS

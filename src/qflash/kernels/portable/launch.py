@@ -43,8 +43,8 @@ from .tuning import (
     KernelConfig,
     float_pv_max_work,
     fused_quant_limits,
-    int4_packed_codes,
     fused_tiles,
+    int4_packed_codes,
     pick_config,
     split_limits,
 )

@@ -72,15 +72,18 @@ def q_bias_kernel(
         k_mean = _reduce_partials(KM + b.to(tl.int64) * stride_kmb + hk.to(tl.int64) * stride_kmh, n_chunks,
                                   offs_d, False, CHUNKS, HEAD_DIM) / div
         k = k - k_mean[None, :]
-    qm_base = QM + b.to(tl.int64) * stride_qmb + h.to(tl.int64) * stride_qmh
-    out_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    qm = tl.load(qm_base + offs_d, mask=dmask, other=0.0)
+    # pointers advance per query block (64-bit pointer arithmetic: n_qb · Sk may pass 2^31)
+    qm_ptr = QM + b.to(tl.int64) * stride_qmb + h.to(tl.int64) * stride_qmh + offs_d
+    out_ptr = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_n
+    qm = tl.load(qm_ptr, mask=dmask, other=0.0)
     for qb in range(n_qb):
         # the next block's mean in flight while this one's dot reduces
-        qm_next = tl.load(qm_base + (qb + 1) * stride_qms + offs_d, mask=dmask & (qb + 1 < n_qb), other=0.0)
+        qm_ptr += stride_qms
+        qm_next = tl.load(qm_ptr, mask=dmask & (qb + 1 < n_qb), other=0.0)
         # padded channels: q_mean is 0 there, so (k - k_mean) · 0 adds nothing
         bias = tl.sum(k * qm[None, :], axis=1) * qk_mult
-        tl.store(out_base + qb * stride_os + offs_n, bias, mask=nmask)
+        tl.store(out_ptr, bias, mask=nmask)
+        out_ptr += stride_os
         qm = qm_next
 
 
