@@ -129,35 +129,12 @@ def one_launch_mode(D, dtype, cuda, bad) -> int:
     return n
 
 
-def coop_mode(D, dtype, bad) -> int:
-    """The cooperative one-launch mode (``launch.pick_coop``: programs quantise their share of K,
-    a barrier per head) as CUDA launches it, one launch with the barrier: 256 queries over 256
-    keys, and 77 over 77 with GQA, every Q·K preset with P·V in the input dtype; bf16 only."""
-    if dtype != torch.bfloat16:
-        return 0
-    n = 0
-    for preset in PRESETS:
-        cfg = launch._float_pv(qflash.resolve_quant(preset))
-        if not cfg.quantizes_qk:
-            continue
-        for hq, hkv, s in ((2, 2, 256), (4, 2, 77)):
-            q = torch.randn(1, hq, s, D, dtype=dtype)
-            k, v = (torch.randn(1, hkv, s, D, dtype=dtype) for _ in range(2))
-            captured.clear()
-            launch.attention_fwd(q, k, v, cfg, coop=True, causal=s == 77)
-            for fn, args, opts in captured:
-                check(fn, args, opts, dtype, (D, str(dtype), preset, f"coop {hq}/{hkv}x{s}"), bad)
-                n += 1
-    return n
-
-
 def main() -> int:
     JITFunction.__getitem__ = _capture_jit
     fastlaunch.FastLauncher.__call__ = _capture_fast
     configs.gpu_key = lambda device=None: "sm90"  # the sm90 table, as on an H100
     for module in (launch, smooth_terms, kv_quant):  # programmatic dependent launch, as on an H100
         module.pdl_enabled = lambda device: True
-    launch._coop_modes = lambda dev: (1,)  # the cooperative mode's one launch with the barrier, as on CUDA
     configs.load_user_table = lambda path: {}
     configs.user_table_path = lambda device: "none"
     # the quantiser as CUDA runs it (GPU statistics: the statistics launch at 4096 keys, the
@@ -193,7 +170,6 @@ def main() -> int:
                         check(fn, args, opts, dtype, (D, str(dtype), preset, f"tma={tma} rotate={rotate}"), bad)
                         n += 1
             n += one_launch_mode(D, dtype, cuda, bad)
-            n += coop_mode(D, dtype, bad)
             n += single_key_calls(D, dtype, bad)
             q, k, v, do = (torch.randn(1, 2, 256, D, dtype=dtype) for _ in range(4))
             captured.clear()

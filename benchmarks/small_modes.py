@@ -12,13 +12,9 @@ time per call (the call captured once, replayed 200 times; no host cost) of
   the same with the tiles of ``--configs`` (the mode may widen BN/BM to its scale blocks);
 - ``Q/auto``: the separate quantiser (statistics, quantiser, attention, merge where split);
   ``Q/auto@BMxBNxWxS``: the same with the attention launch's tiles from ``--configs``;
-- ``C``, ``C@BMxBNxWxS``: the cooperative one-launch mode (``launch.pick_coop``: each program
-  quantises its share of K, a barrier per head), with the picked tiles or those of ``--configs``
-  ("--" where it cannot run: FP8 P·V, one program per head past the GPU's SMs);
 
-and SDPA's default backend on the same inputs. Each preset runs as an automatic call would
-(``launch.call_quant``: small FP8 P·V calls keep P·V in the input dtype). Splits that do not
-divide into the mode's key tiles or that leave a single split are skipped. Prints one table (µs, and × SDPA) and writes
+and SDPA's default backend on the same inputs. Splits that do not divide into the mode's key
+tiles or that leave a single split are skipped. Prints one table (µs, and × SDPA) and writes
 ``small_modes.json`` under ``--out``.
 """
 
@@ -51,9 +47,6 @@ def modes(splits: list[int], configs: list[str]) -> list[tuple[str, dict]]:
     out.append(("Q/auto", {"fused_quant": False}))
     for c in configs:  # the separate quantiser's attention launch with each given config
         out.append((f"Q/auto@{c}", {"fused_quant": False, "kernel_config": KernelConfig(*(int(x) for x in c.split("x")))}))
-    out.append(("C", {"coop": True}))
-    for c in configs:
-        out.append((f"C@{c}", {"coop": True, "kernel_config": KernelConfig(*(int(x) for x in c.split("x")))}))
     return out
 
 
@@ -79,7 +72,7 @@ def main() -> None:
         sdpa = graph_us(lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c))
         rows.append({"shape": sh.spec, "preset": "sdpa", "mode": "-", "gpu_us": sdpa})
         for preset in args.presets.split(","):
-            cfg = launch.call_quant(q, k, qflash.resolve_quant(preset))
+            cfg = qflash.resolve_quant(preset)
             for name, kw in modes(splits, configs):
                 try:
                     us = graph_us(lambda q=q, k=k, v=v, cfg=cfg, kw=kw, c=causal:

@@ -202,19 +202,15 @@ class Plan:
     """A whole call with everything but the tensors fixed: its launches in order, each as
     (compiled kernel, grid, pointer slots, scalar record), and the bytes of scratch it needs.
 
-    A pointer slot is None, ``(i, 0)`` for the call's own tensor ``src[i]``, ``(WS, offset)``
+    A pointer slot is None, ``(i, 0)`` for the call's own tensor ``src[i]``, or ``(WS, offset)``
     for a byte offset into the scratch workspace (the quantiser's codes and scales: buffers the
-    call allocated and only kernels of the call read and wrote), or ``(SYNC, offset)`` into the
-    replaying stream's barrier counters (``grid_sync.sync_words``: state that lives across calls,
-    so never scratch)."""
+    call allocated and only kernels of the call read and wrote)."""
 
     launches: tuple
     ws_bytes: int
-    uses_sync: bool = False
 
 
 WS = -1  # slot index of the workspace in a plan's pointer slots
-SYNC = -2  # slot index of the current stream's barrier counters
 _WS_ALIGN = 256  # workspace regions keep every pointer's alignment class (Triton specialises on % 16)
 
 
@@ -295,7 +291,6 @@ class PlanCache:
         kernels are queued; the caching allocator orders its reuse on the stream)."""
         ws = torch.empty(plan.ws_bytes, dtype=torch.uint8, device=dev) if plan.ws_bytes else None
         bases = [0 if t is None else t.data_ptr() for t in src]
-        bases.append(_sync_base(dev) if plan.uses_sync else 0)  # index SYNC (-2)
         bases.append(ws.data_ptr() if ws is not None else 0)  # index WS (-1)
         stream = torch._C._cuda_getCurrentRawStream(dev.index)
         for launch, grid, slots, scalars in plan.launches:
@@ -315,10 +310,7 @@ class PlanCache:
         regions: dict[int, int] = {}  # storage base pointer -> workspace offset
         ws_bytes = 0
         src_storages = {t.untyped_storage().data_ptr() for t in src if t is not None}
-        from .grid_sync import is_sync_buffer  # (grid_sync needs Triton; fastlaunch imports without it)
-
         launches = []
-        uses_sync = False
         for launcher, grid, pointers, scalars, num_warps, num_stages in records:
             kernel = launcher.cached(src[0].device, pointers, scalars, num_warps, num_stages)
             if kernel is None:
@@ -336,10 +328,6 @@ class PlanCache:
                     continue
                 storage = p.untyped_storage()
                 base = storage.data_ptr()
-                if is_sync_buffer(p):  # resolved per stream at replay
-                    slots.append((SYNC, p.data_ptr() - base))
-                    uses_sync = True
-                    continue
                 if base in src_storages:
                     return False  # a view or copy of the caller's tensors made inside the call
                 off = regions.get(base)
@@ -350,7 +338,7 @@ class PlanCache:
             launches.append((_direct_launch(kernel), tuple(grid) + (1,) * (3 - len(grid)), tuple(slots), scalars))
         if len(self._plans) >= self.max_plans:
             self._plans.clear()
-        self._plans[key] = Plan(tuple(launches), ws_bytes, uses_sync)
+        self._plans[key] = Plan(tuple(launches), ws_bytes)
         return True
 
     def __len__(self) -> int:
@@ -358,13 +346,6 @@ class PlanCache:
 
     def clear(self) -> None:
         self._plans.clear()
-
-
-def _sync_base(dev: torch.device) -> int:
-    """The replaying stream's barrier counters (``grid_sync.sync_words``), as an address."""
-    from .grid_sync import sync_words
-
-    return sync_words(dev, 0).data_ptr()
 
 
 def _direct_launch(kernel):

@@ -24,8 +24,7 @@ import triton.language as tl
 
 from ..common import CMASK_ADD, CMASK_BOOL, CMASK_NONE, CQK_FLOAT, CQK_INT4, CQK_INT8
 from ..pdl import grid_dependency
-from ..grid_sync import head_barrier
-from .quantize import _quantize_rows, _split_stats, fp8_channel_codes, guard_amax, quant_codes, scaled_additive_mask
+from .quantize import _split_stats, fp8_channel_codes, guard_amax, quant_codes, scaled_additive_mask
 
 
 @triton.jit
@@ -90,18 +89,14 @@ def _attn_tiles(
     bias_base,
     offs_m, offs_d, lo, hi, Sq, Sk, causal_off,
     k_mean, v_mean, v_amax, q_mean, qk_mult,
-    k_desc, v_desc, k_row0, v_row0, kraw_base, stride_kraw,
+    k_desc, v_desc, k_row0, v_row0,
     KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, USE_TMA: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BIAS_FROM_K: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks.
-
-    ``BIAS_FROM_K`` (the cooperative mode's Q smoothing): the bias ``q_mean · (k - k_mean)`` of
-    each key comes from the raw K tile at ``kraw_base`` (rows ``stride_kraw`` apart), as the
-    one-launch mode computes it, while the scores use the codes at ``k_base``.
 
     Scores stay in "raw" units x (the integer dot as an exact fp32, or the float dot) with
     ``s = x * c`` in log2 units; ``c`` is the row multiplier times the tile's K scale. Without bias
@@ -167,11 +162,6 @@ def _attn_tiles(
             x = x * c[:, None]  # from here on x is s, in log2 units
             if HAS_BIAS and FUSED_QUANT:
                 x += (tl.sum(kf * q_mean[None, :], axis=1) * qk_mult)[None, :]
-            elif HAS_BIAS and BIAS_FROM_K:
-                kr = _raw_tile(kraw_base, stride_kraw, start_n, hi, Sk, offs_d, dmask, BLOCK_N).to(tl.float32)
-                if SMOOTH_K:
-                    kr = tl.where((offs_n < Sk)[:, None], kr - k_mean[None, :], 0.0)
-                x += (tl.sum(kr * q_mean[None, :], axis=1) * qk_mult)[None, :]
             elif HAS_BIAS:
                 if MASKED:
                     x += tl.load(bias_base + offs_n, mask=offs_n < Sk, other=0.0)[None, :]
@@ -363,7 +353,7 @@ def _attn_tiles_rotated(
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, QS, KS, VS, Mask, Bias, VMean, LseCorr, Out, Lse, KDesc, VDesc, KC, Sync,
+    Q, K, V, QS, KS, VS, Mask, Bias, VMean, LseCorr, Out, Lse, KDesc, VDesc,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -382,7 +372,7 @@ def attn_fwd_kernel(
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
     USE_TMA: tl.constexpr, ROTATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, COOP: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
 
@@ -398,16 +388,6 @@ def attn_fwd_kernel(
     missing one from ``knobs.language.fp32_default``, not from the ``default_dot_input_precision``
     launch option.
     ``USE_PDL``: programmatic dependent launch (``kernels.pdl``; nothing global is touched before it).
-
-    ``COOP`` (the cooperative one-launch mode; P·V in the input dtype, no split): the kernel reads
-    raw Q, K, V like the one-launch mode and takes the K mean over all keys, but each program
-    quantises only its share of its head's K tiles (tiles ``share, share + sharers, …`` of the
-    ``GQA_GROUP · cdiv(Sq, BLOCK_M)`` programs of a KV head), K per token, into the scratch KC
-    ((B, Hkv, Sk, D) codes, INT4 one value per int8) and KS ((B, Hkv, Sk) fp32 scales), waits on
-    its head's barrier (``grid_sync.head_barrier`` on Sync's (arrivals, generation) pair) and
-    then runs the attention loop on those codes; Q smoothing's bias comes from the raw K tiles.
-    1: both phases and the barrier (the GPU); 2: the quantisation only and 3: the attention only,
-    two launches with no barrier (the CPU interpreter, which runs programs one after another).
     """
     grid_dependency(USE_PDL)
     pid_m = tl.program_id(0)
@@ -441,7 +421,7 @@ def attn_fwd_kernel(
     if SPLIT:
         stat_lo = tl.program_id(2) * split_keys
         stat_hi = tl.minimum(Sk, stat_lo + split_keys)
-    if FUSED_QUANT or COOP != 0:
+    if FUSED_QUANT:
         V_AMAX: tl.constexpr = PV_FP8 and V_SCALE_BLOCK == 0
         k_mean, v_mean, v_amax = _split_stats(k_base, stride_kn, v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask,
                                               SMOOTH_K, SMOOTH_V, V_AMAX, BLOCK_N)
@@ -464,7 +444,7 @@ def attn_fwd_kernel(
         q = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0)
     if KIND == CQK_FLOAT:
         q_mult = tl.full([BLOCK_M], qk_mult, tl.float32)
-    elif FUSED_QUANT or COOP != 0:
+    elif FUSED_QUANT:
         q_mult = q_scale * qk_mult
     else:
         q_scale = tl.load(QS + b * stride_qsb + h * stride_qsh + (offs_m // Q_SCALE_BLOCK) * stride_qss,
@@ -473,24 +453,6 @@ def attn_fwd_kernel(
 
     ks_base = KS + b * stride_ksb + hk * stride_ksh
     vs_base = VS + b * stride_vsb + hk * stride_vsh
-    # the attention loop's K operand: the codes (two-launch and cooperative modes) or raw K
-    kc_base = k_base
-    kc_stride = stride_kn
-    LOOP_KIND: tl.constexpr = CQK_INT8 if (COOP != 0 and KIND == CQK_INT4) else KIND  # one INT4 value per int8
-    if COOP != 0:
-        hkv = b * (Hq // GQA_GROUP) + hk
-        kc_base = KC + hkv * Sk * HEAD_DIM
-        kc_stride = HEAD_DIM
-        sharers = GQA_GROUP * tl.num_programs(0)
-        if COOP != 3:
-            share = (h % GQA_GROUP) * tl.num_programs(0) + pid_m
-            # in chunks of COOP_ROWS keys: a whole fp32 K tile next to the Q codes would spill
-            COOP_ROWS: tl.constexpr = 32 if BLOCK_N > 32 else BLOCK_N
-            for t in range(share, tl.cdiv(Sk, COOP_ROWS), sharers):
-                _quantize_rows(k_base, stride_kn, kc_base, HEAD_DIM, ks_base, stride_kss, KS, t * COOP_ROWS, Sk,
-                               KIND, True, 3, COOP_ROWS, HEAD_DIM, HEAD_DIM_PAD, k_mean, False)
-        if COOP == 1:
-            head_barrier(Sync + hkv * 2, sharers)
     mask_base = Mask + b * stride_mb + h * stride_mh
     bias_base = Bias + b * stride_bb + h * stride_bh + (start_m // BIAS_BLOCK) * stride_bblk
 
@@ -513,10 +475,6 @@ def attn_fwd_kernel(
         lo = tl.program_id(2) * split_keys
         hi = tl.minimum(hi, lo + split_keys)
         full_end = tl.maximum(tl.minimum(full_end, hi), lo)
-    if COOP == 2:  # the quantisation phase alone (interpreter): no key tile, no output
-        hi = lo
-        full_end = lo
-        mrow = offs_m < 0
     k_row0 = ((b * (Hq // GQA_GROUP) + hk) * Sk).to(tl.int32)
     v_row0 = ((b * (Hq // GQA_GROUP) + hk) * HEAD_DIM).to(tl.int32)
     if ROTATE:
@@ -534,27 +492,27 @@ def attn_fwd_kernel(
     else:
         acc, l_i, m_i, d_i = _attn_tiles(
             acc, l_i, m_i, d_i, q, q_mult,
-            kc_base, kc_stride, ks_base, stride_kss,
+            k_base, stride_kn, ks_base, stride_kss,
             v_base, stride_vn, vs_base, stride_vss,
             mask_base, stride_mm, stride_mn, bias_base,
             offs_m, offs_d, lo, full_end, Sq, Sk, causal_off,
             k_mean, v_mean, v_amax, q_mean, qk_mult,
-            KDesc, VDesc, k_row0, v_row0, k_base, stride_kn,
-            LOOP_KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
+            KDesc, VDesc, k_row0, v_row0,
+            KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
             FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, COOP != 0,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
     acc, l_i, m_i, d_i = _attn_tiles(
         acc, l_i, m_i, d_i, q, q_mult,
-        kc_base, kc_stride, ks_base, stride_kss,
+        k_base, stride_kn, ks_base, stride_kss,
         v_base, stride_vn, vs_base, stride_vss,
         mask_base, stride_mm, stride_mn, bias_base,
         offs_m, offs_d, full_end, hi, Sq, Sk, causal_off,
         k_mean, v_mean, v_amax, q_mean, qk_mult,
-        KDesc, VDesc, k_row0, v_row0, k_base, stride_kn,
-        LOOP_KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
+        KDesc, VDesc, k_row0, v_row0,
+        KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
         FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, COOP != 0,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
 
     # l = 0 exactly iff no key was visible; a NaN l (NaN input) counts as "has keys" and stays NaN
@@ -580,7 +538,7 @@ def attn_fwd_kernel(
             # finfo.min + log(n) = -FLT_MAX in fp32, not m·ln 2 (the backward recognises it)
             lse = tl.where(m_i < -3.0e38, -3.4028234663852886e38, lse)
         # (the K-smoothing correction only where a key was seen: -inf + NaN (a NaN q row) would be NaN)
-        if HAS_LSE_CORR and (FUSED_QUANT or COOP != 0):
+        if HAS_LSE_CORR and FUSED_QUANT:
             lse += tl.where(has_keys, lse_corr, 0.0)
         elif HAS_LSE_CORR:
             lse += tl.where(has_keys, tl.load(LseCorr + bh.to(tl.int64) * Sq + offs_m, mask=mrow, other=0.0), 0.0)

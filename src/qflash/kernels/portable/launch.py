@@ -31,7 +31,6 @@ from ..common import (
     next_pow2,
 )
 from ..fastlaunch import FastLauncher, PlanCache, note_host_op
-from ..grid_sync import MAX_HEADS, sync_words
 from ..kv_quant import _STATS as _KV_STATS
 from ..kv_quant import quantize_kv, stat_rows
 from ..pdl import pdl_enabled
@@ -43,7 +42,6 @@ from .tuning import (
     QUANT_SELF_STATS_MAX_SK,
     KernelConfig,
     float_pv_max_work,
-    coop_enabled,
     fused_quant_limits,
     fused_tiles,
     int4_packed_codes,
@@ -53,7 +51,7 @@ from .tuning import (
 
 FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the kernel's DOT_PRECISION)
 _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
-_ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=16)
+_ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=14)
 _MERGE = FastLauncher(split_merge.split_merge_kernel, n_pointers=4)
 
 __all__ = [
@@ -63,7 +61,6 @@ __all__ = [
     "call_quant",
     "kernel_support",
     "one_launch_quant",
-    "pick_coop",
     "quantize_q",
     "quantize_qkv",
     "reference_args",
@@ -305,7 +302,6 @@ def attention_fwd(
     fused_quant: bool | None = None,
     codes: QKVCodes | None = None,
     split_keys: int | None = None,
-    coop: bool | None = None,
 ):
     """Quantised attention forward on HND views; returns (out HND view, lse (B, Hq, Sq) fp32 | None).
 
@@ -322,17 +318,12 @@ def attention_fwd(
     too small to fill the GPU), 0 or None on the CPU: no split.
     ``codes``: operands already quantised (``attention_fwd_kv``); k / v then only give shapes
     (and v the values when P·V is not quantised).
-    ``coop``: the cooperative one-launch mode (``attn_fwd``'s ``COOP``: each program quantises
-    its share of its head's K tiles, a barrier per head, then attention on the codes; P·V in the
-    input dtype, no split); default: ``pick_coop``'s rule on GPUs in ``tuning.COOP_QUANT`` when
-    neither ``fused_quant``, ``split_keys`` nor ``kernel_config`` is given. True forces it
-    (``ValueError`` where it cannot run); on the CPU interpreter its two phases are two launches.
     Raises ``NotImplementedError`` for configs ``kernel_support`` rejects.
     """
     if out is None and lse is None and attn_mask is None and q.is_cuda and codes is None:
         # a repeated call replays the launches recorded the first time (see PlanCache)
         plan_key = _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config,
-                             (fused_quant, split_keys, coop))
+                             (fused_quant, split_keys))
         plan = _PLANS.get(plan_key, q.device)
         if plan is not None:
             out = _alloc_out(q, out_layout)
@@ -343,16 +334,16 @@ def attention_fwd(
             out, lse = _attention_fwd(q, k, v, cfg, causal=causal, attn_mask=None, scale=scale,
                                       return_lse=return_lse, out_layout=out_layout, top_left=top_left,
                                       kernel_config=kernel_config, out=None, lse=None, fused_quant=fused_quant,
-                                      split_keys=split_keys, coop=coop)
+                                      split_keys=split_keys)
         if _replayable(q, k, v, scale):
             _PLANS.remember(plan_key, records, (q, k, v, out, lse))
         return out, lse
     return _attention_fwd(q, k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse,
                           out_layout=out_layout, top_left=top_left, kernel_config=kernel_config, out=out, lse=lse,
-                          fused_quant=fused_quant, codes=codes, split_keys=split_keys, coop=coop)
+                          fused_quant=fused_quant, codes=codes, split_keys=split_keys)
 
 
-def _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, pre_codes, coop=None):
+def _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, pre_codes):
     """(KernelConfig, one-launch mode?, BLOCK_M, BLOCK_N) of a forward call: the picked or given
     tiles, fp32's stage cap, the one-launch decision (``use_fused_quant`` unless given) and its
     tiles (``tuning.fused_tiles``, widened to whole scale groups by ``_fused_blocks``)."""
@@ -364,7 +355,7 @@ def _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, pre_codes, c
         if cap is not None and kc.num_stages > cap:
             kc = dataclasses.replace(kc, num_stages=cap)
     block_m, block_n = kc.block_m, kc.block_n
-    if pre_codes is not None or (coop and not fused_quant):
+    if pre_codes is not None:
         fused_quant = False
     elif fused_quant is None:
         fused_quant = use_fused_quant(dev, cfg, B * Hq, Sq, sk, block_m, split_keys, block_n, head_dim=D)
@@ -424,19 +415,15 @@ def _float_pv(cfg: QuantConfig) -> QuantConfig:
 
 
 def reference_args(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kernel_config: KernelConfig | None = None,
-                   fused_quant: bool | None = None, split_keys: int | None = None, coop: bool | None = None) -> dict:
+                   fused_quant: bool | None = None, split_keys: int | None = None) -> dict:
     """Keyword arguments of ``reference.fake_quant_attention`` that model ``attention_fwd(q, k, v,
     cfg, ...)`` with the same arguments: ``quant`` (``one_launch_quant(cfg)`` in the one-launch
     mode), ``stat_block`` (the split's keys when the one-launch mode splits the keys, each split
     smoothing with its own K mean and scaling V over its own keys; None when one set of K/V
-    statistics covers all keys) and ``block_n`` (the key tile: FP8 P rounds per tile). The
-    cooperative mode (``coop``) quantises as the one-launch mode does, with one K mean over all keys."""
+    statistics covers all keys) and ``block_n`` (the key tile: FP8 P rounds per tile)."""
     B, Hq, Sq, _ = q.shape
     sk = k.shape[2]
-    kc, fused, block_m, block_n = _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, None, coop)
-    coop_tiles = pick_coop(q, k.shape[1], sk, cfg, kc, kernel_config, fused_quant, fused, coop, split_keys, None)
-    if coop_tiles is not None:
-        return {"quant": one_launch_quant(cfg), "stat_block": None, "block_n": coop_tiles[2]}
+    _, fused, block_m, block_n = _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, None)
     if not fused:
         if cfg.quantizes_pv:  # the V scale block caps the tile (as _attention_fwd does)
             block_n = min(block_n, _v_rows(cfg))
@@ -445,78 +432,6 @@ def reference_args(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kernel
         split_keys = _one_launch_split(q.device, cfg, B * Hq * cdiv(Sq, block_m), sk, block_m, block_n)
     stat_block = split_keys if split_keys and cdiv(sk, split_keys) > 1 else None
     return {"quant": one_launch_quant(cfg), "stat_block": stat_block, "block_n": block_n}
-
-
-def _coop_modes(dev: torch.device) -> tuple[int, ...]:
-    """The attention kernel's ``COOP`` per launch of a cooperative call: one launch with the
-    barrier on CUDA; on the CPU interpreter (programs run one after another, a barrier would never
-    open) the quantisation phase, then the attention phase."""
-    return (1,) if dev.type == "cuda" else (2, 3)
-
-
-def _coop_unsupported(cfg: QuantConfig, sk: int, pre_codes, fused: bool) -> str | None:
-    """Why the cooperative mode cannot run this call (None: it can)."""
-    if not cfg.quantizes_qk:
-        return "the preset does not quantise Q·K"
-    if cfg.quantizes_pv or cfg.smooth_v:
-        return "it keeps P·V in the input dtype (FP8 P·V presets: small calls, see call_quant)"
-    if sk == 0:
-        return "there are no keys"
-    if pre_codes is not None:
-        return "the operands are already quantised"
-    if fused:
-        return "fused_quant=True asks for the one-launch mode"
-    return None
-
-
-def pick_coop(q: torch.Tensor, hkv: int, sk: int, cfg: QuantConfig, kc: KernelConfig,
-              kernel_config: KernelConfig | None, fused_quant: bool | None, fused: bool, coop: bool | None,
-              split_keys: int | None, pre_codes) -> tuple[KernelConfig, int, int] | None:
-    """(KernelConfig, BLOCK_M, BLOCK_N) of the cooperative one-launch mode for this call, or None.
-
-    Automatic (``coop=None``, no ``fused_quant`` / ``split_keys`` / ``kernel_config`` given): on
-    GPUs in ``tuning.COOP_QUANT``, where the call would otherwise take the two-launch path
-    (quantiser, then attention) without a key split, its grid fits one program per SM and each KV
-    head has at least two programs to share its K tiles. Tiles: the picked config's (or
-    ``kernel_config``), widened by ``_fused_blocks`` to whole scale groups (Q smoothing's mean
-    block; 8 warps then, for 128 rows). ``coop=True`` forces the mode (``ValueError`` naming why
-    it cannot run; on CUDA a KV head's programs must fit one per SM)."""
-    if coop is False or (coop is None and (fused_quant is not None or split_keys is not None
-                                           or kernel_config is not None or fused or pre_codes is not None)):
-        return None
-    dev = q.device
-    if coop is None and not coop_enabled(dev):
-        return None
-    why = _coop_unsupported(cfg, sk, pre_codes, fused)
-    if why is not None:
-        if coop:
-            raise ValueError(f"coop=True: the cooperative mode cannot run this call: {why}")
-        return None
-    B, Hq, Sq, D = q.shape
-    base = kernel_config or kc
-    blocks = _fused_blocks(cfg, base.block_m, base.block_n, Sq)
-    if blocks is None:
-        if coop:
-            raise ValueError(f"coop=True: {cfg.name!r}'s scale groups are not kernel tiles")
-        return None
-    block_m, block_n = blocks
-    programs_per_head = (Hq // hkv) * cdiv(Sq, block_m)
-    if dev.type == "cuda":
-        sms = _sms(dev)
-        if coop is None:
-            if B * Hq * cdiv(Sq, block_m) > sms or programs_per_head < 2 or B * hkv > MAX_HEADS:
-                return None
-            # the two-launch path would split the keys: it fills the GPU better than one wave here
-            k_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else _rows(cfg.k.granularity, _DEFAULT_ROWS)
-            if pick_split_keys(dev, B * Hq * cdiv(Sq, kc.block_m), sk, kc.block_n, k_block, 1) is not None:
-                return None
-        elif programs_per_head > sms or B * hkv > MAX_HEADS:
-            raise ValueError(f"coop=True: a KV head's {programs_per_head} programs must fit the GPU's {sms} SMs "
-                             f"and B·Hkv = {B * hkv} at most {MAX_HEADS}")
-    cfg_kc = base
-    if kernel_config is None and block_m > base.block_m:
-        cfg_kc = dataclasses.replace(base, num_warps=max(base.num_warps, 8))
-    return dataclasses.replace(cfg_kc, block_m=block_m, block_n=block_n, tma=False, rotate=False), block_m, block_n
 
 
 def _one_launch_split(dev, cfg: QuantConfig, programs: int, sk: int, block_m: int, block_n: int) -> int | None:
@@ -535,7 +450,7 @@ def _replayable(q, k, v, scale) -> bool:
 
 
 def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_layout, top_left, kernel_config,
-                   out, lse, fused_quant, codes=None, split_keys=None, coop=None):
+                   out, lse, fused_quant, codes=None, split_keys=None):
     """``attention_fwd`` without the plan cache (same arguments)."""
     pre_codes = codes
     B, Hq, Sq, D = q.shape
@@ -564,32 +479,15 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
     if Sq == 0 or B * Hq == 0:
         return out, lse
 
-    kc, fused, block_m, block_n = _pick_tiles(q, Sk, cfg, kernel_config, fused_quant, split_keys, pre_codes, coop)
-    coop_tiles = pick_coop(q, Hkv, Sk, cfg, kc, kernel_config, fused_quant, fused, coop, split_keys, pre_codes)
+    kc, fused, block_m, block_n = _pick_tiles(q, Sk, cfg, kernel_config, fused_quant, split_keys, pre_codes)
     head_dim_pad = max(next_pow2(D), 32)
 
     bias = lse_corr = None
     codes = None
-    k_codes = sync = None
-    ks_strides = (0, 0, 0)
-    if coop_tiles is not None:
-        kc, block_m, block_n = coop_tiles
-        cfg = one_launch_quant(cfg)
-        split_keys = 0  # one wave, no split
-        kind = _KIND[cfg.q.precision]
-        # scratch of the K codes (INT4 one value per int8) and their per-token scales
-        k_codes = torch.empty((B, Hkv, Sk, D), dtype=torch.float8_e4m3fn if kind == QK_FP8 else torch.int8,
-                              device=dev)
-        ks = torch.empty((B, Hkv, Sk), dtype=torch.float32, device=dev)
-        ks_strides = ks.stride()
-        # the head's (arrivals, generation) pairs; never read by the interpreter's two phases
-        sync = sync_words(dev, B * Hkv) if dev.type == "cuda" else torch.zeros((B * Hkv, 2), dtype=torch.int32)
-    if fused or coop_tiles is not None:
+    if fused:
         # one launch: the kernel quantises its own tiles (see attn_fwd's docstring)
         qa, ka, va = q, k, v
-        qs = vs = q  # unused pointers
-        if coop_tiles is None:
-            ks = q
+        qs = ks = vs = q  # unused pointers
         kind = _KIND[cfg.q.precision]
         q_scale_block, k_scale_block, v_scale_block = _one_launch_scale_blocks(cfg, block_m, block_n)
         stride_vn, v_bh, vs_strides = v.stride(2), (v.stride(0), v.stride(1)), (0, 0, 0)
@@ -604,7 +502,6 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
             q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else codes.q_rows
             k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else codes.k_rows
             kind = _KIND[cfg.q.precision]
-            ks_strides = ks.stride()[:3]
             if kind == QK_INT4 and not codes.int4_packed:
                 kind = QK_INT8  # int4 values one per byte: the INT8 products, no unpacking
             if cfg.smooth_q:
@@ -641,7 +538,7 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
 
     use_tma = (kc.tma and codes is not None and cfg.quantizes_pv and kind in (QK_INT8, QK_FP8)
                and D == head_dim_pad and Sk > 0)
-    rotate = (kc.rotate and not fused and coop_tiles is None and mask_kind == MASK_NONE and not has_bias
+    rotate = (kc.rotate and not fused and mask_kind == MASK_NONE and not has_bias
               and (kind == QK_FLOAT or k_scale_block % block_n == 0))
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -682,13 +579,12 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         codes.v_mean if codes is not None and codes.v_mean is not None else dummy,
         lse_corr if lse_corr is not None else dummy,
         o_dst, lse_dst if lse_dst is not None else dummy, k_desc, v_desc,
-        k_codes if k_codes is not None else dummy, sync if sync is not None else dummy,
     )
     scalars = (
         *qa.stride()[:3], *ka.stride()[:3],
         *v_bh, stride_vn,
         *(qs.stride()[:3] if codes is not None else (0, 0, 0)),
-        *ks_strides,
+        *(ks.stride()[:3] if codes is not None else (0, 0, 0)),
         *vs_strides,
         *mask_strides,
         *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
@@ -707,12 +603,9 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         # DOT_PRECISION. fp32 inputs: TF32 products (Triton's default) cost ~1e-3 relative error
         FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
         n_splits > 1,  # SPLIT
-        0,  # COOP (set below)
         pdl_enabled(dev),  # USE_PDL
     )
-    for coop_mode in _coop_modes(dev) if coop_tiles is not None else (0,):
-        _ATTN_FWD(grid, pointers, scalars[:-2] + (coop_mode, scalars[-1]), num_warps=kc.num_warps,
-                  num_stages=kc.num_stages)
+    _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages)
     if n_splits > 1:
         rows = merge_rows(B * Hq * Sq)
         _MERGE((cdiv(Sq, rows), B * Hq), (o_dst, lse_dst, out, lse if lse is not None else lse_dst), (
@@ -724,14 +617,6 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
 
 
 _SM_COUNT: dict[int, int] = {}
-
-
-def _sms(dev: torch.device) -> int:
-    """The CUDA device's SM count (cached: the property lookup costs µs per call)."""
-    sms = _SM_COUNT.get(dev.index)
-    if sms is None:
-        sms = _SM_COUNT[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return sms
 
 
 def merge_rows(rows: int) -> int:
@@ -749,7 +634,9 @@ def pick_split_keys(dev: torch.device, programs: int, sk: int, block_n: int, k_b
     on whole K/V scale blocks; None (no split) on the CPU, or when the grid is already full."""
     if dev.type != "cuda":
         return None
-    sms = _sms(dev)
+    sms = _SM_COUNT.get(dev.index)
+    if sms is None:
+        sms = _SM_COUNT[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
     limits = split_limits(dev)
     if programs * 2 > sms or sk < limits["min_sk"]:
         return None

@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "BWD_TABLES", "BwdConfig", "DEFAULT", "FP32_STAGE_CAPS", "FUSED_QUANT", "KernelConfig", "TABLES", "describe",
-    "COOP_QUANT", "FLOAT_PV_MAX_WORK", "INT4_UNPACKED", "coop_enabled", "float_pv_max_work", "fused_tiles", "int4_packed_codes",
+    "FLOAT_PV_MAX_WORK", "INT4_UNPACKED", "float_pv_max_work", "fused_tiles", "int4_packed_codes",
     "gpu_key", "load_user_table", "pick_bwd_config", "pick_config", "reload", "user_table_path",
 ]
 
@@ -167,19 +167,6 @@ INT4_UNPACKED: set[str] = {"sm90"}
 def int4_packed_codes(device: torch.device) -> bool:
     """Whether the separate quantiser packs INT4 codes two per byte on this device (the CPU: yes)."""
     return gpu_key(device) not in INT4_UNPACKED
-
-
-#: GPUs on which automatic calls may take the cooperative one-launch mode (``launch.pick_coop``:
-#: calls that would run the quantiser and then the attention kernel, in one wave of programs, run
-#: one launch whose programs quantise their share of K and meet at a barrier per head). Measured:
-#: docs/perf/NOTES.md, session 12.
-COOP_QUANT: set[str] = {"sm90"}
-
-
-def coop_enabled(device: torch.device) -> bool:
-    """Whether automatic calls on ``device`` may use the cooperative mode (``COOP_QUANT``;
-    ``QFLASH_COOP=0`` turns it off)."""
-    return gpu_key(device) in COOP_QUANT and os.environ.get("QFLASH_COOP", "1") != "0"
 
 
 #: Split-key mode (``launch.pick_split_keys``): used only below this many keys per head or above
