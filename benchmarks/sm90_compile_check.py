@@ -129,29 +129,6 @@ def one_launch_mode(D, dtype, cuda, bad) -> int:
     return n
 
 
-def early_q_calls(D, dtype, bad) -> int:
-    """The two-launch path with Q quantised in the attention kernel (``launch.use_early_q``: the
-    quantiser with K/V only and its early trigger, ``attn_fwd``'s ``QUANT_Q``), every Q·K preset
-    as a small automatic call runs it (P·V in the input dtype), 256 queries over 256 keys, causal,
-    and over 77 keys with GQA; bf16 only."""
-    if dtype != torch.bfloat16:
-        return 0
-    n = 0
-    for preset in PRESETS:
-        cfg = launch._float_pv(qflash.resolve_quant(preset))
-        if not cfg.quantizes_qk:
-            continue
-        for hq, hkv, sk in ((2, 2, 256), (4, 2, 77)):
-            q = torch.randn(1, hq, 256, D, dtype=dtype)
-            k, v = (torch.randn(1, hkv, sk, D, dtype=dtype) for _ in range(2))
-            captured.clear()
-            launch.attention_fwd(q, k, v, cfg, fused_quant=False, early_q=True, causal=sk == 256)
-            for fn, args, opts in captured:
-                check(fn, args, opts, dtype, (D, str(dtype), preset, f"early Q {hq}/{hkv}x256:{sk}"), bad)
-                n += 1
-    return n
-
-
 def main() -> int:
     JITFunction.__getitem__ = _capture_jit
     fastlaunch.FastLauncher.__call__ = _capture_fast
@@ -163,8 +140,8 @@ def main() -> int:
     # the quantiser as CUDA runs it (GPU statistics: the statistics launch at 4096 keys, the
     # quantiser's own statistics at 512), not the CPU's torch means
     quantize_qkv = launch.quantize_qkv
-    launch.quantize_qkv = lambda q, k, v, cfg, stats=None, self_stats=None, pack_int4=True, quant_q=True, \
-        trigger=False: quantize_qkv(q, k, v, cfg, True if stats is None else stats, self_stats, pack_int4, quant_q, trigger)
+    launch.quantize_qkv = lambda q, k, v, cfg, stats=None, self_stats=None, pack_int4=True: quantize_qkv(
+        q, k, v, cfg, True if stats is None else stats, self_stats, pack_int4)
     cuda = torch.device("cuda", 0)
     bad, n = [], 0
     for D in (64, 96, 128, 256):
@@ -193,7 +170,6 @@ def main() -> int:
                         check(fn, args, opts, dtype, (D, str(dtype), preset, f"tma={tma} rotate={rotate}"), bad)
                         n += 1
             n += one_launch_mode(D, dtype, cuda, bad)
-            n += early_q_calls(D, dtype, bad)
             n += single_key_calls(D, dtype, bad)
             q, k, v, do = (torch.randn(1, 2, 256, D, dtype=dtype) for _ in range(4))
             captured.clear()

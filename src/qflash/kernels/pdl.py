@@ -11,18 +11,11 @@ The contract every kernel with ``USE_PDL`` keeps: ``grid_dependency(USE_PDL)`` i
 statement, before any load or store of global memory. ``griddepcontrol.wait`` returns once the
 previous grid on the stream has completed and its memory is visible, so a kernel reads nothing
 (its inputs may come from the kernel before it, ours or the caller's) and writes nothing (a
-buffer the kernel before it still reads) early. The instruction is a no-op in a launch without
-the attribute.
-
-One exception, and one early trigger: the separate quantiser of a small two-launch call
-(``launch``'s early-Q path) triggers its dependents right after its own wait
-(``launch_dependents``), and the attention kernel after it (``attn_fwd``'s ``QUANT_Q``) loads and
-quantises the caller's raw Q *before* its wait. That read is safe: the attention grid cannot
-start before every quantiser CTA has passed its wait, so every grid before the quantiser has
-completed and its memory is visible; the quantiser does not write Q. Every other kernel keeps the
-rule above and triggers nothing early: measured on an H200 (session 11, docs/perf/NOTES.md),
-every kernel triggering right after its wait let the next grids' waiting CTAs take SMs the
-running grid still needed (1024²x128 int8 17.6 → 33.6 µs).
+buffer the kernel before it still reads) early. No kernel here triggers its dependents early
+(``griddepcontrol.launch_dependents``): measured on an H200 (session 11, docs/perf/NOTES.md),
+an early trigger let the next grid's waiting CTAs take SMs the running grid still needed
+(1024²x128 int8 17.6 → 33.6 µs), while waiting only saved 0.1–0.9 µs per call everywhere.
+The instruction is a no-op in a launch without the attribute.
 
 ``pdl_enabled(device)``: CUDA devices of compute capability 9.0 or newer, not under the
 interpreter (it cannot run inline PTX), unless ``QFLASH_PDL=0``.
@@ -39,11 +32,11 @@ import triton.language as tl
 from .common import interpreter_enabled
 
 try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.language.extra.cuda import gdc_wait
 except ImportError:  # a Triton without grid dependency control: PDL stays off
-    gdc_wait = gdc_launch_dependents = None
+    gdc_wait = None
 
-__all__ = ["grid_dependency", "launch_dependents", "pdl_enabled"]
+__all__ = ["grid_dependency", "pdl_enabled"]
 
 _ENABLED: dict[int, bool] = {}
 
@@ -66,11 +59,3 @@ def grid_dependency(USE_PDL: tl.constexpr):
     the kernel's first global memory access."""
     if USE_PDL:
         gdc_wait()
-
-
-@triton.jit
-def launch_dependents(TRIGGER: tl.constexpr):
-    """Let the next grid on the stream start now (its CTAs run up to their own wait; see the module
-    docstring for the one kernel that reads anything before it)."""
-    if TRIGGER:
-        gdc_launch_dependents()

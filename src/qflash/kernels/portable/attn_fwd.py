@@ -89,18 +89,14 @@ def _attn_tiles(
     bias_base,
     offs_m, offs_d, lo, hi, Sq, Sk, causal_off,
     k_mean, v_mean, v_amax, q_mean, qk_mult,
-    k_desc, v_desc, k_row0, v_row0, kraw_base, stride_kraw,
+    k_desc, v_desc, k_row0, v_row0,
     KIND: tl.constexpr, K_SCALE_BLOCK: tl.constexpr, PV_FP8: tl.constexpr, V_SCALE_BLOCK: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, USE_TMA: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BIAS_FROM_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key tiles [lo, hi); MASKED applies bounds and causal masks.
-
-    ``BIAS_FROM_K`` (``QUANT_Q``'s Q smoothing): each key's bias ``q_mean · (k - k_mean)`` comes
-    from the raw K tile at ``kraw_base`` (rows ``stride_kraw`` apart), as the one-launch mode
-    computes it, while the scores use the codes at ``k_base``.
 
     Scores stay in "raw" units x (the integer dot as an exact fp32, or the float dot) with
     ``s = x * c`` in log2 units; ``c`` is the row multiplier times the tile's K scale. Without bias
@@ -166,11 +162,6 @@ def _attn_tiles(
             x = x * c[:, None]  # from here on x is s, in log2 units
             if HAS_BIAS and FUSED_QUANT:
                 x += (tl.sum(kf * q_mean[None, :], axis=1) * qk_mult)[None, :]
-            elif HAS_BIAS and BIAS_FROM_K:
-                kr = _raw_tile(kraw_base, stride_kraw, start_n, hi, Sk, offs_d, dmask, BLOCK_N).to(tl.float32)
-                if SMOOTH_K:
-                    kr = tl.where((offs_n < Sk)[:, None], kr - k_mean[None, :], 0.0)
-                x += (tl.sum(kr * q_mean[None, :], axis=1) * qk_mult)[None, :]
             elif HAS_BIAS:
                 if MASKED:
                     x += tl.load(bias_base + offs_n, mask=offs_n < Sk, other=0.0)[None, :]
@@ -362,7 +353,7 @@ def _attn_tiles_rotated(
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, QS, KS, VS, Mask, Bias, VMean, LseCorr, Out, Lse, KDesc, VDesc, KRaw, KMean,
+    Q, K, V, QS, KS, VS, Mask, Bias, VMean, LseCorr, Out, Lse, KDesc, VDesc,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -372,7 +363,6 @@ def attn_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_bb, stride_bh, stride_bblk,
     stride_vmb, stride_vmh,
-    stride_krb, stride_krh, stride_krn,
     stride_ob, stride_oh, stride_om,
     Hq, GQA_GROUP, Sq, Sk, causal_off, qk_mult, split_keys, stride_os,
     KIND: tl.constexpr, Q_SCALE_BLOCK: tl.constexpr, K_SCALE_BLOCK: tl.constexpr,
@@ -382,7 +372,7 @@ def attn_fwd_kernel(
     FUSED_QUANT: tl.constexpr, SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr,
     USE_TMA: tl.constexpr, ROTATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, QUANT_Q: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). Strides are in elements; every pointer offset is int64.
 
@@ -397,19 +387,9 @@ def attn_fwd_kernel(
     "ieee" for fp32 inputs (``launch.FP32_DOT_PRECISION``). It must be explicit: Triton 3.6 takes a
     missing one from ``knobs.language.fp32_default``, not from the ``default_dot_input_precision``
     launch option.
-    ``USE_PDL``: programmatic dependent launch (``kernels.pdl``; nothing global is touched before it,
-    except QUANT_Q's raw Q).
-
-    ``QUANT_Q`` (small two-launch calls; Q per token): Q is the caller's raw Q, loaded and
-    quantised here *before* the grid dependency, while the quantiser before this kernel (K and V
-    only; it lets this grid start right after its own wait) still runs — see ``kernels.pdl`` for
-    why that read is safe. K holds the quantiser's codes (INT4 one value per int8). With Q
-    smoothing, the program takes its Q-mean block's mean (``BIAS_BLOCK`` rows, ``BLOCK_M`` at a
-    time) and each key's bias from the raw K tiles (KRaw, strides ``stride_kr*``) and the K mean
-    the quantiser wrote (KMean, (B, Hkv, D) fp32), instead of a bias launch.
+    ``USE_PDL``: programmatic dependent launch (``kernels.pdl``; nothing global is touched before it).
     """
-    if not QUANT_Q:
-        grid_dependency(USE_PDL)
+    grid_dependency(USE_PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -441,24 +421,7 @@ def attn_fwd_kernel(
     if SPLIT:
         stat_lo = tl.program_id(2) * split_keys
         stat_hi = tl.minimum(Sk, stat_lo + split_keys)
-    if QUANT_Q:
-        xq = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        xs = xq
-        if SMOOTH_Q:  # the mean of this program's Q-mean block (BLOCK_M divides BIAS_BLOCK)
-            blk0 = (start_m // BIAS_BLOCK) * BIAS_BLOCK
-            blk1 = tl.minimum(Sq, blk0 + BIAS_BLOCK)
-            q_sum = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-            for c0 in range(blk0, blk1, BLOCK_M):
-                rows_c = c0 + tl.arange(0, BLOCK_M)
-                q_sum += tl.load(q_base + rows_c[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                                 mask=(rows_c < blk1)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            q_mean = tl.sum(q_sum, axis=0) / tl.cast(blk1 - blk0, tl.float32)
-            xs = tl.where(mrow[:, None], xq - q_mean[None, :], 0.0)
-        q, q_scale = quant_codes(xs, KIND, True)
-        grid_dependency(USE_PDL)  # from here on, the quantiser's K codes
-        if SMOOTH_Q and SMOOTH_K:
-            k_mean = tl.load(KMean + (b * (Hq // GQA_GROUP) + hk) * HEAD_DIM + offs_d, mask=dmask, other=0.0)
-    elif FUSED_QUANT:
+    if FUSED_QUANT:
         V_AMAX: tl.constexpr = PV_FP8 and V_SCALE_BLOCK == 0
         k_mean, v_mean, v_amax = _split_stats(k_base, stride_kn, v_base, stride_vn, stat_lo, stat_hi, offs_d, dmask,
                                               SMOOTH_K, SMOOTH_V, V_AMAX, BLOCK_N)
@@ -481,7 +444,7 @@ def attn_fwd_kernel(
         q = tl.load(q_base + q_rows + offs_d[None, :], mask=mrow[:, None] & dmask[None, :], other=0.0)
     if KIND == CQK_FLOAT:
         q_mult = tl.full([BLOCK_M], qk_mult, tl.float32)
-    elif FUSED_QUANT or QUANT_Q:
+    elif FUSED_QUANT:
         q_mult = q_scale * qk_mult
     else:
         q_scale = tl.load(QS + b * stride_qsb + h * stride_qsh + (offs_m // Q_SCALE_BLOCK) * stride_qss,
@@ -490,8 +453,6 @@ def attn_fwd_kernel(
 
     ks_base = KS + b * stride_ksb + hk * stride_ksh
     vs_base = VS + b * stride_vsb + hk * stride_vsh
-    kraw_base = KRaw + b * stride_krb + hk * stride_krh
-    LOOP_KIND: tl.constexpr = CQK_INT8 if (QUANT_Q and KIND == CQK_INT4) else KIND  # INT4 codes one per int8
     mask_base = Mask + b * stride_mb + h * stride_mh
     bias_base = Bias + b * stride_bb + h * stride_bh + (start_m // BIAS_BLOCK) * stride_bblk
 
@@ -536,10 +497,10 @@ def attn_fwd_kernel(
             mask_base, stride_mm, stride_mn, bias_base,
             offs_m, offs_d, lo, full_end, Sq, Sk, causal_off,
             k_mean, v_mean, v_amax, q_mean, qk_mult,
-            KDesc, VDesc, k_row0, v_row0, kraw_base, stride_krn,
-            LOOP_KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
+            KDesc, VDesc, k_row0, v_row0,
+            KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, False, IS_CAUSAL,
             FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, QUANT_Q,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
     acc, l_i, m_i, d_i = _attn_tiles(
         acc, l_i, m_i, d_i, q, q_mult,
@@ -548,10 +509,10 @@ def attn_fwd_kernel(
         mask_base, stride_mm, stride_mn, bias_base,
         offs_m, offs_d, full_end, hi, Sq, Sk, causal_off,
         k_mean, v_mean, v_amax, q_mean, qk_mult,
-        KDesc, VDesc, k_row0, v_row0, kraw_base, stride_krn,
-        LOOP_KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
+        KDesc, VDesc, k_row0, v_row0,
+        KIND, K_SCALE_BLOCK, PV_FP8, V_SCALE_BLOCK, MASK_KIND, HAS_BIAS, True, IS_CAUSAL,
         FUSED_QUANT, SMOOTH_K, SMOOTH_V, USE_TMA,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION, QUANT_Q,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, DOT_PRECISION,
     )
 
     # l = 0 exactly iff no key was visible; a NaN l (NaN input) counts as "has keys" and stays NaN

@@ -41,7 +41,6 @@ from .tuning import (
     FP32_STAGE_CAPS,
     QUANT_SELF_STATS_MAX_SK,
     KernelConfig,
-    early_q_enabled,
     float_pv_max_work,
     fused_quant_limits,
     fused_tiles,
@@ -52,7 +51,7 @@ from .tuning import (
 
 FP32_DOT_PRECISION = "ieee"  # how fp32 inputs are multiplied in tl.dot (the kernel's DOT_PRECISION)
 _QUANTIZE = FastLauncher(quantize.quantize_qkv_kernel, n_pointers=12)
-_ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=16)
+_ATTN_FWD = FastLauncher(attn_fwd.attn_fwd_kernel, n_pointers=14)
 _MERGE = FastLauncher(split_merge.split_merge_kernel, n_pointers=4)
 
 __all__ = [
@@ -143,8 +142,8 @@ def _fused_blocks(cfg: QuantConfig, block_m: int, block_n: int, sq: int | None =
 class QKVCodes:
     """Output of the fused quantiser (shapes in ``qflash.kernels.portable.quantize``'s docstring)."""
 
-    q: torch.Tensor | None  # None: Q left to the attention kernel (``quantize_qkv(quant_q=False)``)
-    q_scale: torch.Tensor | None
+    q: torch.Tensor
+    q_scale: torch.Tensor
     q_mean: torch.Tensor | None
     k: torch.Tensor
     k_scale: torch.Tensor
@@ -180,8 +179,7 @@ def _v_rows(cfg: QuantConfig) -> int:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantConfig, stats: bool | None = None,
-                 self_stats: bool | None = None, pack_int4: bool = True, quant_q: bool = True,
-                 trigger: bool = False) -> QKVCodes:
+                 self_stats: bool | None = None, pack_int4: bool = True) -> QKVCodes:
     """Quantise HND views q (B,Hq,Sq,D), k/v (B,Hkv,Sk,D) in one Triton launch, after the token
     statistics it needs (the K mean for smoothing, V's per-channel max for channel(0) scales).
 
@@ -193,10 +191,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     the statistics over all keys themselves (``quantize_qkv_kernel``'s ``SELF_STATS``; the K mean
     comes back as ``k_mean``). Default: up to ``tuning.QUANT_SELF_STATS_MAX_SK`` keys, without V
     smoothing. ``pack_int4`` (INT4 presets): Q and K codes two per byte, (…, D // 2) uint8; False:
-    one int8 per code, (…, D) (``tuning.int4_packed_codes``). ``quant_q=False``: K and V only
-    (``q``, ``q_scale``, ``q_mean`` come back None; the attention kernel quantises Q itself);
-    ``trigger``: the launch lets the next grid start right after its wait (``pdl.launch_dependents``;
-    only for the early-Q attention kernel).
+    one int8 per code, (…, D) (``tuning.int4_packed_codes``).
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -211,14 +206,11 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     k_rows = _rows(cfg.k.granularity, _DEFAULT_ROWS)
     q_per_token = cfg.q.granularity.kind is GranularityKind.TOKEN
     k_per_token = cfg.k.granularity.kind is GranularityKind.TOKEN
+    qc = torch.empty((B, Hq, Sq, d_codes), dtype=code_dtype, device=dev)
     kc = torch.empty((B, Hkv, Sk, d_codes), dtype=code_dtype, device=dev)
+    qs = torch.empty((B, Hq, Sq if q_per_token else cdiv(Sq, q_rows)), dtype=torch.float32, device=dev)
     ks = torch.empty((B, Hkv, Sk if k_per_token else cdiv(Sk, k_rows)), dtype=torch.float32, device=dev)
-    if quant_q:
-        qc = torch.empty((B, Hq, Sq, d_codes), dtype=code_dtype, device=dev)
-        qs = torch.empty((B, Hq, Sq if q_per_token else cdiv(Sq, q_rows)), dtype=torch.float32, device=dev)
-        qm = torch.empty((B, Hq, cdiv(Sq, q_rows), D), dtype=torch.float32, device=dev) if cfg.smooth_q else None
-    else:  # (stand-ins, never dereferenced: the kernel has no Q programs)
-        qc, qs, qm = kc, ks, None
+    qm = torch.empty((B, Hq, cdiv(Sq, q_rows), D), dtype=torch.float32, device=dev) if cfg.smooth_q else None
     # V with one scale per channel over all keys (channel(0)) needs every key first; the scale
     # then repeats per 128-key block
     v_global = cfg.quantizes_pv and cfg.v.granularity.size == 0
@@ -268,10 +260,9 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
     dummy = qs  # stands in for absent tensors; never dereferenced (guarded by constexprs)
     qm_, km_, vt_, vs_, vm_ = (t if t is not None else dummy for t in (qm, km, vt, vs, vm))
 
-    nblocks = max(cdiv(Sq, q_rows) if quant_q else 0, cdiv(Sk, k_rows), cdiv(Sk, v_rows) if quant_v else 0)
-    # roles: Q, K, V blocks side by side (Q and V only where quantised here)
-    grid = (max(nblocks, 1), B * Hq, int(quant_q) + 1 + int(quant_v))
-    if (Sq and quant_q) or Sk:
+    nblocks = max(cdiv(Sq, q_rows), cdiv(Sk, k_rows), cdiv(Sk, v_rows) if quant_v else 0)
+    grid = (max(nblocks, 1), B * Hq, 3)  # roles: Q, K, V blocks side by side
+    if Sq or Sk:
         _QUANTIZE(grid, (q, k, v, qc, qs, qm_, kc, ks, km_, vt_, vs_, vm_), (
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *qc.stride()[:3], *qs.stride(),
@@ -284,13 +275,11 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: QuantCo
             Hq, Hkv, Sq, Sk, n_chunks,
             # constexprs, in the kernel's order: KIND, Q_PER_TOKEN, K_PER_TOKEN, Q_ROWS, K_ROWS, V_ROWS,
             # SMOOTH_Q, SMOOTH_K, QUANT_V, SMOOTH_V, STATS, SELF_STATS, HEAD_DIM, HEAD_DIM_PAD, PACK_INT4,
-            # Q_ROLE, TRIGGER, USE_PDL
+            # USE_PDL
             kind, q_per_token, k_per_token, q_rows, k_rows, v_rows,
             bool(cfg.smooth_q), bool(cfg.smooth_k), quant_v, bool(cfg.smooth_v), stats, self_stats,
-            D, max(next_pow2(D), 32), packed, quant_q, trigger, pdl_enabled(dev),
+            D, max(next_pow2(D), 32), packed, pdl_enabled(dev),
         ), num_warps=8, num_stages=3)
-    if not quant_q:
-        qc = qs = None
     return QKVCodes(qc, qs, qm, kc, ks, k_mean, vt, vs, None if stats else vm, q_rows, k_rows, v_rows,
                     k_partials=km if stats else None, sk=Sk, int4_packed=packed or kind != QK_INT4)
 
@@ -313,7 +302,6 @@ def attention_fwd(
     fused_quant: bool | None = None,
     codes: QKVCodes | None = None,
     split_keys: int | None = None,
-    early_q: bool | None = None,
 ):
     """Quantised attention forward on HND views; returns (out HND view, lse (B, Hq, Sq) fp32 | None).
 
@@ -330,16 +318,12 @@ def attention_fwd(
     too small to fill the GPU), 0 or None on the CPU: no split.
     ``codes``: operands already quantised (``attention_fwd_kv``); k / v then only give shapes
     (and v the values when P·V is not quantised).
-    ``early_q`` (the two-launch path): the quantiser does K and V only and lets the attention
-    kernel start at once; that kernel quantises Q before waiting for the K codes (``attn_fwd``'s
-    ``QUANT_Q``); default: ``use_early_q``. True forces it where it can run (Q per token, INT4 codes
-    one per byte, a K mean the quantiser wrote for Q smoothing), else it is ignored.
     Raises ``NotImplementedError`` for configs ``kernel_support`` rejects.
     """
     if out is None and lse is None and attn_mask is None and q.is_cuda and codes is None:
         # a repeated call replays the launches recorded the first time (see PlanCache)
         plan_key = _plan_key(q, k, v, cfg, causal, top_left, scale, return_lse, out_layout, kernel_config,
-                             (fused_quant, split_keys, early_q))
+                             (fused_quant, split_keys))
         plan = _PLANS.get(plan_key, q.device)
         if plan is not None:
             out = _alloc_out(q, out_layout)
@@ -350,13 +334,13 @@ def attention_fwd(
             out, lse = _attention_fwd(q, k, v, cfg, causal=causal, attn_mask=None, scale=scale,
                                       return_lse=return_lse, out_layout=out_layout, top_left=top_left,
                                       kernel_config=kernel_config, out=None, lse=None, fused_quant=fused_quant,
-                                      split_keys=split_keys, early_q=early_q)
+                                      split_keys=split_keys)
         if _replayable(q, k, v, scale):
             _PLANS.remember(plan_key, records, (q, k, v, out, lse))
         return out, lse
     return _attention_fwd(q, k, v, cfg, causal=causal, attn_mask=attn_mask, scale=scale, return_lse=return_lse,
                           out_layout=out_layout, top_left=top_left, kernel_config=kernel_config, out=out, lse=lse,
-                          fused_quant=fused_quant, codes=codes, split_keys=split_keys, early_q=early_q)
+                          fused_quant=fused_quant, codes=codes, split_keys=split_keys)
 
 
 def _pick_tiles(q, sk, cfg, kernel_config, fused_quant, split_keys, pre_codes):
@@ -450,26 +434,6 @@ def reference_args(q: torch.Tensor, k: torch.Tensor, cfg: QuantConfig, *, kernel
     return {"quant": one_launch_quant(cfg), "stat_block": stat_block, "block_n": block_n}
 
 
-def use_early_q(dev: torch.device, cfg: QuantConfig, programs: int, sk: int, early_q: bool | None) -> bool:
-    """Whether a two-launch call quantises Q in the attention kernel, before its grid dependency
-    (``attn_fwd``'s ``QUANT_Q``; the quantiser then does K and V and lets the attention grid start
-    at once). It can where Q is scaled per token, INT4 codes are one per byte on this device (the
-    kernel multiplies them as INT8) and, with Q smoothing, the quantiser writes the K mean itself
-    (``QUANT_SELF_STATS_MAX_SK``; the bias then comes from the raw K tiles). ``early_q=None``: on GPUs
-    in ``tuning.EARLY_Q``, when the attention grid (``programs``) fits one program per SM: its CTAs
-    then wait beside the quantiser's instead of behind them."""
-    if early_q is False or cfg.q.granularity.kind is not GranularityKind.TOKEN:
-        return False
-    if cfg.q.precision is Precision.INT4 and int4_packed_codes(dev):
-        return False
-    # the K mean as one (B, Hkv, D) tensor: the quantiser's own statistics on CUDA, torch's on the CPU
-    if cfg.smooth_q and cfg.smooth_k and dev.type == "cuda" and (sk > QUANT_SELF_STATS_MAX_SK or cfg.smooth_v):
-        return False
-    if early_q:
-        return True
-    return dev.type == "cuda" and early_q_enabled(dev) and programs <= _sms(dev)
-
-
 def _one_launch_split(dev, cfg: QuantConfig, programs: int, sk: int, block_m: int, block_n: int) -> int | None:
     """``pick_split_keys`` for the one-launch mode's tiles (the one rule ``attention_fwd``,
     ``use_fused_quant`` and ``reference_args`` share)."""
@@ -486,7 +450,7 @@ def _replayable(q, k, v, scale) -> bool:
 
 
 def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_layout, top_left, kernel_config,
-                   out, lse, fused_quant, codes=None, split_keys=None, early_q=None):
+                   out, lse, fused_quant, codes=None, split_keys=None):
     """``attention_fwd`` without the plan cache (same arguments)."""
     pre_codes = codes
     B, Hq, Sq, D = q.shape
@@ -520,7 +484,6 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
 
     bias = lse_corr = None
     codes = None
-    q_here = False  # Q quantised by the attention kernel before its grid dependency (use_early_q)
     if fused:
         # one launch: the kernel quantises its own tiles (see attn_fwd's docstring)
         qa, ka, va = q, k, v
@@ -532,20 +495,17 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         has_lse_corr = bool(return_lse and cfg.smooth_k)  # split calls: below
     else:
         if cfg.quantizes_qk:
-            q_here = pre_codes is None and use_early_q(dev, cfg, B * Hq * cdiv(Sq, block_m), Sk, early_q)
             codes = pre_codes if pre_codes is not None else quantize_qkv(
-                q, k, v, cfg, pack_int4=int4_packed_codes(dev), quant_q=not q_here,
-                trigger=q_here and pdl_enabled(dev))
-            qa, ka = (q if q_here else codes.q), codes.k
-            qs, ks = (codes.k_scale if q_here else codes.q_scale), codes.k_scale  # (early Q: no Q scales)
+                q, k, v, cfg, pack_int4=int4_packed_codes(dev))
+            qa, ka = codes.q, codes.k
+            qs, ks = codes.q_scale, codes.k_scale
             q_scale_block = 1 if cfg.q.granularity.kind is GranularityKind.TOKEN else codes.q_rows
             k_scale_block = 1 if cfg.k.granularity.kind is GranularityKind.TOKEN else codes.k_rows
             kind = _KIND[cfg.q.precision]
-            if kind == QK_INT4 and not codes.int4_packed and not q_here:
-                kind = QK_INT8  # int4 values one per byte: the INT8 products, no unpacking (early Q: in-kernel)
+            if kind == QK_INT4 and not codes.int4_packed:
+                kind = QK_INT8  # int4 values one per byte: the INT8 products, no unpacking
             if cfg.smooth_q:
                 block_m = min(block_m, codes.q_rows)  # one Q-mean block per program
-            if cfg.smooth_q and not q_here:
                 # (B, Hq, nQblocks, Sk) fp32, one recorded launch (the K mean from the statistics'
                 # partials when they ran, as the quantiser reduced it)
                 bias = q_bias(k, codes.q_mean, codes.k_mean, qk_mult, k_partials=codes.k_partials)
@@ -571,7 +531,7 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
             vs = qs
             v_scale_block = 1
             vs_strides = (0, 0, 0)
-        has_bias = bias is not None or (q_here and bool(cfg.smooth_q))
+        has_bias = bias is not None
         has_lse_corr = lse_corr is not None
 
     m4, mask_kind, mask_strides = mask_operand(attn_mask, B, Hq, Sq, Sk, q)
@@ -619,8 +579,6 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         codes.v_mean if codes is not None and codes.v_mean is not None else dummy,
         lse_corr if lse_corr is not None else dummy,
         o_dst, lse_dst if lse_dst is not None else dummy, k_desc, v_desc,
-        k if q_here else dummy,  # KRaw
-        codes.k_mean if q_here and codes.k_mean is not None else dummy,  # KMean
     )
     scalars = (
         *qa.stride()[:3], *ka.stride()[:3],
@@ -631,14 +589,13 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         *mask_strides,
         *(bias.stride()[:3] if bias is not None else (0, 0, 0)),
         *(codes.v_mean.stride()[:2] if codes is not None and codes.v_mean is not None else (0, 0)),
-        *(k.stride()[:3] if q_here else (0, 0, 0)),
         *o_strides,
         Hq, Hq // Hkv, Sq, Sk, causal_offset(top_left, Sq, Sk), qk_mult, split_keys or Sk, stride_os,
         # constexprs, in the kernel's order
         kind, q_scale_block, k_scale_block,  # KIND, Q_SCALE_BLOCK, K_SCALE_BLOCK
         cfg.quantizes_pv, v_scale_block,  # PV_FP8, V_SCALE_BLOCK
         bool(causal), mask_kind, has_bias,  # IS_CAUSAL, MASK_KIND, HAS_BIAS
-        codes.q_rows if has_bias and not fused else 1,  # BIAS_BLOCK
+        codes.q_rows if bias is not None else 1,  # BIAS_BLOCK
         bool(cfg.smooth_v), lse_dst is not None, has_lse_corr,  # SMOOTH_V, RETURN_LSE, HAS_LSE_CORR
         fused, bool(cfg.smooth_k), bool(cfg.smooth_q),  # FUSED_QUANT, SMOOTH_K, SMOOTH_Q
         use_tma, rotate,  # USE_TMA, ROTATE
@@ -646,7 +603,6 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
         # DOT_PRECISION. fp32 inputs: TF32 products (Triton's default) cost ~1e-3 relative error
         FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
         n_splits > 1,  # SPLIT
-        q_here,  # QUANT_Q
         pdl_enabled(dev),  # USE_PDL
     )
     _ATTN_FWD(grid, pointers, scalars, num_warps=kc.num_warps, num_stages=kc.num_stages)
@@ -661,14 +617,6 @@ def _attention_fwd(q, k, v, cfg, *, causal, attn_mask, scale, return_lse, out_la
 
 
 _SM_COUNT: dict[int, int] = {}
-
-
-def _sms(dev: torch.device) -> int:
-    """The CUDA device's SM count (cached: the property lookup costs µs per call)."""
-    sms = _SM_COUNT.get(dev.index)
-    if sms is None:
-        sms = _SM_COUNT[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return sms
 
 
 def merge_rows(rows: int) -> int:
@@ -686,7 +634,9 @@ def pick_split_keys(dev: torch.device, programs: int, sk: int, block_n: int, k_b
     on whole K/V scale blocks; None (no split) on the CPU, or when the grid is already full."""
     if dev.type != "cuda":
         return None
-    sms = _sms(dev)
+    sms = _SM_COUNT.get(dev.index)
+    if sms is None:
+        sms = _SM_COUNT[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
     limits = split_limits(dev)
     if programs * 2 > sms or sk < limits["min_sk"]:
         return None

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..common import CQK_FP8, CQK_INT4, QK_FLOAT, QK_FP8, QK_INT4, QK_INT8  # noqa: F401  (host codes re-exported)
-from ..pdl import grid_dependency, launch_dependents
+from ..pdl import grid_dependency
 from .interpreter import apply_if_interpreting
 
 # Under TRITON_INTERPRET=1 the interpreter's fp8/bf16 conversions, bf16 dots and fma differ from the
@@ -269,7 +269,7 @@ def quantize_qkv_kernel(
     Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, V_ROWS: tl.constexpr,
     SMOOTH_Q: tl.constexpr, SMOOTH_K: tl.constexpr, QUANT_V: tl.constexpr, SMOOTH_V: tl.constexpr,
     STATS: tl.constexpr, SELF_STATS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PACK_INT4: tl.constexpr, Q_ROLE: tl.constexpr, TRIGGER: tl.constexpr, USE_PDL: tl.constexpr,
+    PACK_INT4: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid (max row blocks over Q, K, V, B * Hq, 3): program (i, bh, role) quantises block i of
     Q (role 0), K (role 1) or V (role 2) of its head (K and V only for head indices below Hkv):
@@ -285,15 +285,11 @@ def quantize_qkv_kernel(
     (for one FP8 scale per channel, VS as with ``STATS``); SMOOTH_V must be off.
     ``PACK_INT4``: INT4 Q and K codes two per byte; False: one int8 per code (the attention kernel
     then reads them as INT8: the same products, no unpacking per tile).
-    ``Q_ROLE``: False: no Q programs (the attention kernel quantises Q, ``attn_fwd``'s ``QUANT_Q``);
-    the role axis then starts at K. ``TRIGGER``: let the next grid (that attention kernel) start
-    right after this grid's wait (``pdl.launch_dependents``).
     ``USE_PDL``: programmatic dependent launch (``kernels.pdl``)."""
     grid_dependency(USE_PDL)
-    launch_dependents(TRIGGER)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    role = tl.program_id(2) + (0 if Q_ROLE else 1)
+    role = tl.program_id(2)
     b = bh // Hq
     h = bh % Hq
     offs_d = tl.arange(0, HEAD_DIM_PAD)

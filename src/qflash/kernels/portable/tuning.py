@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "BWD_TABLES", "BwdConfig", "DEFAULT", "FP32_STAGE_CAPS", "FUSED_QUANT", "KernelConfig", "TABLES", "describe",
-    "EARLY_Q", "FLOAT_PV_MAX_WORK", "INT4_UNPACKED", "early_q_enabled", "float_pv_max_work", "fused_tiles", "int4_packed_codes",
+    "FLOAT_PV_MAX_WORK", "INT4_UNPACKED", "float_pv_max_work", "fused_tiles", "int4_packed_codes",
     "gpu_key", "load_user_table", "pick_bwd_config", "pick_config", "reload", "user_table_path",
 ]
 
@@ -167,18 +167,6 @@ INT4_UNPACKED: set[str] = {"sm90"}
 def int4_packed_codes(device: torch.device) -> bool:
     """Whether the separate quantiser packs INT4 codes two per byte on this device (the CPU: yes)."""
     return gpu_key(device) not in INT4_UNPACKED
-
-
-#: GPUs on which small two-launch calls quantise Q in the attention kernel while the quantiser
-#: (K and V only) still runs (``launch.use_early_q``, ``attn_fwd``'s ``QUANT_Q``). Measured:
-#: docs/perf/NOTES.md, session 12.
-EARLY_Q: set[str] = {"sm90"}
-
-
-def early_q_enabled(device: torch.device) -> bool:
-    """Whether automatic calls on ``device`` may quantise Q in the attention kernel (``EARLY_Q``;
-    ``QFLASH_EARLY_Q=0`` turns it off)."""
-    return gpu_key(device) in EARLY_Q and os.environ.get("QFLASH_EARLY_Q", "1") != "0"
 
 
 #: Split-key mode (``launch.pick_split_keys``): used only below this many keys per head or above
