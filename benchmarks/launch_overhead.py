@@ -98,14 +98,10 @@ def main() -> None:
                                    dtype=torch.bfloat16, generator=g)
         q, k, v = mk(shape.seq), mk(shape.keys), mk(shape.keys)
         impls = [("sdpa", "cudnn/flash", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))]
-        from qflash.kernels import dispatch
-        from qflash.kernels.hopper.tuning import SMALL_PROBLEM
-        from qflash.spec import AttnSpec
+        from qflash.bench.impls import qflash_backend
         for p in presets:
-            fam = dispatch.select(AttnSpec.build(p), q, k, v, None).name
-            if fam == "hopper" and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3] \
-                    <= SMALL_PROBLEM["max_work"]:
-                fam = "hop>port"  # the Hopper family hands small calls to the portable one
+            # "hopper>portable": the Hopper family hands small calls to the portable one
+            fam = qflash_backend(p, q, k, v).replace("hopper>portable", "hop>port")
             impls.append((p, fam, lambda p=p: qflash.attention(q, k, v, quant=p)))
         base = None
         for name, fam, fn in impls:

@@ -353,3 +353,28 @@ def test_import_does_not_load_dynamo():
     from qflash.dropin import _warn_once
 
     assert getattr(_warn_once, "_dynamo_marked_constant", False) is True
+
+
+def test_backend_column_names_the_family_that_runs_the_shape(monkeypatch):
+    """A preset the Hopper family takes runs on the portable family below its size threshold; the
+    bench row must say so per shape (it said "hopper" for every shape of such a preset)."""
+    from qflash.bench import impls
+    from qflash.kernels import dispatch
+    from qflash.kernels.hopper.family import HopperFamily
+    from qflash.kernels.hopper.tuning import SMALL_PROBLEM
+
+    monkeypatch.setattr(dispatch, "select", lambda spec, q, k, v, mask: HopperFamily())
+    small = torch.empty((1, 24, 256, 128), device="meta")
+    big = torch.empty((1, 24, 4096, 128), device="meta")
+    assert 24 * 256 * 256 * 128 <= SMALL_PROBLEM["max_work"] < 24 * 4096 * 4096 * 128
+    assert impls.qflash_backend("int8-fp8", small, small, small) == "hopper>portable"
+    assert impls.qflash_backend("int8-fp8", big, big, big) == "hopper"
+    row_impl = impls._qflash("int8-fp8", torch.device("cpu"))
+    assert row_impl.backend_for(small, small, small) == "hopper>portable"
+
+
+def test_bench_rows_carry_their_own_backend(bench_run):
+    rows = bench_run[3]["rows"]
+    qrows = [r for r in rows if r["kind"] == "qflash" and r["status"] == "ok"]
+    # on the CPU every preset runs on the reference family (the Triton kernels run only when forced)
+    assert qrows and all(r["backend"] == "reference" for r in qrows)

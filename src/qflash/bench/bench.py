@@ -57,6 +57,8 @@ def run_row(impl: Impl, shape: Shape, q, k, v, ref, heads: int, device, warmup_m
     row.update(shape=shape.name, impl=impl.name, kind=impl.kind, preset=impl.preset, backend=impl.backend,
                status="ok", note="")
     try:
+        if impl.backend_for is not None:
+            row["backend"] = impl.backend_for(q, k, v)
         with impl.context():
             fn = impl.build(q, k, v, shape.causal)
             out = fn()

@@ -28,10 +28,24 @@ class Impl:
     backend: str
     build: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], Callable[[], torch.Tensor]]
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # the backend of one shape's call (q, k, v) where it depends on the shape, else ``backend``
+    backend_for: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], str] | None = None
+
+
+def qflash_backend(preset: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel family that runs ``qflash.attention(q, k, v, quant=preset)``: the dispatcher's
+    pick, or "hopper>portable" where the Hopper family hands a small call to the portable one."""
+    from ..kernels import dispatch
+    from ..spec import AttnSpec
+
+    family = dispatch.select(AttnSpec.build(preset), q, k, v, None)
+    hands_off = getattr(family, "hands_off", None)
+    return f"{family.name}>portable" if hands_off is not None and hands_off(q, k) else family.name
 
 
 def _qflash(preset: str, device: torch.device) -> Impl:
-    """``backend``: the kernel family the dispatcher picks for this preset at head dim 128."""
+    """``backend``: the kernel family the dispatcher picks for this preset at head dim 128 (a
+    row's own backend comes from ``qflash_backend`` on its inputs)."""
     from .. import attention
     from ..kernels import dispatch
     from ..spec import AttnSpec
@@ -39,7 +53,8 @@ def _qflash(preset: str, device: torch.device) -> Impl:
     probe = torch.empty((1, 1, 1, 128), dtype=torch.bfloat16, device=device)
     backend = dispatch.select(AttnSpec.build(preset), probe, probe, probe, None).name
     return Impl(f"qflash {preset}", "qflash", preset, backend,
-                lambda q, k, v, c: (lambda: attention(q, k, v, quant=preset, causal=c)))
+                lambda q, k, v, c: (lambda: attention(q, k, v, quant=preset, causal=c)),
+                backend_for=lambda q, k, v: qflash_backend(preset, q, k, v))
 
 
 def _sdpa(backend: str | None) -> Impl:

@@ -67,16 +67,23 @@ class HopperFamily(Family):
             return f"softmax scale {spec.scale} (kernels: > 0; max(s·c) = max(s)·c needs c > 0)"
         return None
 
-    def forward(self, spec, q, k, v, attn_mask):
-        from .launch import attention_fwd_hopper
+    @staticmethod
+    def hands_off(q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether ``forward`` hands this call to the portable family: at most
+        ``tuning.SMALL_PROBLEM["max_work"]`` multiply-adds per matmul (B·Hq·Sq·Sk·D). Small calls are
+        host-bound: the portable family's one or two launches beat our three. Decided per shape here,
+        not in ``supports``: the dispatcher caches its choice per call description."""
         from .tuning import SMALL_PROBLEM
 
         B, Hq, Sq, D = q.shape
+        return B * Hq * Sq * k.shape[2] * D <= SMALL_PROBLEM["max_work"]
+
+    def forward(self, spec, q, k, v, attn_mask):
+        from .launch import attention_fwd_hopper
+
+        B, Hq, Sq, D = q.shape
         Sk = k.shape[2]
-        if B * Hq * Sq * Sk * D <= SMALL_PROBLEM["max_work"]:
-            # small calls are host-bound: the portable family's one launch beats our three. Decided
-            # here, not in ``supports``: the dispatcher caches its choice per call description, not
-            # per shape.
+        if self.hands_off(q, k):
             from ..portable import FAMILY as PORTABLE
 
             return PORTABLE.forward(spec, q, k, v, attn_mask)
