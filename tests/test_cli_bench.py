@@ -235,6 +235,26 @@ def test_report_from_bench(bench_run, tmp_path):
         assert f"qflash {p}" in md
 
 
+def test_report_from_several_runs(bench_run, tmp_path):
+    """Two bench JSONs (say, large and small shapes run apart): one environment and one table per
+    run, each titled with its command, and both commands under Reproducing."""
+    _, _, out, doc = bench_run
+    second = json.loads(json.dumps(doc))
+    second["command"] = "qflash bench --shapes 1x1x64x64 (second run)"
+    second["rows"] = [dict(r, median_ms=12345.0) if r["status"] == "ok" else r for r in second["rows"]]
+    (tmp_path / "b2.json").write_text(json.dumps(second))
+    target = tmp_path / "r.md"
+    rc, _ = run_main(["report", "--from", str(out / "bench.json"), "--from", str(tmp_path / "b2.json"),
+                      "--out", str(target)])
+    md = target.read_text()
+    assert rc == 0
+    assert md.count("### Run 1:") == 2 and md.count("### Run 2:") == 2  # environment and micro-benchmarks
+    assert "(second run)" in md.split("## Reproducing")[1] and doc["command"] in md.split("## Reproducing")[1]
+    micro = md.split("## Micro-benchmarks")[1].split("## Accuracy")[0]
+    run1, run2 = micro.split("### Run 2:")
+    assert "12345" not in run1 and "12345" in run2  # each table holds its own run's numbers
+
+
 def test_report_with_flux_and_appendix(bench_run, tmp_path):
     """--flux renders one row per resolution and mode; --append lands at the end."""
     import json

@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a performance snapshot (Markdown, measurements only) from a "
                                    "`qflash bench` JSON and optionally a `qflash accuracy` JSON. "
                                    "docs/PERFORMANCE.md is made with `--out docs/PERFORMANCE.md`.")
-    p.add_argument("--from", dest="bench_json", required=True, metavar="BENCH_JSON", help="qflash bench JSON")
+    p.add_argument("--from", dest="bench_json", required=True, metavar="BENCH_JSON", action="append",
+                   help="qflash bench JSON (repeat for several runs: one table per run)")
     p.add_argument("--accuracy", default=None, metavar="ACC_JSON", help="qflash accuracy JSON")
     p.add_argument("--flux", default=None, metavar="FLUX_JSON", help="examples/flux/run.py's flux_results.json")
     p.add_argument("--append", default=None, metavar="MD", help="Markdown appended at the end (e.g. backward tables)")
