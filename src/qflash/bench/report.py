@@ -2,8 +2,9 @@
 
 Sections: environment, end-to-end Flux (when given), micro-benchmarks, accuracy and stability,
 how to reproduce. Several bench JSONs (``--from`` repeated) give one environment table and one
-micro-benchmark table per run. A report states measurements only: every number comes from the JSON and the
-commands that made them are quoted; no plans, targets or comparisons with numbers it did not measure.
+micro-benchmark table per run. A report states measurements only: every number comes from the
+JSON and the commands that made them are quoted; no plans, targets or comparisons with numbers it
+did not measure.
 Without ``--out`` it writes ``<bench JSON stem>.report.md`` next to the bench JSON (``--out -``: stdout),
 never a tracked docs file.
 """
